@@ -1,0 +1,62 @@
+"""Wire contract shared by the daemon and the SDK (v1).
+
+Only plain definitions live here: the client package may import this module
+and nothing else from the server side.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any
+
+
+class BuildStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {BuildStatus.SUCCEEDED, BuildStatus.FAILED, BuildStatus.CANCELLED}
+)
+
+# Event types carried in the `type` field of every SSE `data` payload.
+EVENT_LOG = "log"
+EVENT_STATUS = "status"
+EVENT_DONE = "done"
+EVENT_ERROR = "error"
+TERMINAL_EVENT_TYPES = frozenset({EVENT_DONE, EVENT_ERROR})
+
+# Multipart / query / JSON field names of POST /builds.
+FIELD_CONTEXT = "context"
+FIELD_IMAGE = "image"
+FIELD_IMAGE_NAME = "image_name"
+FIELD_DOCKERFILE = "dockerfile"
+FIELD_BUILD_ARGS = "build_args"
+FIELD_LABELS = "labels"
+FIELD_TARGET = "target"
+FIELD_NO_CACHE = "no_cache"
+FIELD_PULL = "pull"
+FIELD_NYDUS_CONVERT = "nydus_convert"
+FIELD_CACHE_KEY = "cache_key"
+
+DEFAULT_DOCKERFILE = "Dockerfile"
+DEFAULT_SSE_RETRY_MS = 1000
+
+
+def dump_event(payload: dict[str, Any]) -> str:
+    """Serialise an event payload as the single JSON line an SSE `data:` carries."""
+    # ensure_ascii keeps U+2028/U+2029 and any stray CR/LF escaped, so one
+    # payload can never span two SSE lines.
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=True)
+
+
+def is_terminal_event(payload: dict[str, Any]) -> bool:
+    return payload.get("type") in TERMINAL_EVENT_TYPES

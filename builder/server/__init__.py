@@ -1,0 +1,1 @@
+"""The daemon: HTTP layer, build service, engine and storage."""

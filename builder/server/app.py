@@ -1,0 +1,101 @@
+"""The application factory: middleware, routes, and the resources' lifetimes."""
+
+from __future__ import annotations
+
+import secrets
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from builder.server.appkeys import ENGINE, SERVICE, SETTINGS, STORE, STREAMS
+from builder.server.config import Settings
+from builder.server.contexts import ContextSpool
+from builder.server.engine import DockerEngine
+from builder.server.errors import BuilderError
+from builder.server.handlers import routes
+from builder.server.service import BuildService
+from builder.server.store import SqliteBuildStore
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# A client that hangs up cancels its handler, so abandoned log streams release
+# their subscription at once instead of at the next ping.
+RUNNER_OPTIONS = {"handler_cancellation": True}
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[request_context_middleware, error_middleware])
+    app[SETTINGS] = settings
+    app[STREAMS] = weakref.WeakSet()
+    app.add_routes(routes)
+    app.cleanup_ctx.extend([_engine_ctx, _store_ctx, _service_ctx])
+    app.on_shutdown.append(_close_streams)
+    return app
+
+
+@web.middleware
+async def request_context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = request.headers.get("X-Request-ID") or secrets.token_hex(8)
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    if build_id := request.match_info.get("build_id"):
+        structlog.contextvars.bind_contextvars(build_id=build_id)
+    response = await handler(request)
+    if not response.prepared:
+        response.headers["X-Request-ID"] = request_id
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as JSON {"error", "code"}: never an HTML page or a traceback."""
+    try:
+        return await handler(request)
+    except BuilderError as exc:
+        log.info("request_failed", status=exc.status, code=exc.code, error=exc.message)
+        return _json_error(exc.status, exc.code, exc.message, exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        return _json_error(exc.status, code, exc.reason, dict(exc.headers))
+    except Exception:
+        log.exception("request_crashed")
+        return _json_error(500, "internal_error", "internal server error", {})
+
+
+def _json_error(status: int, code: str, message: str, headers: dict[str, str]) -> web.Response:
+    headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
+    return web.json_response({"error": message, "code": code}, status=status, headers=headers)
+
+
+async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[ENGINE] = DockerEngine.connect(app[SETTINGS].docker_host)
+    yield
+    await app[ENGINE].close()
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    store = SqliteBuildStore(app[SETTINGS].database_path)
+    await store.open()
+    app[STORE] = store
+    yield
+    await store.close()
+
+
+async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    service = BuildService(settings, app[ENGINE], app[STORE], ContextSpool(settings.spool_dir))
+    await service.start()
+    app[SERVICE] = service
+    yield
+    await service.stop()
+
+
+async def _close_streams(app: web.Application) -> None:
+    for stream in list(app[STREAMS]):
+        stream.stop()

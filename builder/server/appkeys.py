@@ -1,0 +1,20 @@
+"""Typed application state."""
+
+from __future__ import annotations
+
+import weakref
+
+from aiohttp import web
+
+from builder.server.config import Settings
+from builder.server.engine import DockerEngine
+from builder.server.service import BuildService
+from builder.server.sse import EventStreamResponse
+from builder.server.store import BuildStore
+
+SETTINGS = web.AppKey("settings", Settings)
+ENGINE = web.AppKey("engine", DockerEngine)
+STORE = web.AppKey("store", BuildStore)
+SERVICE = web.AppKey("service", BuildService)
+# Open log streams, ended on shutdown so it does not wait on them.
+STREAMS = web.AppKey("streams", weakref.WeakSet[EventStreamResponse])

@@ -1,0 +1,37 @@
+"""Daemon settings: one frozen object, built by the CLI or by tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+GIB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("data")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_concurrent: int = 2
+    max_context_bytes: int = 2 * GIB
+    docker_host: str | None = dataclasses.field(default_factory=lambda: os.environ.get("DOCKER_HOST"))
+    log_format: str = "auto"  # json | console | auto (json unless stdout is a TTY)
+    log_level: str = "info"
+    # DELETE waits this long for teardown before answering 202.
+    cancel_wait: float = 10.0
+    # How often buffered log events are committed to the store, in one transaction.
+    flush_interval: float = 0.05
+    # Per-follower queue bound before it is switched to catch up from the store.
+    subscriber_queue: int = 10_000
+    sse_retry_ms: int = 1000
+    sse_ping_interval: float = 15.0
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "builds.sqlite3"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "contexts"

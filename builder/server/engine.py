@@ -1,0 +1,173 @@
+"""The only code that speaks to the Docker engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import aiohttp
+import structlog
+
+from builder.server.buildspec import BuildSpec
+from builder.server.engine_output import (
+    BuildOutputParser,
+    EngineEvent,
+    EngineFailure,
+    ImageBuilt,
+)
+
+log = structlog.get_logger(__name__)
+
+_UPLOAD_CHUNK = 1 << 20
+_PING_TIMEOUT = aiohttp.ClientTimeout(total=3)
+# A build may run for hours and stay silent for long stretches: no total or read timeout.
+_BUILD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=30)
+# Short engine calls (inspect, remove) get a bound of their own.
+_CALL_SECONDS = 60
+_GONE = (404, 409)  # not found, or already being removed: either way, nothing left to do
+
+
+class DockerEngine:
+    def __init__(self, docker: aiodocker.Docker) -> None:
+        self._docker = docker
+
+    @classmethod
+    def connect(cls, docker_host: str | None) -> DockerEngine:
+        # No client-wide timeout: long calls (build) must not hit one; short ones pass their own.
+        return cls(aiodocker.Docker(url=docker_host, timeout=aiohttp.ClientTimeout()))
+
+    async def close(self) -> None:
+        await self._docker.close()
+
+    async def ping(self) -> bool:
+        try:
+            async with self._docker._query(
+                "_ping", versioned_api=False, timeout=_PING_TIMEOUT
+            ) as response:
+                return (await response.read()) == b"OK"
+        except (aiodocker.DockerError, aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    async def build(self, context: Path, spec: BuildSpec) -> AsyncIterator[EngineEvent]:
+        """Run a legacy-builder build; yields parsed events.
+
+        Ends with exactly one `ImageBuilt` or `EngineFailure`: a stream that
+        stops without the engine naming the image is a failure, never a success.
+        """
+        parser = BuildOutputParser()
+        failure: EngineFailure | None = None
+        try:
+            async with self._docker._query(
+                "build",
+                "POST",
+                params=_build_params(spec),
+                headers={"Content-Type": "application/x-tar"},
+                data=_read_file(context),
+                timeout=_BUILD_TIMEOUT,
+            ) as response:
+                built = False
+                async for chunk in _json_lines(response.content):
+                    for event in parser.feed(chunk):
+                        yield event
+                        if isinstance(event, EngineFailure):
+                            return
+                        built = built or isinstance(event, ImageBuilt)
+            if not built:
+                failure = EngineFailure("the Docker engine ended the build stream without naming an image")
+        except aiodocker.DockerError as exc:
+            failure = EngineFailure(_docker_message(exc))
+        except (aiohttp.ClientError, OSError) as exc:
+            failure = EngineFailure(f"lost the connection to the Docker engine: {exc}")
+        for event in parser.finish():
+            yield event
+        if failure is not None:
+            yield failure
+
+    async def remove_container(self, container_id: str) -> None:
+        """Kill and remove a container (even one created but not started); gone is fine."""
+        container = self._docker.containers.container(container_id)
+        try:
+            async with asyncio.timeout(_CALL_SECONDS):
+                await container.delete(force=True, v=True)
+        except aiodocker.DockerError as exc:
+            if exc.status not in _GONE:
+                raise
+
+    async def remove_image(self, image: str) -> bool:
+        """Remove an image (tag or id); False if it is gone or still in use."""
+        try:
+            async with asyncio.timeout(_CALL_SECONDS):
+                await self._docker.images.delete(image)
+        except aiodocker.DockerError as exc:
+            if exc.status in _GONE:
+                return False
+            raise
+        return True
+
+    async def image_id(self, image: str) -> str | None:
+        try:
+            async with asyncio.timeout(_CALL_SECONDS):
+                info = await self._docker.images.inspect(image)
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return info["Id"]
+
+
+def _build_params(spec: BuildSpec) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "dockerfile": spec.dockerfile,
+        # Intermediate containers go away whatever the outcome.
+        "rm": "1",
+        "forcerm": "1",
+        "nocache": "1" if spec.no_cache else "0",
+        "pull": "1" if spec.pull else "0",
+    }
+    if spec.image_name:
+        params["t"] = spec.image_name
+    if spec.build_args:
+        params["buildargs"] = json.dumps(spec.build_args)
+    if spec.labels:
+        params["labels"] = json.dumps(spec.labels)
+    if spec.target:
+        params["target"] = spec.target
+    return params
+
+
+async def _read_file(path: Path) -> AsyncIterator[bytes]:
+    # aiodocker's own fileobj feeding reads on the event loop; read in a worker thread instead.
+    with await asyncio.to_thread(path.open, "rb") as fh:
+        while chunk := await asyncio.to_thread(fh.read, _UPLOAD_CHUNK):
+            yield chunk
+
+
+async def _json_lines(content: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any]]:
+    # Split by hand: StreamReader.readline() rejects lines over 64 KiB.
+    buffer = b""
+    async for data in content.iter_any():
+        *lines, buffer = (buffer + data).split(b"\n")
+        for raw in lines:
+            if raw.strip():
+                yield _decode(raw)
+    if buffer.strip():
+        yield _decode(buffer)
+
+
+def _decode(raw: bytes) -> dict[str, Any]:
+    try:
+        chunk = json.loads(raw)
+    except ValueError:
+        return {"stream": raw.decode("utf-8", "replace") + "\n"}
+    return chunk if isinstance(chunk, dict) else {"stream": f"{chunk}\n"}
+
+
+def _docker_message(exc: aiodocker.DockerError) -> str:
+    message = exc.message
+    if isinstance(message, dict):
+        message = message.get("message", message)
+    return str(message).strip()

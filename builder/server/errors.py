@@ -1,0 +1,71 @@
+"""The server's one exception hierarchy; `app.error_middleware` maps it to JSON."""
+
+from __future__ import annotations
+
+
+class BuilderError(Exception):
+    """Base of every error the daemon reports to a client."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class BadRequest(BuilderError):
+    status = 400
+    code = "bad_request"
+
+
+class InvalidField(BadRequest):
+    code = "invalid_field"
+
+
+class InvalidImageReference(BadRequest):
+    code = "invalid_image_reference"
+
+
+class InvalidContext(BadRequest):
+    code = "invalid_context"
+
+
+class DockerfileNotFound(BadRequest):
+    code = "dockerfile_not_found"
+
+
+class ContextTooLarge(BuilderError):
+    status = 413
+    code = "context_too_large"
+
+
+class UnsupportedMediaType(BuilderError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class BuildNotFound(BuilderError):
+    status = 404
+    code = "build_not_found"
+
+    def __init__(self, build_id: str) -> None:
+        # Clients may reach us before the build is registered; tell them to retry.
+        super().__init__(f"no build with id {build_id!r}", headers={"Retry-After": "1"})
+        self.build_id = build_id
+
+
+class EngineUnavailable(BuilderError):
+    status = 503
+    code = "engine_unavailable"
+
+
+class EngineError(BuilderError):
+    """The Docker engine refused or failed an operation outside a build stream."""
+
+    status = 502
+    code = "engine_error"

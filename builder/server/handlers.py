@@ -1,0 +1,208 @@
+"""HTTP handlers: translate requests into calls on the build service, and results into JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from builder import protocol as p
+from builder.protocol import BuildStatus
+from builder.server.appkeys import ENGINE, SERVICE, SETTINGS, STREAMS
+from builder.server.buildspec import BuildSpec
+from builder.server.errors import BadRequest, ContextTooLarge, InvalidField, UnsupportedMediaType
+from builder.server.records import BuildRecord
+from builder.server.sse import EventStreamResponse
+
+routes = web.RouteTableDef()
+
+_TAR_TYPES = frozenset({"application/x-tar", "application/tar", "application/gzip", "application/x-gzip"})
+_MAX_FIELD_BYTES = 64 * 1024
+_READ_CHUNK = 256 * 1024
+_DEFAULT_LIMIT = 50
+_MAX_LIMIT = 500
+# Multipart framing and the text fields ride in the same body as the context.
+_MULTIPART_OVERHEAD = 1 << 20
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    if await request.app[ENGINE].ping():
+        return web.json_response({"status": "ready"})
+    return web.json_response(
+        {"error": "the Docker engine does not answer ping", "code": "engine_unavailable"}, status=503
+    )
+
+
+@routes.post("/builds")
+async def create_build(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    limit = request.app[SETTINGS].max_context_bytes
+    content_type = request.content_type
+    if content_type == "multipart/form-data":
+        _reject_oversized(request, limit + _MULTIPART_OVERHEAD)
+        spec, context = await _read_multipart(request)
+    elif content_type in _TAR_TYPES:
+        _reject_oversized(request, limit)
+        spec = BuildSpec.from_fields(request.query)
+        context = await service.receive_context(request.content.iter_chunked(_READ_CHUNK))
+    elif content_type == "application/json":
+        spec, context = BuildSpec.from_fields(await _read_json(request), synthetic=True), None
+    else:
+        raise UnsupportedMediaType(
+            f"unsupported Content-Type {content_type!r}: send multipart/form-data, "
+            "application/x-tar, application/gzip or application/json"
+        )
+    record = await service.submit(spec, context)
+    body = _accepted_body(record, request)
+    return web.json_response(body, status=202, headers={"Location": body["links"]["self"]})
+
+
+@routes.get("/builds")
+async def list_builds(request: web.Request) -> web.Response:
+    status = None
+    if raw_status := request.query.get("status"):
+        try:
+            status = BuildStatus(raw_status)
+        except ValueError:
+            allowed = ", ".join(s.value for s in BuildStatus)
+            raise InvalidField(f"status must be one of {allowed}") from None
+    limit = min(_int_query(request, "limit", _DEFAULT_LIMIT, minimum=1), _MAX_LIMIT)
+    records = await request.app[SERVICE].list(status=status, limit=limit)
+    return web.json_response({"builds": [r.to_public() for r in records]})
+
+
+@routes.get("/builds/{build_id}", name="build")
+async def get_build(request: web.Request) -> web.Response:
+    record = await request.app[SERVICE].get(request.match_info["build_id"])
+    return web.json_response(record.to_public())
+
+
+@routes.delete("/builds/{build_id}")
+async def cancel_build(request: web.Request) -> web.Response:
+    record, complete = await request.app[SERVICE].cancel(request.match_info["build_id"])
+    return web.json_response(record.to_public(), status=200 if complete else 202)
+
+
+@routes.get("/builds/{build_id}/logs")
+async def stream_logs(request: web.Request) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    events = request.app[SERVICE].follow(request.match_info["build_id"], after=_resume_after(request))
+    async with contextlib.aclosing(events):
+        # The first step raises BuildNotFound (404) before any byte of the stream is sent.
+        first = await anext(events)
+        response = EventStreamResponse(retry_ms=settings.sse_retry_ms, ping_interval=settings.sse_ping_interval)
+        await response.start(request)
+        request.app[STREAMS].add(response)
+        try:
+            await response.send_events(first)
+            async for batch in events:
+                await response.send_events(batch)
+        except ConnectionError:
+            return response  # the client left; closing `events` releases its subscription
+        finally:
+            await response.close_stream()
+    return response
+
+
+def _accepted_body(record: BuildRecord, request: web.Request) -> dict[str, Any]:
+    self_url = str(request.app.router["build"].url_for(build_id=record.build_id))
+    return {
+        "build_id": record.build_id,
+        "status": record.status.value,
+        "image_name": record.spec.image_name,
+        "links": {"self": self_url, "logs": f"{self_url}/logs"},
+    }
+
+
+def _reject_oversized(request: web.Request, limit: int) -> None:
+    if request.content_length is not None and request.content_length > limit:
+        raise ContextTooLarge(f"build context is larger than the limit of {limit} bytes")
+
+
+async def _read_multipart(request: web.Request) -> tuple[BuildSpec, Path | None]:
+    service = request.app[SERVICE]
+    reader = await request.multipart()
+    fields: dict[str, str] = {}
+    context: Path | None = None
+    try:
+        async for part in reader:
+            if not isinstance(part, BodyPartReader) or part.name is None:
+                raise BadRequest("nested or unnamed multipart parts are not supported")
+            if part.name == p.FIELD_CONTEXT:
+                if context is not None:
+                    raise BadRequest("more than one context part")
+                context = await service.receive_context(_part_chunks(part))
+            else:
+                fields[part.name] = await _read_text_part(part)
+        if context is None:
+            raise BadRequest(f"multipart request has no {p.FIELD_CONTEXT!r} file part")
+        return BuildSpec.from_fields(fields), context
+    except BaseException:
+        if context is not None:
+            await service.discard_context(context)
+        raise
+
+
+async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+    while chunk := await part.read_chunk(_READ_CHUNK):
+        yield chunk
+
+
+async def _read_text_part(part: BodyPartReader) -> str:
+    data = bytearray()
+    while chunk := await part.read_chunk(_READ_CHUNK):
+        data += chunk
+        if len(data) > _MAX_FIELD_BYTES:
+            raise InvalidField(f"field {part.name!r} is longer than {_MAX_FIELD_BYTES} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidField(f"field {part.name!r} is not UTF-8 text") from None
+
+
+async def _read_json(request: web.Request) -> dict[str, Any]:
+    body = await request.content.read(_MAX_FIELD_BYTES + 1)
+    if len(body) > _MAX_FIELD_BYTES:
+        raise BadRequest(f"JSON body is longer than {_MAX_FIELD_BYTES} bytes")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    return data
+
+
+def _resume_after(request: web.Request) -> int:
+    """`?after=N` or the `Last-Event-ID` header (what EventSource sends on reconnect)."""
+    if "after" in request.query:
+        return _int_query(request, "after", 0, minimum=0)
+    header = request.headers.get("Last-Event-ID", "").strip()
+    if not header:
+        return 0
+    if not header.isdigit():
+        raise InvalidField("Last-Event-ID must be a non-negative integer")
+    return int(header)
+
+
+def _int_query(request: web.Request, name: str, default: int, *, minimum: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidField(f"{name} must be an integer") from None
+    if value < minimum:
+        raise InvalidField(f"{name} must be at least {minimum}")
+    return value

@@ -1,0 +1,96 @@
+"""Build records and log events: the data the service owns and the store persists."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+from builder.protocol import BuildStatus
+from builder.server.buildspec import BuildSpec
+
+NYDUS_NOT_PERFORMED = "not performed: no nydus conversion tool is available on this daemon"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def rfc3339(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _parse_time(value: str | None) -> dt.datetime | None:
+    return None if value is None else dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    """One log event: its per-build id and the JSON line sent as SSE `data`."""
+
+    id: int
+    data: str
+    terminal: bool = False
+
+
+@dataclasses.dataclass
+class BuildRecord:
+    build_id: str
+    spec: BuildSpec
+    status: BuildStatus = BuildStatus.QUEUED
+    created_at: dt.datetime = dataclasses.field(default_factory=utcnow)
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    image_ref: str | None = None
+    image_id: str | None = None
+    error: str | None = None
+    last_event_id: int = 0
+    # What teardown must remove, recorded as the engine reports it (survives restarts).
+    containers: list[str] = dataclasses.field(default_factory=list)
+    created_images: list[str] = dataclasses.field(default_factory=list)
+
+    def to_public(self) -> dict[str, Any]:
+        """The status JSON of GET /builds/{id}."""
+        spec = self.spec
+        return {
+            "build_id": self.build_id,
+            "status": self.status.value,
+            "image_name": spec.image_name,
+            "image_ref": self.image_ref,
+            "image_id": self.image_id,
+            "error": self.error,
+            "created_at": rfc3339(self.created_at),
+            "started_at": rfc3339(self.started_at),
+            "finished_at": rfc3339(self.finished_at),
+            "last_event_id": self.last_event_id,
+            "dockerfile": spec.dockerfile,
+            "build_args": spec.build_args,
+            "labels": spec.labels,
+            "target": spec.target,
+            "no_cache": spec.no_cache,
+            "pull": spec.pull,
+            "cache_key": spec.cache_key,
+            "image": spec.base_image,
+            "nydus_convert": spec.nydus_convert,
+            "nydus_image_ref": None,
+            "nydus_status": NYDUS_NOT_PERFORMED if spec.nydus_convert else None,
+        }
+
+    def to_storage(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["status"] = self.status.value
+        data["spec"] = self.spec.to_dict()
+        for key in ("created_at", "started_at", "finished_at"):
+            data[key] = rfc3339(getattr(self, key))
+        return data
+
+    @classmethod
+    def from_storage(cls, data: dict[str, Any]) -> BuildRecord:
+        data = dict(data)
+        data["status"] = BuildStatus(data["status"])
+        data["spec"] = BuildSpec.from_dict(data["spec"])
+        for key in ("created_at", "started_at", "finished_at"):
+            data[key] = _parse_time(data[key])
+        return cls(**data)

@@ -1,0 +1,406 @@
+"""The build service: owns every build's state machine, the FIFO queue and the event logs.
+
+queued -> running -> succeeded | failed | cancelled   (queued -> cancelled too)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import secrets
+from collections.abc import AsyncIterable, AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from builder import protocol as p
+from builder.protocol import BuildStatus
+from builder.server.buildspec import BuildSpec
+from builder.server.config import Settings
+from builder.server.contexts import ContextSpool
+from builder.server.engine import DockerEngine
+from builder.server.engine_output import (
+    EngineFailure,
+    ImageBuilt,
+    LogLine,
+    StepContainer,
+    StepImage,
+)
+from builder.server.errors import BuildNotFound, InvalidContext
+from builder.server.events import EventLog, SubscriberLagged
+from builder.server.records import BuildRecord, Event, utcnow
+from builder.server.store import BuildStore
+
+log = structlog.get_logger(__name__)
+
+CANCELLED_MESSAGE = "build cancelled by request"
+RESTARTED_MESSAGE = "daemon restarted"
+SHUTDOWN_MESSAGE = "daemon shut down while the build was running"
+# After a cancel, keep reading the engine's stream this long so any step container
+# that starts in the meantime is seen and removed; then drop the connection.
+_CANCEL_GRACE = 5.0
+
+
+@dataclasses.dataclass(eq=False)
+class ActiveBuild:
+    """A build that is queued, running, or finished but not yet fully persisted."""
+
+    record: BuildRecord
+    log: EventLog
+    context: Path
+    build_dockerfile: str
+    task: asyncio.Task[None] | None = None
+    cancel_requested: bool = False
+    current_container: str | None = None
+    deadline: asyncio.Timeout | None = None
+    done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+class BuildService:
+    def __init__(
+        self, settings: Settings, engine: DockerEngine, store: BuildStore, spool: ContextSpool
+    ) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._store = store
+        self._spool = spool
+        self._active: dict[str, ActiveBuild] = {}
+        self._queue: collections.deque[ActiveBuild] = collections.deque()
+        self._running: set[ActiveBuild] = set()
+        self._flush_lock = asyncio.Lock()
+        self._flusher: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._recover()
+        self._flusher = asyncio.create_task(self._flush_periodically(), name="event-flusher")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        tasks = [b.task for b in self._running if b.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for build in list(self._queue):
+            await self._finish(build, BuildStatus.FAILED, error=SHUTDOWN_MESSAGE)
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self._flush()
+
+    async def _recover(self) -> None:
+        """Builds that were queued or running when the daemon died: fail them, remove leftovers."""
+        self._spool.reset()
+        for record in await self._store.unfinished():
+            for container_id in record.containers:
+                try:
+                    await self._engine.remove_container(container_id)
+                except Exception:
+                    log.exception("leftover_container_removal_failed", container_id=container_id)
+            last_id = await self._store.last_event_id(record.build_id)
+            terminal = EventLog(record.build_id, last_id=last_id).append(
+                _terminal_payload(BuildStatus.FAILED, error=RESTARTED_MESSAGE)
+            )
+            await self._store.append_events([(record.build_id, terminal)])
+            record.status = BuildStatus.FAILED
+            record.error = RESTARTED_MESSAGE
+            record.finished_at = utcnow()
+            record.last_event_id = terminal.id
+            await self._store.save(record)
+            log.warning("interrupted_build_failed", build_id=record.build_id)
+
+    # -- queries ---------------------------------------------------------------
+
+    async def get(self, build_id: str) -> BuildRecord:
+        if (build := self._active.get(build_id)) is not None:
+            return build.record
+        record = await self._store.get(build_id)
+        if record is None:
+            raise BuildNotFound(build_id)
+        return record
+
+    async def list(self, *, status: BuildStatus | None, limit: int) -> list[BuildRecord]:
+        # Active records are saved on every state change, so the store's view is current.
+        return await self._store.list(status=status, limit=limit)
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(b.log.subscriber_count for b in self._active.values())
+
+    # -- submit ----------------------------------------------------------------
+
+    async def receive_context(self, chunks: AsyncIterable[bytes]) -> Path:
+        """Spool an uploaded context; over the size limit, ContextTooLarge and nothing is kept."""
+        return await self._spool.receive(chunks, limit=self._settings.max_context_bytes)
+
+    async def discard_context(self, context: Path) -> None:
+        await self._spool.remove(context)
+
+    async def submit(self, spec: BuildSpec, context: Path | None) -> BuildRecord:
+        """Queue a build of a spooled context, or of `FROM spec.base_image` when there is none."""
+        if context is None:
+            if spec.base_image is None:
+                raise InvalidContext("a build needs a context or an image")
+            context = await self._spool.write_synthetic(spec.base_image)
+        try:
+            build_dockerfile = await self._spool.check(context, spec.dockerfile)
+        except BaseException:
+            await self._spool.remove(context)
+            raise
+        record = BuildRecord(build_id=secrets.token_urlsafe(16), spec=spec)
+        build = ActiveBuild(
+            record=record,
+            log=EventLog(record.build_id, max_queued=self._settings.subscriber_queue),
+            context=context,
+            build_dockerfile=build_dockerfile,
+        )
+        await self._store.save(record)
+        self._active[record.build_id] = build
+        self._queue.append(build)
+        self._emit(build, _queued_payload(len(self._queue)))
+        log.info("build_queued", build_id=record.build_id, image_name=spec.image_name)
+        self._start_queued()
+        return record
+
+    def _start_queued(self) -> None:
+        started = False
+        while self._queue and len(self._running) < self._settings.max_concurrent and not self._stopping:
+            build = self._queue.popleft()
+            self._running.add(build)
+            build.task = asyncio.create_task(self._run(build), name=f"build-{build.record.build_id}")
+            started = True
+        if started:
+            self._announce_queue_positions()
+
+    def _announce_queue_positions(self) -> None:
+        for position, waiting in enumerate(self._queue, start=1):
+            self._emit(waiting, _queued_payload(position))
+
+    # -- running ---------------------------------------------------------------
+
+    async def _run(self, build: ActiveBuild) -> None:
+        record = build.record
+        # The task copied the submitting request's context: keep build_id, drop request_id.
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(build_id=record.build_id)
+        record.status = BuildStatus.RUNNING
+        record.started_at = utcnow()
+        await self._store.save(record)
+        self._emit(build, {"type": p.EVENT_STATUS, "status": BuildStatus.RUNNING.value})
+        log.info("build_started")
+        try:
+            status, error = await self._drive_engine(build)
+            if build.cancel_requested:
+                await self._teardown(build)
+                status, error = BuildStatus.CANCELLED, CANCELLED_MESSAGE
+            elif status is not BuildStatus.SUCCEEDED:
+                await self._remove_containers(build)
+            await self._finish(build, status, error=error)
+        except asyncio.CancelledError:
+            # Daemon shutdown: leave nothing running on the engine.
+            await asyncio.shield(self._abort(build))
+            raise
+        except Exception as exc:
+            log.exception("build_crashed")
+            await asyncio.shield(self._abort(build, f"internal error: {exc}"))
+        finally:
+            self._running.discard(build)
+            self._start_queued()
+
+    async def _abort(self, build: ActiveBuild, error: str = SHUTDOWN_MESSAGE) -> None:
+        try:
+            await self._teardown(build)
+        except Exception:
+            log.exception("teardown_failed")
+        await self._finish(build, BuildStatus.FAILED, error=error)
+
+    async def _drive_engine(self, build: ActiveBuild) -> tuple[BuildStatus, str | None]:
+        record = build.record
+        spec = dataclasses.replace(record.spec, dockerfile=build.build_dockerfile)
+        image_id: str | None = None
+        failure: str | None = None
+        try:
+            async with asyncio.timeout(None) as deadline:
+                build.deadline = deadline
+                if build.cancel_requested:
+                    deadline.reschedule(asyncio.get_running_loop().time() + _CANCEL_GRACE)
+                async with contextlib.aclosing(self._engine.build(build.context, spec)) as events:
+                    async for event in events:
+                        match event:
+                            case LogLine(text):
+                                self._emit(build, {"type": p.EVENT_LOG, "line": text})
+                            case StepContainer(container_id):
+                                await self._step_container(build, container_id)
+                            case StepImage(image, created=True):
+                                record.created_images.append(image)
+                            case ImageBuilt(image):
+                                image_id = image
+                            case EngineFailure(message):
+                                failure = message
+        except TimeoutError:
+            failure = "build stream closed after the cancel grace period"
+        finally:
+            build.deadline = None
+            build.current_container = None
+        if failure is not None or image_id is None:
+            return BuildStatus.FAILED, failure or "the engine did not report an image"
+        record.image_id = await self._engine.image_id(image_id) or image_id
+        record.image_ref = record.spec.image_name or record.image_id
+        return BuildStatus.SUCCEEDED, None
+
+    async def _step_container(self, build: ActiveBuild, container_id: str) -> None:
+        build.record.containers.append(container_id)
+        build.current_container = container_id
+        await self._store.save(build.record)
+        if build.cancel_requested:
+            # A step that started after the cancel: force-remove works even before it runs.
+            await self._engine.remove_container(container_id)
+
+    # -- cancel ----------------------------------------------------------------
+
+    async def cancel(self, build_id: str) -> tuple[BuildRecord, bool]:
+        """Cancel a build; returns its record and whether teardown completed in time."""
+        build = self._active.get(build_id)
+        if build is None or build.record.status.terminal:
+            return await self.get(build_id), True
+        if not build.cancel_requested:
+            build.cancel_requested = True
+            log.info("build_cancel_requested", build_id=build_id)
+            if build in self._queue:
+                self._queue.remove(build)
+                self._announce_queue_positions()
+                await self._finish(build, BuildStatus.CANCELLED, error=CANCELLED_MESSAGE)
+            else:
+                if build.deadline is not None:
+                    build.deadline.reschedule(asyncio.get_running_loop().time() + _CANCEL_GRACE)
+                if build.current_container is not None:
+                    # Shielded: a client hanging up on its DELETE must not stop the teardown.
+                    await asyncio.shield(self._engine.remove_container(build.current_container))
+        try:
+            await asyncio.wait_for(asyncio.shield(build.done.wait()), self._settings.cancel_wait)
+        except TimeoutError:
+            return build.record, False
+        return build.record, True
+
+    async def _teardown(self, build: ActiveBuild) -> None:
+        """Remove everything a cancelled build left: containers, its tag, images it created."""
+        record = build.record
+        await self._remove_containers(build)
+        if record.spec.image_name and record.image_id:
+            if await self._engine.image_id(record.spec.image_name) == record.image_id:
+                await self._engine.remove_image(record.spec.image_name)
+        for image in reversed(record.created_images):
+            await self._engine.remove_image(image)
+        record.image_id = record.image_ref = None
+
+    async def _remove_containers(self, build: ActiveBuild) -> None:
+        for container_id in build.record.containers:
+            await self._engine.remove_container(container_id)
+
+    # -- finishing -------------------------------------------------------------
+
+    async def _finish(self, build: ActiveBuild, status: BuildStatus, *, error: str | None) -> None:
+        record = build.record
+        if record.status.terminal:
+            return
+        record.status = status
+        record.error = error
+        record.finished_at = utcnow()
+        await self._spool.remove(build.context)
+        terminal = self._emit(
+            build, _terminal_payload(status, error=error, image_ref=record.image_ref, image_id=record.image_id)
+        )
+        record.last_event_id = terminal.id
+        # The final record is saved only once its log is durable: a restart never
+        # finds a finished build whose terminal frame was lost.
+        await self._flush()
+        await self._store.save(record)
+        build.done.set()
+        log.info("build_finished", build_id=record.build_id, status=status.value, error=error)
+
+    def _emit(self, build: ActiveBuild, payload: dict[str, Any]) -> Event:
+        return build.log.append(payload)
+
+    # -- persistence of events -------------------------------------------------
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.flush_interval)
+            try:
+                await self._flush()
+            except Exception:
+                log.exception("event_flush_failed")
+
+    async def _flush(self) -> None:
+        async with self._flush_lock:
+            batches = [(b, b.log.uncommitted()) for b in self._active.values()]
+            rows = [(b.record.build_id, e) for b, events in batches for e in events]
+            if rows:
+                await self._store.append_events(rows)
+            for build, events in batches:
+                build.log.committed(len(events))
+                if build.log.fully_committed and build.done.is_set():
+                    del self._active[build.record.build_id]
+
+    # -- following -------------------------------------------------------------
+
+    async def follow(self, build_id: str, *, after: int = 0) -> AsyncIterator[list[Event]]:
+        """Batches of every event with id > `after`, then live ones, ending with the terminal event.
+
+        Raises BuildNotFound before yielding anything if the build is unknown.
+        """
+        await self.get(build_id)
+        last = after
+        while True:
+            build = self._active.get(build_id)
+            if build is None:
+                async for batch in self._replay(build_id, after=last, upto=None):
+                    yield batch
+                return
+            with build.log.subscribe() as sub:
+                snapshot = sub.snapshot
+                # Everything up to the oldest uncommitted event is in the store.
+                upto = snapshot[0].id - 1 if snapshot else build.log.last_id
+                async for batch in self._replay(build_id, after=last, upto=upto):
+                    last = batch[-1].id
+                    yield batch
+                    if batch[-1].terminal:
+                        return
+                try:
+                    pending = snapshot
+                    while True:
+                        fresh = [e for e in pending if e.id > last]
+                        if fresh:
+                            last = fresh[-1].id
+                            yield fresh
+                            if fresh[-1].terminal:
+                                return
+                        pending = await sub.next_batch()
+                except SubscriberLagged:
+                    log.info("follower_lagged", build_id=build_id, last_event_id=last)
+
+    async def _replay(self, build_id: str, *, after: int, upto: int | None) -> AsyncIterator[list[Event]]:
+        while upto is None or after < upto:
+            events = await self._store.read_events(build_id, after=after, upto=upto)
+            if not events:
+                return
+            yield events
+            after = events[-1].id
+
+
+def _queued_payload(position: int) -> dict[str, Any]:
+    return {"type": p.EVENT_STATUS, "status": BuildStatus.QUEUED.value, "queue_position": position}
+
+
+def _terminal_payload(
+    status: BuildStatus, *, error: str | None, image_ref: str | None = None, image_id: str | None = None
+) -> dict[str, Any]:
+    if status is BuildStatus.SUCCEEDED:
+        return {"type": p.EVENT_DONE, "done": True, "status": status.value, "image_ref": image_ref, "image_id": image_id}
+    return {"type": p.EVENT_ERROR, "error": error or status.value, "status": status.value}

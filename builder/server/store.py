@@ -1,0 +1,173 @@
+"""Persistence of build records and log events (the only code that touches the database).
+
+`BuildStore` is the interface the service depends on; `SqliteBuildStore` is the
+embedded default. SQLite calls run on two dedicated threads (one writer, one
+reader; WAL lets them overlap) so the event loop never blocks on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from builder.protocol import BuildStatus
+from builder.server.records import BuildRecord, Event
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS builds (
+    build_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS builds_by_status ON builds (status);
+CREATE TABLE IF NOT EXISTS events (
+    build_id TEXT NOT NULL,
+    event_id INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    terminal INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (build_id, event_id)
+) WITHOUT ROWID;
+"""
+
+
+class BuildStore(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def save(self, record: BuildRecord) -> None: ...
+    async def get(self, build_id: str) -> BuildRecord | None: ...
+    async def list(self, *, status: BuildStatus | None, limit: int) -> list[BuildRecord]: ...
+    async def unfinished(self) -> list[BuildRecord]: ...
+    async def append_events(self, events: Sequence[tuple[str, Event]]) -> None: ...
+    async def read_events(
+        self, build_id: str, *, after: int, upto: int | None = None, limit: int = 1000
+    ) -> list[Event]: ...
+    async def last_event_id(self, build_id: str) -> int: ...
+
+
+class SqliteBuildStore:
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-reader")
+        self._write_conn: sqlite3.Connection | None = None
+        self._read_conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_conn = await self._on(self._writer, self._connect, True)
+        self._read_conn = await self._on(self._reader, self._connect, False)
+
+    async def close(self) -> None:
+        for executor, conn in ((self._writer, self._write_conn), (self._reader, self._read_conn)):
+            if conn is not None:
+                await self._on(executor, conn.close)
+            executor.shutdown(wait=True)
+        self._write_conn = self._read_conn = None
+
+    def _connect(self, writer: bool) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL: a commit is durable across a process crash; one fsync per checkpoint.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        if writer:
+            conn.executescript(_SCHEMA)
+        return conn
+
+    @staticmethod
+    async def _on(executor: concurrent.futures.Executor, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args))
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._write_conn
+        assert conn is not None, "store is not open"
+        return await self._on(self._writer, _in_transaction, conn, fn)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._read_conn
+        assert conn is not None, "store is not open"
+        return await self._on(self._reader, fn, conn)
+
+    async def save(self, record: BuildRecord) -> None:
+        row = (record.build_id, record.status.value, json.dumps(record.to_storage()))
+        await self._write(
+            lambda c: c.execute(
+                "INSERT INTO builds (build_id, status, record) VALUES (?, ?, ?) "
+                "ON CONFLICT (build_id) DO UPDATE SET status = excluded.status, record = excluded.record",
+                row,
+            )
+        )
+
+    async def get(self, build_id: str) -> BuildRecord | None:
+        rows = await self._read(
+            lambda c: c.execute("SELECT record FROM builds WHERE build_id = ?", (build_id,)).fetchall()
+        )
+        return BuildRecord.from_storage(json.loads(rows[0][0])) if rows else None
+
+    async def list(self, *, status: BuildStatus | None, limit: int) -> list[BuildRecord]:
+        # rowid order is insertion order, and upserts keep the rowid: newest first.
+        if status is None:
+            query, args = "SELECT record FROM builds ORDER BY rowid DESC LIMIT ?", (limit,)
+        else:
+            query = "SELECT record FROM builds WHERE status = ? ORDER BY rowid DESC LIMIT ?"
+            args = (status.value, limit)
+        rows = await self._read(lambda c: c.execute(query, args).fetchall())
+        return [BuildRecord.from_storage(json.loads(r[0])) for r in rows]
+
+    async def unfinished(self) -> list[BuildRecord]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT record FROM builds WHERE status IN (?, ?) ORDER BY rowid",
+                (BuildStatus.QUEUED.value, BuildStatus.RUNNING.value),
+            ).fetchall()
+        )
+        return [BuildRecord.from_storage(json.loads(r[0])) for r in rows]
+
+    async def append_events(self, events: Sequence[tuple[str, Event]]) -> None:
+        rows = [(build_id, e.id, e.data, int(e.terminal)) for build_id, e in events]
+        await self._write(
+            lambda c: c.executemany(
+                "INSERT OR IGNORE INTO events (build_id, event_id, data, terminal) VALUES (?, ?, ?, ?)",
+                rows,
+            )
+        )
+
+    async def read_events(
+        self, build_id: str, *, after: int, upto: int | None = None, limit: int = 1000
+    ) -> list[Event]:
+        upper = upto if upto is not None else 2**62
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT event_id, data, terminal FROM events "
+                "WHERE build_id = ? AND event_id > ? AND event_id <= ? ORDER BY event_id LIMIT ?",
+                (build_id, after, upper, limit),
+            ).fetchall()
+        )
+        return [Event(r[0], r[1], bool(r[2])) for r in rows]
+
+    async def last_event_id(self, build_id: str) -> int:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT COALESCE(MAX(event_id), 0) FROM events WHERE build_id = ?", (build_id,)
+            ).fetchall()
+        )
+        return rows[0][0]
+
+
+def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result

@@ -1,0 +1,120 @@
+"""Fixtures: the real app from `create_app`, the real Docker engine the scripts started."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import tarfile
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+
+from builder.server.app import create_app
+from builder.server.config import Settings
+
+BASE_IMAGE = os.environ.get("BUILDER_BASE_IMAGE", "builder-busybox:latest")
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@pytest.fixture
+def base_image() -> str:
+    return BASE_IMAGE
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", max_concurrent=2, flush_interval=0.02)
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, settings: Settings) -> TestClient:
+    return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture
+async def docker() -> AsyncIterator[aiodocker.Docker]:
+    async with aiodocker.Docker() as d:
+        yield d
+
+
+def make_context(files: Mapping[str, str | bytes], *, gzip: bool = True) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz" if gzip else "w") as tar:
+        for name, content in files.items():
+            data = content.encode() if isinstance(content, str) else content
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def dockerfile(*steps: str) -> str:
+    return "\n".join([f"FROM {BASE_IMAGE}", *steps]) + "\n"
+
+
+async def submit(client: TestClient, files: Mapping[str, str | bytes], **fields: str) -> dict[str, Any]:
+    """POST a context as multipart; no cache unless asked, so every step really runs."""
+    fields.setdefault("no_cache", "true")
+    form = aiohttp.FormData()
+    form.add_field("context", make_context(files), filename="context.tar.gz", content_type="application/gzip")
+    for name, value in fields.items():
+        form.add_field(name, value)
+    response = await client.post("/builds", data=form)
+    body = await response.json()
+    assert response.status == 202, body
+    return body
+
+
+async def wait_for(client: TestClient, build_id: str, statuses: set[str], timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        response = await client.get(f"/builds/{build_id}")
+        body = await response.json()
+        if body["status"] in statuses:
+            return body
+        assert time.monotonic() < deadline, f"build stayed {body['status']}: {body}"
+        await asyncio.sleep(0.05)
+
+
+def parse_sse(raw: str) -> list[tuple[int, dict[str, Any]]]:
+    """Frames as (id, data) in order; asserts every data frame has exactly one id and one data line."""
+    frames = []
+    for block in raw.split("\n\n"):
+        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
+        if not lines or lines[0].startswith("retry:"):
+            continue
+        fields = dict(line.split(": ", 1) for line in lines)
+        assert set(fields) == {"id", "data"}, block
+        frames.append((int(fields["id"]), json.loads(fields["data"])))
+    return frames
+
+
+async def read_log(client: TestClient, build_id: str, **params: Any) -> list[tuple[int, dict[str, Any]]]:
+    response = await client.get(f"/builds/{build_id}/logs", params=params)
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    return parse_sse(await response.text())
+
+
+def log_lines(frames: list[tuple[int, dict[str, Any]]]) -> list[str]:
+    return [data["line"] for _, data in frames if data["type"] == "log"]
+
+
+async def wait_for_line(client: TestClient, build_id: str, text: str, timeout: float = 30) -> None:
+    """Follow the live log until a line containing `text` arrives."""
+    async with asyncio.timeout(timeout):
+        response = await client.get(f"/builds/{build_id}/logs")
+        async for raw in response.content:
+            if text in raw.decode():
+                response.close()
+                return
+    raise AssertionError(f"log of {build_id} ended without {text!r}")
