@@ -1,0 +1,139 @@
+"""Bad requests get a JSON error with the right status, nothing is left behind, the daemon keeps serving."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+
+from builder.server.app import create_app
+from builder.server.config import Settings
+from tests.conftest import dockerfile, make_context
+
+
+async def _error(response: aiohttp.ClientResponse, status: int, code: str) -> str:
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert set(body) == {"error", "code"} and body["code"] == code, body
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    "ref",
+    ["busybox\nRUN touch /pwned", "busybox\r\nRUN x", "busy box", " busybox", "-busybox", "busybox\x00", "busybox\t", "UPPER:case", ""],
+)
+async def test_synthetic_image_reference_is_validated(client: TestClient, ref: str) -> None:
+    response = await client.post("/builds", json={"image": ref})
+    message = await _error(response, 400, "invalid_image_reference" if ref else "invalid_field")
+    assert message
+    assert (await (await client.get("/builds")).json())["builds"] == []
+
+
+async def test_missing_dockerfile_names_the_path(client: TestClient, settings: Settings) -> None:
+    form = aiohttp.FormData()
+    form.add_field("context", make_context({"README": "no dockerfile here"}), filename="c.tgz")
+    form.add_field("dockerfile", "build/Dockerfile.prod")
+    message = await _error(await client.post("/builds", data=form), 400, "dockerfile_not_found")
+    assert "build/Dockerfile.prod" in message
+    assert list(settings.spool_dir.iterdir()) == []
+
+
+async def test_garbage_body_is_not_a_tar(client: TestClient, settings: Settings) -> None:
+    response = await client.post("/builds", data=os.urandom(10_000), headers={"Content-Type": "application/x-tar"})
+    assert "not a readable tar" in await _error(response, 400, "invalid_context")
+    empty = await client.post("/builds", data=b"", headers={"Content-Type": "application/gzip"})
+    await _error(empty, 400, "invalid_context")
+    assert list(settings.spool_dir.iterdir()) == []
+
+
+async def _chunks(data: bytes, size: int = 4096):
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+async def test_upload_over_limit_is_413_and_daemon_keeps_serving(aiohttp_client: Any, settings: Settings) -> None:
+    small = dataclasses.replace(settings, max_context_bytes=64 * 1024)
+    client = await aiohttp_client(create_app(small))
+    big = make_context({"Dockerfile": dockerfile(), "blob": os.urandom(200_000)})
+
+    # Announced by Content-Length: refused before the body is read.
+    response = await client.post("/builds", data=big, headers={"Content-Type": "application/gzip"})
+    assert "limit" in await _error(response, 413, "context_too_large")
+    # Chunked, no Content-Length: refused while streaming, partial file removed.
+    response = await client.post("/builds", data=_chunks(big), headers={"Content-Type": "application/gzip"})
+    await _error(response, 413, "context_too_large")
+    form = aiohttp.FormData()
+    form.add_field("context", _chunks(big), filename="c.tgz", content_type="application/gzip")
+    await _error(await client.post("/builds", data=form), 413, "context_too_large")
+    assert list(small.spool_dir.iterdir()) == []
+
+    ok = await client.post(
+        "/builds", data=make_context({"Dockerfile": dockerfile()}), headers={"Content-Type": "application/gzip"}
+    )
+    assert ok.status == 202
+    assert (await client.get("/healthz")).status == 200
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ({"build_args": "not json"}, "invalid_field"),
+        ({"build_args": '["a"]'}, "invalid_field"),
+        ({"build_args": '{"A": 1}'}, "invalid_field"),
+        ({"labels": '{"a": {"b": "c"}}'}, "invalid_field"),
+        ({"image_name": "../etc/passwd"}, "invalid_field"),
+        ({"image_name": "Has-Upper"}, "invalid_field"),
+        ({"no_cache": "maybe"}, "invalid_field"),
+        ({"dockerfile": "../outside/Dockerfile"}, "invalid_field"),
+    ],
+)
+async def test_invalid_fields_are_400(client: TestClient, settings: Settings, fields: dict[str, str], code: str) -> None:
+    form = aiohttp.FormData()
+    form.add_field("context", make_context({"Dockerfile": dockerfile()}), filename="c.tgz")
+    for name, value in fields.items():
+        form.add_field(name, value)
+    await _error(await client.post("/builds", data=form), 400, code)
+    assert list(settings.spool_dir.iterdir()) == []
+
+
+async def test_multipart_without_context_part(client: TestClient) -> None:
+    form = aiohttp.FormData()
+    form.add_field("image_name", "x")
+    form.add_field("other", b"bytes", filename="other.bin")
+    assert "context" in await _error(await client.post("/builds", data=form), 400, "bad_request")
+
+
+async def test_json_body_must_be_an_object(client: TestClient) -> None:
+    bad = await client.post("/builds", data=b"{nope", headers={"Content-Type": "application/json"})
+    await _error(bad, 400, "bad_request")
+    await _error(await client.post("/builds", json=["busybox"]), 400, "bad_request")
+
+
+async def test_unsupported_content_type_is_415(client: TestClient) -> None:
+    response = await client.post("/builds", data=b"hello", headers={"Content-Type": "text/plain"})
+    await _error(response, 415, "unsupported_media_type")
+
+
+async def test_unknown_build_is_404_with_retry_after(client: TestClient) -> None:
+    for path in ("/builds/unknown", "/builds/unknown/logs"):
+        response = await client.get(path)
+        await _error(response, 404, "build_not_found")
+        assert response.headers["Retry-After"] == "1"
+
+
+async def test_unknown_route_and_method_are_json(client: TestClient) -> None:
+    await _error(await client.get("/nope"), 404, "not_found")
+    await _error(await client.put("/builds"), 405, "method_not_allowed")
+
+
+async def test_bad_resume_position_is_400(client: TestClient) -> None:
+    accepted = await client.post("/builds", json={"image": "builder-busybox:latest"})
+    build_id = (await accepted.json())["build_id"]
+    await _error(await client.get(f"/builds/{build_id}/logs", params={"after": "x"}), 400, "invalid_field")
+    bad_header = await client.get(f"/builds/{build_id}/logs", headers={"Last-Event-ID": "-3"})
+    await _error(bad_header, 400, "invalid_field")

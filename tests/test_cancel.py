@@ -1,0 +1,112 @@
+"""DELETE /builds/{id}: complete teardown on the real engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Any
+
+import aiodocker
+from aiohttp.test_utils import TestClient
+
+from builder.server.app import create_app
+from builder.server.config import Settings
+from tests.conftest import dockerfile, log_lines, read_log, submit, wait_for, wait_for_line
+
+SLEEPER = {"Dockerfile": dockerfile("COPY marker /marker", "RUN echo started && sleep 300", "RUN echo never")}
+
+
+async def _dangling(docker: aiodocker.Docker) -> set[str]:
+    return {i["Id"] for i in await docker.images.list(filters={"dangling": ["true"]}, all=True)}
+
+
+async def _step_containers(client: TestClient, build_id: str) -> list[str]:
+    frames = await read_log(client, build_id)
+    return [m.group(1) for line in log_lines(frames) if (m := re.fullmatch(r" ---> Running in (\w+)", line))]
+
+
+async def _containers_matching(docker: aiodocker.Docker, ids: list[str]) -> list[dict[str, Any]]:
+    return [c._container for c in await docker.containers.list(all=True) if any(c.id.startswith(i) for i in ids)]
+
+
+async def test_delete_during_run_tears_everything_down(
+    client: TestClient, docker: aiodocker.Docker, settings: Settings
+) -> None:
+    dangling_before = await _dangling(docker)
+    accepted = await submit(client, {**SLEEPER, "marker": str(time.time())}, image_name="builder-test/cancelled")
+    build_id = accepted["build_id"]
+    await wait_for_line(client, build_id, "started")
+    assert len(list(settings.spool_dir.iterdir())) == 1
+    started = time.monotonic()
+    response = await client.delete(f"/builds/{build_id}")
+    elapsed = time.monotonic() - started
+    body = await response.json()
+    assert response.status == 200, body
+    assert body["status"] == "cancelled"
+    assert body["error"] == "build cancelled by request"
+    assert elapsed < 2.0, f"teardown took {elapsed:.2f}s"
+
+    containers = await _step_containers(client, build_id)
+    assert containers, "the log named no step container"
+    assert await _containers_matching(docker, containers) == []
+    assert await _dangling(docker) == dangling_before
+    assert list(settings.spool_dir.iterdir()) == []
+    images = await docker.images.list(filters={"reference": ["builder-test/cancelled"]})
+    assert images == []
+    frames = await read_log(client, build_id)
+    assert frames[-1][1] == {"type": "error", "error": "build cancelled by request", "status": "cancelled"}
+    assert "never" not in log_lines(frames)
+    # Still queryable afterwards.
+    assert (await (await client.get(f"/builds/{build_id}")).json())["status"] == "cancelled"
+
+
+async def test_delete_before_first_step_container_kills_the_one_that_starts(
+    client: TestClient, docker: aiodocker.Docker
+) -> None:
+    accepted = await submit(client, {**SLEEPER, "marker": str(time.time())})
+    started = time.monotonic()
+    response = await client.delete(f"/builds/{accepted['build_id']}")
+    body = await response.json()
+    assert response.status == 200, body
+    assert body["status"] == "cancelled"
+    assert time.monotonic() - started < 2.0
+    containers = await _step_containers(client, accepted["build_id"])
+    assert await _containers_matching(docker, containers) == []
+
+
+async def test_delete_queued_build(aiohttp_client: Any, settings: Settings) -> None:
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, max_concurrent=1)))
+    blocker = await submit(client, {**SLEEPER, "marker": str(time.time())})
+    queued = await submit(client, {"Dockerfile": dockerfile("RUN echo queued")})
+    assert (await (await client.get(f"/builds/{queued['build_id']}")).json())["status"] == "queued"
+    response = await client.delete(f"/builds/{queued['build_id']}")
+    body = await response.json()
+    assert response.status == 200
+    assert body["status"] == "cancelled" and body["started_at"] is None
+    frames = await read_log(client, queued["build_id"])
+    assert frames[-1][1]["status"] == "cancelled"
+    assert (await (await client.get(f"/builds/{blocker['build_id']}")).json())["status"] == "running"
+    assert (await client.delete(f"/builds/{blocker['build_id']}")).status == 200
+    assert list(settings.spool_dir.iterdir()) == []
+
+
+async def test_delete_twice_and_delete_finished_build_are_idempotent(client: TestClient) -> None:
+    accepted = await submit(client, {**SLEEPER, "marker": str(time.time())})
+    await wait_for_line(client, accepted["build_id"], "started")
+    first = await client.delete(f"/builds/{accepted['build_id']}")
+    second = await client.delete(f"/builds/{accepted['build_id']}")
+    assert first.status == second.status == 200
+    assert await first.json() == await second.json()
+
+    done = await submit(client, {"Dockerfile": dockerfile("RUN true")})
+    finished = await wait_for(client, done["build_id"], {"succeeded"})
+    response = await client.delete(f"/builds/{done['build_id']}")
+    assert response.status == 200
+    assert await response.json() == finished
+
+
+async def test_delete_unknown_build_is_404(client: TestClient) -> None:
+    response = await client.delete("/builds/nope")
+    assert response.status == 404
+    assert (await response.json())["code"] == "build_not_found"

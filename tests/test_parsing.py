@@ -1,0 +1,156 @@
+"""Unit tests for the pure parsing code: image references, request fields, engine output, event log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from builder.server.buildspec import BuildSpec, normalise_context_path
+from builder.server.engine_output import (
+    BuildOutputParser,
+    EngineFailure,
+    ImageBuilt,
+    LogLine,
+    StepContainer,
+    StepImage,
+)
+from builder.server.errors import InvalidField, InvalidImageReference
+from builder.server.events import EventLog, SubscriberLagged
+from builder.server.imageref import parse_image_name, validate_reference
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "busybox",
+        "busybox:1.36",
+        "library/busybox:latest",
+        "localhost:5000/team/app:v1.2-rc_3",
+        "registry.example.com/a/b/c",
+        "[::1]:5000/app",
+        "app@sha256:" + "a" * 64,
+        "app:tag@sha256:" + "b" * 64,
+    ],
+)
+def test_valid_references(ref: str) -> None:
+    assert validate_reference(ref) == ref
+
+
+@pytest.mark.parametrize(
+    "ref",
+    ["Busybox", "busybox\n", "busybox\nRUN x", "-x", "a b", "app:", "app:-tag", "app@sha256:short", "/app", "app//x", "a" * 300],
+)
+def test_invalid_references(ref: str) -> None:
+    with pytest.raises(InvalidImageReference):
+        validate_reference(ref)
+
+
+def test_image_name_tag_defaults_to_latest() -> None:
+    assert parse_image_name("team/app") == ("team/app", "latest")
+    assert parse_image_name("team/app:v2") == ("team/app", "v2")
+    with pytest.raises(InvalidField):
+        parse_image_name("app@sha256:" + "a" * 64)
+
+
+def test_build_spec_from_multipart_strings() -> None:
+    spec = BuildSpec.from_fields(
+        {"image_name": "app", "dockerfile": "./ci//Dockerfile", "build_args": '{"A": "1"}', "labels": "",
+         "no_cache": "true", "pull": "0", "nydus_convert": "false", "target": "final", "cache_key": "k"}
+    )
+    assert spec == BuildSpec(image_name="app:latest", dockerfile="ci/Dockerfile", build_args={"A": "1"},
+                             target="final", no_cache=True, cache_key="k")
+    assert BuildSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_build_spec_from_json_values() -> None:
+    spec = BuildSpec.from_fields({"image": "busybox", "no_cache": True, "build_args": {"X": "y"}}, synthetic=True)
+    assert spec.base_image == "busybox" and spec.no_cache and spec.build_args == {"X": "y"}
+    with pytest.raises(InvalidField):
+        BuildSpec.from_fields({"image": "busybox", "no_cache": 1}, synthetic=True)
+
+
+@pytest.mark.parametrize("path", ["..", "../x", "a/../../x", ".", ""])
+def test_context_paths_must_stay_inside(path: str) -> None:
+    with pytest.raises(InvalidField):
+        normalise_context_path(path, "dockerfile")
+
+
+def _feed(parser: BuildOutputParser, *chunks: dict) -> list:
+    events = []
+    for chunk in chunks:
+        events.extend(parser.feed(chunk))
+    return events + parser.finish()
+
+
+def test_stream_chunks_are_split_into_lines_across_chunk_boundaries() -> None:
+    events = _feed(BuildOutputParser(), {"stream": "one\ntw"}, {"stream": "o\nthr"}, {"stream": "ee"})
+    assert events == [LogLine("one"), LogLine("two"), LogLine("three")]
+
+
+def test_step_containers_images_and_cache_hits() -> None:
+    events = _feed(
+        BuildOutputParser(),
+        {"stream": "Step 1/3 : FROM base\n"},
+        {"stream": " ---> 111111111111\n"},
+        {"stream": "Step 2/3 : RUN make\n ---> Running in abcdefabcdef\n"},
+        {"stream": "Removing intermediate container abcdefabcdef\n ---> 222222222222\n"},
+        {"stream": "Step 3/3 : COPY . .\n ---> Using cache\n ---> 333333333333\n"},
+        {"aux": {"ID": "sha256:" + "3" * 64}},
+        {"stream": "Successfully built 333333333333\n"},
+    )
+    typed = [e for e in events if not isinstance(e, LogLine)]
+    assert typed == [
+        StepImage("111111111111", created=False),
+        StepContainer("abcdefabcdef"),
+        StepImage("222222222222", created=True),
+        StepImage("333333333333", created=False),
+        ImageBuilt("sha256:" + "3" * 64),
+    ]
+
+
+def test_in_band_error_flushes_partial_line_then_fails() -> None:
+    events = _feed(
+        BuildOutputParser(),
+        {"stream": "half a line"},
+        {"errorDetail": {"code": 3, "message": "The command returned a non-zero code: 3"}, "error": "ignored"},
+    )
+    assert events == [LogLine("half a line"), EngineFailure("The command returned a non-zero code: 3")]
+
+
+def test_successfully_built_names_image_when_there_is_no_aux() -> None:
+    events = _feed(BuildOutputParser(), {"stream": "Successfully built 0123456789ab\n"})
+    assert events[-1] == ImageBuilt("0123456789ab")
+
+
+def test_event_log_numbers_from_one_and_escapes_control_text() -> None:
+    log = EventLog("b")
+    first = log.append({"type": "log", "line": '{"done": true}\n\u2028'})
+    assert first.id == 1 and not first.terminal
+    assert "\n" not in first.data and json.loads(first.data)["line"] == '{"done": true}\n\u2028'
+    last = log.append({"type": "done", "done": True, "status": "succeeded"})
+    assert last.id == 2 and last.terminal and log.terminated
+    with pytest.raises(RuntimeError):
+        log.append({"type": "log", "line": "late"})
+
+
+async def test_subscription_sees_uncommitted_snapshot_and_live_events() -> None:
+    log = EventLog("b")
+    log.append({"type": "log", "line": "1"})
+    log.committed(len(log.uncommitted()))
+    log.append({"type": "log", "line": "2"})
+    with log.subscribe() as sub:
+        assert [e.id for e in sub.snapshot] == [2]
+        log.append({"type": "log", "line": "3"})
+        assert [e.id for e in await sub.next_batch()] == [3]
+        assert log.subscriber_count == 1
+    assert log.subscriber_count == 0
+
+
+async def test_slow_subscriber_is_told_to_catch_up_instead_of_growing() -> None:
+    log = EventLog("b", max_queued=3)
+    with log.subscribe() as sub:
+        for n in range(10):
+            log.append({"type": "log", "line": str(n)})
+        with pytest.raises(SubscriberLagged):
+            await sub.next_batch()

@@ -1,0 +1,106 @@
+"""A daemon killed mid-build: after restart, records and logs survive, the interrupted build is failed and cleaned."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import aiohttp
+import pytest
+
+from builder.server.app import create_app
+from builder.server.config import Settings
+from tests.conftest import dockerfile, log_lines, make_context, parse_sse, read_log, wait_for
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real `builder serve` process, so it can be killed without any teardown."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "builder", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data"),
+         "--log-format", "json"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    yield f"http://127.0.0.1:{port}", proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+async def _wait_healthy(session: aiohttp.ClientSession, url: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            async with session.get(f"{url}/healthz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError("daemon did not become healthy")
+
+
+async def _post(session: aiohttp.ClientSession, url: str, files: dict[str, str]) -> str:
+    async with session.post(
+        f"{url}/builds", data=make_context(files), params={"no_cache": "true"},
+        headers={"Content-Type": "application/gzip"},
+    ) as response:
+        assert response.status == 202
+        return (await response.json())["build_id"]
+
+
+async def test_restart_keeps_history_and_fails_interrupted_build(
+    daemon: tuple[str, subprocess.Popen[bytes]], tmp_path: Path, aiohttp_client: Any, docker: aiodocker.Docker
+) -> None:
+    url, proc = daemon
+    async with aiohttp.ClientSession() as session:
+        await _wait_healthy(session, url)
+        finished = await _post(session, url, {"Dockerfile": dockerfile("RUN echo persisted-line")})
+        interrupted = await _post(session, url, {"Dockerfile": dockerfile("RUN echo started && sleep 300")})
+        async with asyncio.timeout(30):
+            async with session.get(f"{url}/builds/{finished}/logs") as response:
+                before = parse_sse(await response.text())
+            async with session.get(f"{url}/builds/{interrupted}/logs") as response:
+                async for raw in response.content:
+                    if b"started" in raw:
+                        break
+        await asyncio.sleep(0.2)  # let the batched log writer commit the lines it has
+        async with session.get(f"{url}/builds/{interrupted}/logs") as response:
+            step_lines = [line for line in (await response.content.read(65536)).decode().splitlines() if "Running in" in line]
+    container = step_lines[0].rsplit(" ", 1)[-1].rstrip('"}')
+    assert (await docker.containers.container(container).show())["State"]["Running"]
+
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    client = await aiohttp_client(create_app(Settings(data_dir=tmp_path / "data")))
+    assert await read_log(client, finished) == before
+    assert "persisted-line" in log_lines(before)
+    assert (await wait_for(client, finished, {"succeeded"}))["image_id"].startswith("sha256:")
+
+    status = await wait_for(client, interrupted, {"failed"}, timeout=5)
+    assert status["error"] == "daemon restarted"
+    frames = await read_log(client, interrupted)
+    assert frames[-1] == (status["last_event_id"], {"type": "error", "error": "daemon restarted", "status": "failed"})
+    assert "started" in log_lines(frames)
+    with pytest.raises(aiodocker.DockerError) as gone:
+        await docker.containers.container(container).show()
+    assert gone.value.status == 404
+    assert os.listdir(tmp_path / "data" / "contexts") == []
