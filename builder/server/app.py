@@ -14,7 +14,7 @@ from builder.server.config import Settings
 from builder.server.contexts import ContextSpool
 from builder.server.engine import DockerEngine
 from builder.server.errors import BuilderError
-from builder.server.handlers import routes
+from builder.server.handlers import json_response, routes
 from builder.server.service import BuildService
 from builder.server.store import SqliteBuildStore
 
@@ -70,7 +70,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 def _json_error(status: int, code: str, message: str, headers: dict[str, str]) -> web.Response:
     headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
-    return web.json_response({"error": message, "code": code}, status=status, headers=headers)
+    return json_response({"error": message, "code": code}, status=status, headers=headers)
 
 
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:

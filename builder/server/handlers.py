@@ -20,6 +20,11 @@ from builder.server.sse import EventStreamResponse
 
 routes = web.RouteTableDef()
 
+
+def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    # The trailing newline keeps an operator's shell prompt off the end of `curl` output.
+    return web.json_response(data, status=status, headers=headers, dumps=lambda obj: json.dumps(obj) + "\n")
+
 _TAR_TYPES = frozenset({"application/x-tar", "application/tar", "application/gzip", "application/x-gzip"})
 _MAX_FIELD_BYTES = 64 * 1024
 _READ_CHUNK = 256 * 1024
@@ -31,14 +36,14 @@ _MULTIPART_OVERHEAD = 1 << 20
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     if await request.app[ENGINE].ping():
-        return web.json_response({"status": "ready"})
-    return web.json_response(
+        return json_response({"status": "ready"})
+    return json_response(
         {"error": "the Docker engine does not answer ping", "code": "engine_unavailable"}, status=503
     )
 
@@ -64,7 +69,7 @@ async def create_build(request: web.Request) -> web.Response:
         )
     record = await service.submit(spec, context)
     body = _accepted_body(record, request)
-    return web.json_response(body, status=202, headers={"Location": body["links"]["self"]})
+    return json_response(body, status=202, headers={"Location": body["links"]["self"]})
 
 
 @routes.get("/builds")
@@ -78,19 +83,19 @@ async def list_builds(request: web.Request) -> web.Response:
             raise InvalidField(f"status must be one of {allowed}") from None
     limit = min(_int_query(request, "limit", _DEFAULT_LIMIT, minimum=1), _MAX_LIMIT)
     records = await request.app[SERVICE].list(status=status, limit=limit)
-    return web.json_response({"builds": [r.to_public() for r in records]})
+    return json_response({"builds": [r.to_public() for r in records]})
 
 
 @routes.get("/builds/{build_id}", name="build")
 async def get_build(request: web.Request) -> web.Response:
     record = await request.app[SERVICE].get(request.match_info["build_id"])
-    return web.json_response(record.to_public())
+    return json_response(record.to_public())
 
 
 @routes.delete("/builds/{build_id}")
 async def cancel_build(request: web.Request) -> web.Response:
     record, complete = await request.app[SERVICE].cancel(request.match_info["build_id"])
-    return web.json_response(record.to_public(), status=200 if complete else 202)
+    return json_response(record.to_public(), status=200 if complete else 202)
 
 
 @routes.get("/builds/{build_id}/logs")
