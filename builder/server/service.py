@@ -119,6 +119,7 @@ class BuildService:
 
     async def get(self, build_id: str) -> BuildRecord:
         if (build := self._active.get(build_id)) is not None:
+            build.record.last_event_id = build.log.last_id
             return build.record
         record = await self._store.get(build_id)
         if record is None:
@@ -309,14 +310,15 @@ class BuildService:
         record = build.record
         if record.status.terminal:
             return
-        record.status = status
-        record.error = error
-        record.finished_at = utcnow()
-        await self._spool.remove(build.context)
+        # All in one step, with no await in between: readers never see a half-finished record.
         terminal = self._emit(
             build, _terminal_payload(status, error=error, image_ref=record.image_ref, image_id=record.image_id)
         )
+        record.status = status
+        record.error = error
+        record.finished_at = utcnow()
         record.last_event_id = terminal.id
+        await self._spool.remove(build.context)
         # The final record is saved only once its log is durable: a restart never
         # finds a finished build whose terminal frame was lost.
         await self._flush()
