@@ -22,6 +22,7 @@ from builder.server.config import Settings
 
 BASE_IMAGE = os.environ.get("BUILDER_BASE_IMAGE", "builder-busybox:latest")
 TERMINAL = {"succeeded", "failed", "cancelled"}
+SSE = {"Accept": "text/event-stream"}
 
 
 @pytest.fixture
@@ -99,7 +100,7 @@ def parse_sse(raw: str) -> list[tuple[int, dict[str, Any]]]:
 
 
 async def read_log(client: TestClient, build_id: str, **params: Any) -> list[tuple[int, dict[str, Any]]]:
-    response = await client.get(f"/builds/{build_id}/logs", params=params)
+    response = await client.get(f"/builds/{build_id}/logs", params=params, headers=SSE)
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/event-stream")
     return parse_sse(await response.text())
@@ -112,7 +113,7 @@ def log_lines(frames: list[tuple[int, dict[str, Any]]]) -> list[str]:
 async def wait_for_line(client: TestClient, build_id: str, text: str, timeout: float = 30) -> None:
     """Follow the live log until a line containing `text` arrives."""
     async with asyncio.timeout(timeout):
-        response = await client.get(f"/builds/{build_id}/logs")
+        response = await client.get(f"/builds/{build_id}/logs", headers=SSE)
         async for raw in response.content:
             if text in raw.decode():
                 response.close()

@@ -7,6 +7,7 @@ import aiohttp
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import (
+    SSE,
     dockerfile,
     log_lines,
     make_context,
@@ -133,7 +134,7 @@ async def test_control_frame_text_in_output_stays_inside_log_lines(client: TestC
     steps = ["RUN echo '{\"done\": true}' && echo '{\"error\": \"x\"}' && printf 'partial-no-newline'"]
     accepted = await submit(client, {"Dockerfile": dockerfile(*steps)})
     await wait_for(client, accepted["build_id"], {"succeeded", "failed"})
-    response = await client.get(f"/builds/{accepted['build_id']}/logs")
+    response = await client.get(f"/builds/{accepted['build_id']}/logs", headers=SSE)
     raw = await response.text()
     assert 'data: {"type":"log","line":"{\\"done\\": true}"}\n' in raw
     assert 'data: {"type":"log","line":"{\\"error\\": \\"x\\"}"}\n' in raw
@@ -153,7 +154,7 @@ async def test_log_stream_is_replayable_after_finish_and_resumable(client: TestC
     assert await read_log(client, accepted["build_id"]) == full
     tail = await read_log(client, accepted["build_id"], after=5)
     assert tail == full[5:]
-    response = await client.get(f"/builds/{accepted['build_id']}/logs", headers={"Last-Event-ID": "7"})
+    response = await client.get(f"/builds/{accepted['build_id']}/logs", headers={**SSE, "Last-Event-ID": "7"})
     assert (await response.text()).startswith("retry: 1000\n\n")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 
 from builder.server.app import create_app
 from builder.server.config import Settings
-from tests.conftest import dockerfile, log_lines, make_context, parse_sse, read_log, wait_for
+from tests.conftest import SSE, dockerfile, log_lines, make_context, parse_sse, read_log, wait_for
 
 
 def _free_port() -> int:
@@ -75,16 +76,15 @@ async def test_restart_keeps_history_and_fails_interrupted_build(
         finished = await _post(session, url, {"Dockerfile": dockerfile("RUN echo persisted-line")})
         interrupted = await _post(session, url, {"Dockerfile": dockerfile("RUN echo started && sleep 300")})
         async with asyncio.timeout(30):
-            async with session.get(f"{url}/builds/{finished}/logs") as response:
+            async with session.get(f"{url}/builds/{finished}/logs", headers=SSE) as response:
                 before = parse_sse(await response.text())
-            async with session.get(f"{url}/builds/{interrupted}/logs") as response:
+            async with session.get(f"{url}/builds/{interrupted}/logs", headers=SSE) as response:
                 async for raw in response.content:
-                    if b"started" in raw:
+                    if m := re.search(rb"Running in (\w+)", raw):
+                        container = m.group(1).decode()
+                    if b'"line":"started"' in raw:
                         break
-        await asyncio.sleep(0.2)  # let the batched log writer commit the lines it has
-        async with session.get(f"{url}/builds/{interrupted}/logs") as response:
-            step_lines = [line for line in (await response.content.read(65536)).decode().splitlines() if "Running in" in line]
-    container = step_lines[0].rsplit(" ", 1)[-1].rstrip('"}')
+        await asyncio.sleep(0.2)  # let the batched log writer commit what it has
     assert (await docker.containers.container(container).show())["State"]["Running"]
 
     proc.send_signal(signal.SIGKILL)

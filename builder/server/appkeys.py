@@ -9,7 +9,7 @@ from aiohttp import web
 from builder.server.config import Settings
 from builder.server.engine import DockerEngine
 from builder.server.service import BuildService
-from builder.server.sse import EventStreamResponse
+from builder.server.streams import LogStreamResponse
 from builder.server.store import BuildStore
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -17,4 +17,4 @@ ENGINE = web.AppKey("engine", DockerEngine)
 STORE = web.AppKey("store", BuildStore)
 SERVICE = web.AppKey("service", BuildService)
 # Open log streams, ended on shutdown so it does not wait on them.
-STREAMS = web.AppKey("streams", weakref.WeakSet[EventStreamResponse])
+STREAMS = web.AppKey("streams", weakref.WeakSet[LogStreamResponse])

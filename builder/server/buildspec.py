@@ -89,9 +89,15 @@ def _string(fields: Mapping[str, Any], name: str, *, required: bool = False) -> 
 
 
 def _flag(fields: Mapping[str, Any], name: str) -> bool:
-    value = fields.get(name)
-    if value is None or isinstance(value, bool):
-        return bool(value)
+    return parse_flag(fields.get(name), name)
+
+
+def parse_flag(value: Any, name: str, *, default: bool = False) -> bool:
+    """A boolean from JSON, or from a form/query string ("true"/"false", "1"/"0", ...)."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
     raise InvalidField(f"{name} must be true or false, got {value!r}")

@@ -25,6 +25,10 @@ class Settings:
     flush_interval: float = 0.05
     # Per-follower queue bound before it is switched to catch up from the store.
     subscriber_queue: int = 10_000
+    # Finished builds' records and logs are kept this long, and at most max_builds of them.
+    retention: float = 7 * 24 * 3600
+    max_builds: int = 10_000
+    retention_interval: float = 60.0
     sse_retry_ms: int = 1000
     sse_ping_interval: float = 15.0
 

@@ -59,6 +59,15 @@ class BuildNotFound(BuilderError):
         self.build_id = build_id
 
 
+class BuildExpired(BuilderError):
+    status = 410
+    code = "build_expired"
+
+    def __init__(self, build_id: str) -> None:
+        super().__init__(f"build {build_id!r} and its log were removed by retention")
+        self.build_id = build_id
+
+
 class EngineUnavailable(BuilderError):
     status = 503
     code = "engine_unavailable"

@@ -13,10 +13,10 @@ from aiohttp import BodyPartReader, web
 from builder import protocol as p
 from builder.protocol import BuildStatus
 from builder.server.appkeys import ENGINE, SERVICE, SETTINGS, STREAMS
-from builder.server.buildspec import BuildSpec
+from builder.server.buildspec import BuildSpec, parse_flag
 from builder.server.errors import BadRequest, ContextTooLarge, InvalidField, UnsupportedMediaType
 from builder.server.records import BuildRecord
-from builder.server.sse import EventStreamResponse
+from builder.server.streams import EventStreamResponse, LogStreamResponse, PlainLogResponse
 
 routes = web.RouteTableDef()
 
@@ -100,23 +100,35 @@ async def cancel_build(request: web.Request) -> web.Response:
 
 @routes.get("/builds/{build_id}/logs")
 async def stream_logs(request: web.Request) -> web.StreamResponse:
-    settings = request.app[SETTINGS]
-    events = request.app[SERVICE].follow(request.match_info["build_id"], after=_resume_after(request))
-    async with contextlib.aclosing(events):
-        # The first step raises BuildNotFound (404) before any byte of the stream is sent.
-        first = await anext(events)
-        response = EventStreamResponse(retry_ms=settings.sse_retry_ms, ping_interval=settings.sse_ping_interval)
-        await response.start(request)
-        request.app[STREAMS].add(response)
-        try:
-            await response.send_events(first)
+    service = request.app[SERVICE]
+    build_id = request.match_info["build_id"]
+    after = _resume_after(request)
+    follow = parse_flag(request.query.get("follow"), "follow", default=True)
+    response = _log_response(request)
+    # Unknown (404) or expired (410) builds are answered before any byte of the stream.
+    await service.get(build_id)
+    await response.start(request)
+    request.app[STREAMS].add(response)
+    try:
+        async with contextlib.aclosing(service.follow(build_id, after=after, follow=follow)) as events:
             async for batch in events:
                 await response.send_events(batch)
-        except ConnectionError:
-            return response  # the client left; closing `events` releases its subscription
-        finally:
-            await response.close_stream()
+    except ConnectionError:
+        pass  # the client left; closing `events` released its subscription
+    finally:
+        await response.close_stream()
     return response
+
+
+def _log_response(request: web.Request) -> LogStreamResponse:
+    """SSE for EventSource and SDKs; plain text for `curl -N` (Accept: */*) or `?format=text`."""
+    fmt = request.query.get("format")
+    if fmt not in (None, "sse", "text"):
+        raise InvalidField("format must be sse or text")
+    if fmt == "text" or (fmt is None and "text/event-stream" not in request.headers.get("Accept", "")):
+        return PlainLogResponse()
+    settings = request.app[SETTINGS]
+    return EventStreamResponse(retry_ms=settings.sse_retry_ms, ping_interval=settings.sse_ping_interval)
 
 
 def _accepted_body(record: BuildRecord, request: web.Request) -> dict[str, Any]:

@@ -9,8 +9,9 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import datetime
 import secrets
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,9 @@ from builder.server.engine_output import (
     StepContainer,
     StepImage,
 )
-from builder.server.errors import BuildNotFound, InvalidContext
+from builder.server.errors import BuildExpired, BuildNotFound, InvalidContext
 from builder.server.events import EventLog, SubscriberLagged
-from builder.server.records import BuildRecord, Event, utcnow
+from builder.server.records import BuildRecord, Event, rfc3339, utcnow
 from builder.server.store import BuildStore
 
 log = structlog.get_logger(__name__)
@@ -71,14 +72,18 @@ class BuildService:
         self._queue: collections.deque[ActiveBuild] = collections.deque()
         self._running: set[ActiveBuild] = set()
         self._flush_lock = asyncio.Lock()
-        self._flusher: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
         self._stopping = False
+        self.lagged_followers = 0  # followers switched to catch up from the store
 
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
         await self._recover()
-        self._flusher = asyncio.create_task(self._flush_periodically(), name="event-flusher")
+        self._background = [
+            asyncio.create_task(self._every(self._settings.flush_interval, self._flush), name="event-flusher"),
+            asyncio.create_task(self._every(self._settings.retention_interval, self.expire_old_builds), name="retention"),
+        ]
 
     async def stop(self) -> None:
         self._stopping = True
@@ -88,10 +93,9 @@ class BuildService:
         await asyncio.gather(*tasks, return_exceptions=True)
         for build in list(self._queue):
             await self._finish(build, BuildStatus.FAILED, error=SHUTDOWN_MESSAGE)
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self._flush()
 
     async def _recover(self) -> None:
@@ -123,6 +127,8 @@ class BuildService:
             return build.record
         record = await self._store.get(build_id)
         if record is None:
+            if await self._store.is_expired(build_id):
+                raise BuildExpired(build_id)
             raise BuildNotFound(build_id)
         return record
 
@@ -331,13 +337,23 @@ class BuildService:
 
     # -- persistence of events -------------------------------------------------
 
-    async def _flush_periodically(self) -> None:
+    async def _every(self, interval: float, job: Callable[[], Awaitable[object]]) -> None:
         while True:
-            await asyncio.sleep(self._settings.flush_interval)
+            await asyncio.sleep(interval)
             try:
-                await self._flush()
+                await job()
             except Exception:
-                log.exception("event_flush_failed")
+                log.exception("background_job_failed", job=job.__name__)
+
+    async def expire_old_builds(self) -> list[str]:
+        """Retention: drop finished builds past --retention or beyond the newest --max-builds."""
+        cutoff = rfc3339(utcnow() - datetime.timedelta(seconds=self._settings.retention))
+        expired = await self._store.expire(
+            finished_before=cutoff, keep=self._settings.max_builds, exclude=set(self._active)
+        )
+        if expired:
+            log.info("builds_expired", count=len(expired))
+        return expired
 
     async def _flush(self) -> None:
         async with self._flush_lock:
@@ -352,12 +368,12 @@ class BuildService:
 
     # -- following -------------------------------------------------------------
 
-    async def follow(self, build_id: str, *, after: int = 0) -> AsyncIterator[list[Event]]:
-        """Batches of every event with id > `after`, then live ones, ending with the terminal event.
+    async def follow(self, build_id: str, *, after: int = 0, follow: bool = True) -> AsyncIterator[list[Event]]:
+        """Batches of every event with id > `after`, then live ones until the terminal event.
 
-        Raises BuildNotFound before yielding anything if the build is unknown.
+        With `follow=False`, only what exists now. A follower too slow for its bounded
+        queue is switched to catch up from the store, then rejoins live.
         """
-        await self.get(build_id)
         last = after
         while True:
             build = self._active.get(build_id)
@@ -383,8 +399,11 @@ class BuildService:
                             yield fresh
                             if fresh[-1].terminal:
                                 return
+                        if not follow:
+                            return
                         pending = await sub.next_batch()
                 except SubscriberLagged:
+                    self.lagged_followers += 1
                     log.info("follower_lagged", build_id=build_id, last_event_id=last)
 
     async def _replay(self, build_id: str, *, after: int, upto: int | None) -> AsyncIterator[list[Event]]:

@@ -12,12 +12,12 @@ import concurrent.futures
 import functools
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 from builder.protocol import BuildStatus
-from builder.server.records import BuildRecord, Event
+from builder.server.records import BuildRecord, Event, rfc3339, utcnow
 
 T = TypeVar("T")
 
@@ -25,7 +25,13 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS builds (
     build_id TEXT PRIMARY KEY,
     status TEXT NOT NULL,
+    finished_at TEXT,
     record TEXT NOT NULL
+);
+-- Tombstones of builds removed by retention: their endpoints answer 410, not 404.
+CREATE TABLE IF NOT EXISTS expired_builds (
+    build_id TEXT PRIMARY KEY,
+    expired_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS builds_by_status ON builds (status);
 CREATE TABLE IF NOT EXISTS events (
@@ -50,6 +56,8 @@ class BuildStore(Protocol):
         self, build_id: str, *, after: int, upto: int | None = None, limit: int = 1000
     ) -> list[Event]: ...
     async def last_event_id(self, build_id: str) -> int: ...
+    async def expire(self, *, finished_before: str, keep: int, exclude: Set[str]) -> list[str]: ...
+    async def is_expired(self, build_id: str) -> bool: ...
 
 
 class SqliteBuildStore:
@@ -97,11 +105,13 @@ class SqliteBuildStore:
         return await self._on(self._reader, fn, conn)
 
     async def save(self, record: BuildRecord) -> None:
-        row = (record.build_id, record.status.value, json.dumps(record.to_storage()))
+        data = record.to_storage()
+        row = (record.build_id, record.status.value, data["finished_at"], json.dumps(data))
         await self._write(
             lambda c: c.execute(
-                "INSERT INTO builds (build_id, status, record) VALUES (?, ?, ?) "
-                "ON CONFLICT (build_id) DO UPDATE SET status = excluded.status, record = excluded.record",
+                "INSERT INTO builds (build_id, status, finished_at, record) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (build_id) DO UPDATE SET status = excluded.status, "
+                "finished_at = excluded.finished_at, record = excluded.record",
                 row,
             )
         )
@@ -160,6 +170,32 @@ class SqliteBuildStore:
             ).fetchall()
         )
         return rows[0][0]
+
+
+    async def expire(self, *, finished_before: str, keep: int, exclude: Set[str]) -> list[str]:
+        """Remove finished builds older than `finished_before` (RFC 3339) or beyond the newest `keep`."""
+
+        def expire(c: sqlite3.Connection) -> list[str]:
+            rows = c.execute(
+                "SELECT build_id FROM builds WHERE finished_at IS NOT NULL AND (finished_at < ? OR rowid NOT IN "
+                "(SELECT rowid FROM builds ORDER BY rowid DESC LIMIT ?))",
+                (finished_before, keep),
+            ).fetchall()
+            ids = [r[0] for r in rows if r[0] not in exclude]
+            now = rfc3339(utcnow())
+            for build_id in ids:
+                c.execute("DELETE FROM events WHERE build_id = ?", (build_id,))
+                c.execute("DELETE FROM builds WHERE build_id = ?", (build_id,))
+                c.execute("INSERT OR REPLACE INTO expired_builds VALUES (?, ?)", (build_id, now))
+            return ids
+
+        return await self._write(expire)
+
+    async def is_expired(self, build_id: str) -> bool:
+        rows = await self._read(
+            lambda c: c.execute("SELECT 1 FROM expired_builds WHERE build_id = ?", (build_id,)).fetchall()
+        )
+        return bool(rows)
 
 
 def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
