@@ -111,11 +111,11 @@ def log_lines(frames: list[tuple[int, dict[str, Any]]]) -> list[str]:
 
 
 async def wait_for_line(client: TestClient, build_id: str, text: str, timeout: float = 30) -> None:
-    """Follow the live log until a line containing `text` arrives."""
+    """Follow the live log until the build prints exactly the line `text`."""
     async with asyncio.timeout(timeout):
         response = await client.get(f"/builds/{build_id}/logs", headers=SSE)
         async for raw in response.content:
-            if text in raw.decode():
+            if raw.startswith(b"data: ") and json.loads(raw[6:]).get("line") == text:
                 response.close()
                 return
-    raise AssertionError(f"log of {build_id} ended without {text!r}")
+    raise AssertionError(f"log of {build_id} ended without the line {text!r}")

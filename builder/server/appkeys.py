@@ -9,8 +9,8 @@ from aiohttp import web
 from builder.server.config import Settings
 from builder.server.engine import DockerEngine
 from builder.server.service import BuildService
-from builder.server.streams import LogStreamResponse
 from builder.server.store import BuildStore
+from builder.server.streams import LogStreamResponse
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", DockerEngine)

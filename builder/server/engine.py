@@ -28,7 +28,9 @@ _PING_TIMEOUT = aiohttp.ClientTimeout(total=3)
 _BUILD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=30)
 # Short engine calls (inspect, remove) get a bound of their own.
 _CALL_SECONDS = 60
-_GONE = (404, 409)  # not found, or already being removed: either way, nothing left to do
+_POLL_SECONDS = 0.02
+_CONFLICT_RETRIES = 25
+_GONE = (404, 409)  # not found, or already being removed
 
 
 class DockerEngine:
@@ -88,25 +90,41 @@ class DockerEngine:
             yield failure
 
     async def remove_container(self, container_id: str) -> None:
-        """Kill and remove a container (even one created but not started); gone is fine."""
+        """Kill and remove a container (even one created but not started); returns once it is gone."""
         container = self._docker.containers.container(container_id)
-        try:
-            async with asyncio.timeout(_CALL_SECONDS):
+        async with asyncio.timeout(_CALL_SECONDS):
+            try:
                 await container.delete(force=True, v=True)
-        except aiodocker.DockerError as exc:
-            if exc.status not in _GONE:
-                raise
+            except aiodocker.DockerError as exc:
+                # 409: the builder itself is removing it (forcerm); wait for that below.
+                if exc.status not in _GONE:
+                    raise
+            while True:
+                try:
+                    await container.show()
+                except aiodocker.DockerError as exc:
+                    if exc.status == 404:
+                        return
+                    raise
+                await asyncio.sleep(_POLL_SECONDS)
 
     async def remove_image(self, image: str) -> bool:
-        """Remove an image (tag or id); False if it is gone or still in use."""
-        try:
-            async with asyncio.timeout(_CALL_SECONDS):
-                await self._docker.images.delete(image)
-        except aiodocker.DockerError as exc:
-            if exc.status in _GONE:
-                return False
-            raise
-        return True
+        """Remove an image (tag or id) and its untagged parents; False if it is gone or still in use."""
+        async with asyncio.timeout(_CALL_SECONDS):
+            for _ in range(_CONFLICT_RETRIES):
+                try:
+                    await self._docker.images.delete(image)
+                except aiodocker.DockerError as exc:
+                    if exc.status == 404:
+                        return False
+                    if exc.status != 409:
+                        raise
+                    # In use: often a container the builder is still removing.
+                    await asyncio.sleep(_POLL_SECONDS)
+                else:
+                    return True
+        log.warning("image_still_in_use", image=image)
+        return False
 
     async def image_id(self, image: str) -> str | None:
         try:

@@ -1,0 +1,161 @@
+"""Log streaming under faults: reconnects mid-frame, slow followers, abandoned streams, plain text, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import time
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from builder.server.app import create_app
+from builder.server.appkeys import SERVICE
+from builder.server.config import Settings
+from tests.conftest import SSE, dockerfile, log_lines, read_log, submit, wait_for, wait_for_line
+
+# 20,000 numbered lines, paced (20 ms every 100 lines) so clients cut in while the build prints.
+NUMBERED = dockerfile(
+    'RUN i=0; while [ $i -lt 20000 ]; do i=$((i+1)); echo "line $i"; '
+    "if [ $((i % 100)) -eq 0 ]; then sleep 0.02; fi; done"
+)
+
+
+async def test_reconnecting_client_gets_every_line_exactly_once(client: TestClient) -> None:
+    accepted = await submit(client, {"Dockerfile": NUMBERED})
+    url = f"/builds/{accepted['build_id']}/logs"
+    rng = random.Random(20261122)
+    last_id, numbers, drops, mid_frame_drops, terminal = 0, [], 0, 0, None
+    while terminal is None:
+        budget = rng.randint(1, 4000)  # bytes this connection may read before we cut it
+        headers = {**SSE, "Last-Event-ID": str(last_id)} if last_id else SSE
+        response = await client.get(url, headers=headers)
+        assert response.status == 200
+        buffer, read = b"", 0
+        while read < budget and terminal is None:
+            chunk = await response.content.read(min(512, budget - read))
+            if not chunk:
+                break
+            read += len(chunk)
+            buffer += chunk
+            while b"\n\n" in buffer and terminal is None:
+                frame, buffer = buffer.split(b"\n\n", 1)
+                fields = dict(line.split(": ", 1) for line in frame.decode().split("\n") if ": " in line)
+                if "id" not in fields:
+                    continue  # retry: / ping
+                event_id, data = int(fields["id"]), json.loads(fields["data"])
+                assert event_id == last_id + 1, f"expected id {last_id + 1}, got {event_id}"
+                last_id = event_id
+                if data["type"] == "log" and data["line"].startswith("line "):
+                    numbers.append(int(data["line"].split()[1]))
+                elif data["type"] in ("done", "error"):
+                    terminal = data
+        if terminal is None:
+            drops += 1
+            mid_frame_drops += bool(buffer)
+        response.close()  # drop the connection, not just the response
+    assert terminal["status"] == "succeeded"
+    assert numbers == list(range(1, 20001))
+    assert drops >= 200, drops
+    assert mid_frame_drops >= 100, mid_frame_drops
+    status = await wait_for(client, accepted["build_id"], {"succeeded"})
+    assert status["last_event_id"] == last_id
+
+
+async def test_concurrent_followers_all_get_the_identical_log(client: TestClient) -> None:
+    accepted = await submit(client, {"Dockerfile": dockerfile("RUN seq 1 3000")})
+    logs = await asyncio.gather(*(read_log(client, accepted["build_id"]) for _ in range(25)))
+    assert all(log == logs[0] for log in logs)
+    assert [int(line) for line in log_lines(logs[0]) if line.isdigit()] == list(range(1, 3001))
+
+
+async def test_slow_follower_catches_up_from_store_without_loss(aiohttp_client: Any, settings: Settings) -> None:
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, subscriber_queue=20)))
+    accepted = await submit(client, {"Dockerfile": dockerfile("RUN seq 1 20000")})
+    response = await client.get(f"/builds/{accepted['build_id']}/logs", headers=SSE)
+    await asyncio.sleep(1.5)  # stall: the socket fills, the server's queue for us overflows
+    body = await response.text()
+    frames = [(int(b.split("\n")[0][4:]), json.loads(b.split("\n")[1][6:])) for b in body.split("\n\n") if b.startswith("id:")]
+    assert [i for i, _ in frames] == list(range(1, len(frames) + 1))
+    assert [int(line) for line in log_lines(frames) if line.isdigit()] == list(range(1, 20001))
+    assert frames[-1][1]["status"] == "succeeded"
+    assert client.app[SERVICE].lagged_followers >= 1
+
+
+async def test_abandoned_streams_release_their_subscriptions(client: TestClient) -> None:
+    accepted = await submit(client, {"Dockerfile": dockerfile("RUN echo started && sleep 300")})
+    build_id = accepted["build_id"]
+    await wait_for_line(client, build_id, "started")
+    service = client.app[SERVICE]
+    for _ in range(1000):
+        response = await client.get(f"/builds/{build_id}/logs", headers=SSE)
+        assert (await response.content.readline()).startswith(b"retry:")
+        response.close()
+    deadline = time.monotonic() + 5
+    while service.subscriber_count and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert service.subscriber_count == 0
+    assert (await client.delete(f"/builds/{build_id}")).status == 200
+
+
+async def test_plain_text_follow_for_curl(client: TestClient) -> None:
+    accepted = await submit(client, {"Dockerfile": dockerfile("RUN echo '{\"done\": true}' && seq 1 3")},
+                            image_name="builder-test/plain")
+    response = await client.get(f"/builds/{accepted['build_id']}/logs")  # Accept: */*, like curl
+    assert response.headers["Content-Type"].startswith("text/plain")
+    text = await response.text()
+    lines = text.splitlines()
+    assert '{"done": true}' in lines and lines.index("1") + 2 == lines.index("3")
+    assert lines[-1] == "--- succeeded: builder-test/plain:latest"
+    assert "data:" not in text and "id:" not in text
+    assert lines[0].startswith("Step 1/2 : FROM")
+
+    failed = await submit(client, {"Dockerfile": dockerfile("RUN exit 4")})
+    await wait_for(client, failed["build_id"], {"failed"})
+    text = await (await client.get(f"/builds/{failed['build_id']}/logs", params={"format": "text"}, headers=SSE)).text()
+    assert text.splitlines()[-1].startswith("--- failed: The command '/bin/sh -c exit 4' returned a non-zero code: 4")
+
+
+async def test_follow_false_prints_what_exists_and_ends(client: TestClient) -> None:
+    accepted = await submit(client, {"Dockerfile": dockerfile("RUN echo started && sleep 300")})
+    build_id = accepted["build_id"]
+    await wait_for_line(client, build_id, "started")
+    async with asyncio.timeout(5):
+        text = await (await client.get(f"/builds/{build_id}/logs", params={"follow": "false"})).text()
+        frames = await read_log(client, build_id, follow="false", after=2)
+    assert "started" in text.splitlines() and "---" not in text.splitlines()[-1]
+    assert frames[0][0] == 3 and "started" in log_lines(frames)
+    assert frames[-1][1]["type"] == "log"
+    assert (await client.delete(f"/builds/{build_id}")).status == 200
+
+
+async def test_plain_text_resumes_after_an_event_id(client: TestClient) -> None:
+    accepted = await submit(client, {"Dockerfile": dockerfile("RUN seq 1 5")})
+    await wait_for(client, accepted["build_id"], {"succeeded"})
+    frames = await read_log(client, accepted["build_id"])
+    after = next(i for i, data in frames if data.get("line") == "3")
+    text = await (await client.get(f"/builds/{accepted['build_id']}/logs", params={"after": str(after)})).text()
+    assert text.splitlines()[:2] == ["4", "5"]
+
+
+async def test_removed_by_retention_is_410_not_404(aiohttp_client: Any, settings: Settings) -> None:
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, max_builds=1)))
+    old = await submit(client, {"Dockerfile": dockerfile()})
+    await wait_for(client, old["build_id"], {"succeeded"})
+    new = await submit(client, {"Dockerfile": dockerfile()})
+    await wait_for(client, new["build_id"], {"succeeded"})
+    service = client.app[SERVICE]
+    deadline = time.monotonic() + 5
+    expired: list[str] = []
+    while old["build_id"] not in expired and time.monotonic() < deadline:
+        expired += await service.expire_old_builds()  # finished builds leave the active set on the next flush
+        await asyncio.sleep(0.05)
+    assert expired == [old["build_id"]]
+    for path in (f"/builds/{old['build_id']}/logs", f"/builds/{old['build_id']}"):
+        response = await client.get(path, headers=SSE)
+        assert response.status == 410
+        assert (await response.json())["code"] == "build_expired"
+    assert (await client.get(f"/builds/{new['build_id']}/logs", headers=SSE)).status == 200
+    assert (await client.get("/builds/never-existed/logs", headers=SSE)).status == 404
