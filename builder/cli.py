@@ -27,7 +27,21 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="Docker engine URL (default $DOCKER_HOST or the local socket)")
     serve.add_argument("--cancel-wait", type=float, default=defaults.cancel_wait,
                        help="seconds DELETE waits for teardown before answering 202 (default %(default)s)")
+    serve.add_argument("--retention", type=_duration, default=defaults.retention,
+                       help="keep finished builds and their logs this long: seconds, or 90m, 12h, 7d (default 7d)")
+    serve.add_argument("--max-builds", type=int, default=defaults.max_builds,
+                       help="keep at most this many finished builds (default %(default)s)")
     serve.set_defaults(func=_serve)
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 3600, 90m, 12h, 7d)") from None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -49,6 +63,8 @@ def _serve(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         log_level=args.log_level,
         cancel_wait=args.cancel_wait,
+        retention=args.retention,
+        max_builds=args.max_builds,
     )
     configure_logging(settings.log_format, settings.log_level)
     web.run_app(
