@@ -1,8 +1,9 @@
-"""The `builder` command line: `builder serve` runs the daemon."""
+"""The `builder` command line: `builder serve` runs the daemon; the other commands use the SDK."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +32,6 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="keep finished builds and their logs this long: seconds, or 90m, 12h, 7d (default 7d)")
     serve.add_argument("--max-builds", type=int, default=defaults.max_builds,
                        help="keep at most this many finished builds (default %(default)s)")
-    serve.set_defaults(func=_serve)
 
 
 def _duration(text: str) -> float:
@@ -78,9 +78,43 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_parsers(sub: argparse._SubParsersAction) -> None:
+    build = sub.add_parser("build", help="build a context directory (or an existing image) on the daemon")
+    build.add_argument("path", nargs="?", default=".", help="context directory (default: .)")
+    build.add_argument("-t", "--tag", help="image name, NAME[:TAG]")
+    build.add_argument("-f", "--file", default="Dockerfile", help="Dockerfile path inside the context")
+    build.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE", help="build argument")
+    build.add_argument("--target", help="build stage to stop at")
+    build.add_argument("--no-cache", action="store_true", help="do not use the build cache")
+    build.add_argument("--image", metavar="REF", help="build `FROM REF` instead of a context")
+    build.add_argument("--detach", action="store_true", help="print the build id once accepted and exit")
+    build.add_argument("-q", "--quiet", action="store_true", help="print only the image reference")
+    build.add_argument("--json", action="store_true", help="print the result as JSON (log goes to stderr)")
+
+    logs = sub.add_parser("logs", help="print a build's log")
+    logs.add_argument("build_id")
+    logs.add_argument("-f", "--follow", action="store_true", help="follow until the build ends")
+    logs.add_argument("--after", type=int, default=0, metavar="N", help="start after event N")
+
+    for name, text in (("status", "show a build's status"), ("cancel", "cancel a build")):
+        sub.add_parser(name, help=text).add_argument("build_id")
+
+    ls = sub.add_parser("ls", help="list builds, newest first")
+    ls.add_argument("--status", help="only builds with this status")
+    ls.add_argument("--limit", type=int, default=50)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="builder", description="Remote container image builder")
+    parser.add_argument("--url", default=os.environ.get("BUILDER_URL"),
+                        help="daemon URL (env BUILDER_URL, default http://127.0.0.1:8080)")
+    parser.add_argument("--token", default=os.environ.get("BUILDER_TOKEN"), help="bearer token (env BUILDER_TOKEN)")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _client_parsers(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    if args.command == "serve":
+        return _serve(args)
+    from builder.terminal import run
+
+    return run(args)

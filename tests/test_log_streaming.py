@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import random
+import socket
 import time
 from typing import Any
 
@@ -73,14 +74,23 @@ async def test_concurrent_followers_all_get_the_identical_log(client: TestClient
 
 
 async def test_slow_follower_catches_up_from_store_without_loss(aiohttp_client: Any, settings: Settings) -> None:
-    client = await aiohttp_client(create_app(dataclasses.replace(settings, subscriber_queue=20)))
-    accepted = await submit(client, {"Dockerfile": dockerfile("RUN seq 1 20000")})
-    response = await client.get(f"/builds/{accepted['build_id']}/logs", headers=SSE)
-    await asyncio.sleep(1.5)  # stall: the socket fills, the server's queue for us overflows
-    body = await response.text()
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, log_window=100)))
+    # The build goes on printing, then stays alive while the stalled reader catches up.
+    accepted = await submit(client, {"Dockerfile": dockerfile("RUN seq 1 200000 && sleep 6")})
+    # A reader with a tiny receive buffer that stalls: the daemon's writes to it block
+    # while the build goes on, so it falls far behind the in-memory window.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", client.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(f"GET /builds/{accepted['build_id']}/logs HTTP/1.0\r\nAccept: text/event-stream\r\n\r\n".encode())
+    await asyncio.sleep(3.5)  # long enough for the store to commit, and the window to move on
+    raw = await asyncio.wait_for(reader.read(), 60)  # HTTP/1.0: the body ends with the connection
+    writer.close()
+    body = raw.split(b"\r\n\r\n", 1)[1].decode()
     frames = [(int(b.split("\n")[0][4:]), json.loads(b.split("\n")[1][6:])) for b in body.split("\n\n") if b.startswith("id:")]
     assert [i for i, _ in frames] == list(range(1, len(frames) + 1))
-    assert [int(line) for line in log_lines(frames) if line.isdigit()] == list(range(1, 20001))
+    assert [int(line) for line in log_lines(frames) if line.isdigit()] == list(range(1, 200001))
     assert frames[-1][1]["status"] == "succeeded"
     assert client.app[SERVICE].lagged_followers >= 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -16,7 +17,7 @@ from builder.server.engine_output import (
     StepImage,
 )
 from builder.server.errors import InvalidField, InvalidImageReference
-from builder.server.events import EventLog, SubscriberLagged
+from builder.server.events import EventLog
 from builder.server.imageref import parse_image_name, validate_reference
 
 
@@ -134,23 +135,25 @@ def test_event_log_numbers_from_one_and_escapes_control_text() -> None:
         log.append({"type": "log", "line": "late"})
 
 
-async def test_subscription_sees_uncommitted_snapshot_and_live_events() -> None:
+async def test_event_log_window_keeps_uncommitted_events_and_says_when_to_read_the_store() -> None:
+    log = EventLog("b", window=4)
+    log.extend([{"type": "log", "line": str(n)} for n in range(1, 21)])
+    # Nothing is committed yet: nothing may leave memory.
+    assert [e.id for e in log.events_after(0)] == list(range(1, 21))
+    assert [e.id for e in log.uncommitted()] == list(range(1, 21))
+    log.committed(18)
+    assert [e.id for e in log.uncommitted()] == [19, 20]
+    assert log.first_id <= 19 and log.events_after(0) is None
+    assert [e.id for e in log.events_after(18)] == [19, 20]
+    assert log.events_after(20) == []
+
+
+async def test_waiting_follower_wakes_on_new_events() -> None:
     log = EventLog("b")
-    log.append({"type": "log", "line": "1"})
-    log.committed(len(log.uncommitted()))
-    log.append({"type": "log", "line": "2"})
-    with log.subscribe() as sub:
-        assert [e.id for e in sub.snapshot] == [2]
-        log.append({"type": "log", "line": "3"})
-        assert [e.id for e in await sub.next_batch()] == [3]
-        assert log.subscriber_count == 1
-    assert log.subscriber_count == 0
-
-
-async def test_slow_subscriber_is_told_to_catch_up_instead_of_growing() -> None:
-    log = EventLog("b", max_queued=3)
-    with log.subscribe() as sub:
-        for n in range(10):
-            log.append({"type": "log", "line": str(n)})
-        with pytest.raises(SubscriberLagged):
-            await sub.next_batch()
+    waiter = asyncio.create_task(log.wait_for_events(0))
+    await asyncio.sleep(0)
+    assert log.follower_count == 1
+    log.append({"type": "log", "line": "x"})
+    await asyncio.wait_for(waiter, 1)
+    assert log.follower_count == 0
+    await asyncio.wait_for(log.wait_for_events(0), 1)  # already there: no wait

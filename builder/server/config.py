@@ -23,8 +23,11 @@ class Settings:
     cancel_wait: float = 10.0
     # How often buffered log events are committed to the store, in one transaction.
     flush_interval: float = 0.05
-    # Per-follower queue bound before it is switched to catch up from the store.
-    subscriber_queue: int = 10_000
+    # Recent events kept in memory per running build, shared by its followers; one
+    # further behind catches up from the store.
+    log_window: int = 20_000
+    # A woken follower waits this long for more events before writing (fewer, larger writes).
+    follower_coalesce: float = 0.01
     # Finished builds' records and logs are kept this long, and at most max_builds of them.
     retention: float = 7 * 24 * 3600
     max_builds: int = 10_000

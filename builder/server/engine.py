@@ -54,8 +54,8 @@ class DockerEngine:
         except (aiodocker.DockerError, aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
 
-    async def build(self, context: Path, spec: BuildSpec) -> AsyncIterator[EngineEvent]:
-        """Run a legacy-builder build; yields parsed events.
+    async def build(self, context: Path, spec: BuildSpec) -> AsyncIterator[list[EngineEvent]]:
+        """Run a legacy-builder build; yields the parsed events of each read from the engine.
 
         Ends with exactly one `ImageBuilt` or `EngineFailure`: a stream that
         stops without the engine naming the image is a failure, never a success.
@@ -72,22 +72,21 @@ class DockerEngine:
                 timeout=_BUILD_TIMEOUT,
             ) as response:
                 built = False
-                async for chunk in _json_lines(response.content):
-                    for event in parser.feed(chunk):
-                        yield event
+                async for chunks in _json_batches(response.content):
+                    events = [event for chunk in chunks for event in parser.feed(chunk)]
+                    for n, event in enumerate(events):
                         if isinstance(event, EngineFailure):
+                            yield events[: n + 1]
                             return
                         built = built or isinstance(event, ImageBuilt)
+                    yield events
             if not built:
                 failure = EngineFailure("the Docker engine ended the build stream without naming an image")
         except aiodocker.DockerError as exc:
             failure = EngineFailure(_docker_message(exc))
         except (aiohttp.ClientError, OSError) as exc:
             failure = EngineFailure(f"lost the connection to the Docker engine: {exc}")
-        for event in parser.finish():
-            yield event
-        if failure is not None:
-            yield failure
+        yield parser.finish() + ([failure] if failure is not None else [])
 
     async def remove_container(self, container_id: str) -> None:
         """Kill and remove a container (even one created but not started); returns once it is gone."""
@@ -164,16 +163,16 @@ async def _read_file(path: Path) -> AsyncIterator[bytes]:
             yield chunk
 
 
-async def _json_lines(content: aiohttp.StreamReader) -> AsyncIterator[dict[str, Any]]:
+async def _json_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[dict[str, Any]]]:
+    """The JSON messages of each network read, as one batch (a chatty build sends thousands)."""
     # Split by hand: StreamReader.readline() rejects lines over 64 KiB.
     buffer = b""
     async for data in content.iter_any():
         *lines, buffer = (buffer + data).split(b"\n")
-        for raw in lines:
-            if raw.strip():
-                yield _decode(raw)
+        if batch := [_decode(raw) for raw in lines if raw.strip()]:
+            yield batch
     if buffer.strip():
-        yield _decode(buffer)
+        yield [_decode(buffer)]
 
 
 def _decode(raw: bytes) -> dict[str, Any]:

@@ -1,111 +1,93 @@
-"""Per-build event log: numbering, fan-out to followers, and hand-off to the store.
+"""Per-build event log: numbering, a shared in-memory window of recent events, hand-off to the store.
 
-Race-free replay-then-live: a follower subscribes (synchronously, so no event can
-slip between) and at that instant snapshots the events not yet committed to the
-store. Everything older is in the store, everything newer reaches its queue, and
-ids let it drop any overlap.
+Followers share one window (no per-follower queues) and each keeps only a cursor, so a
+follower costs O(1) memory however far behind it is. Race-free replay-then-live: the
+window only ever drops events the store has committed, so a follower whose cursor
+is older than the window reads the gap from the store and looks again; all on one
+event loop, nothing can slip between the two.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 from typing import Any
 
 from builder import protocol
 from builder.server.records import Event
 
 
-class SubscriberLagged(Exception):
-    """The follower fell too far behind; it must catch up from the store."""
-
-
-class Subscription:
-    def __init__(self, log: EventLog, max_queued: int, snapshot: list[Event]) -> None:
-        self._log = log
-        self._max_queued = max_queued
-        self._queue: collections.deque[Event] = collections.deque()
-        self._wakeup = asyncio.Event()
-        self._lagged = False
-        self.snapshot = snapshot
-        self.closed = False
-
-    def _push(self, event: Event) -> None:
-        if self._lagged:
-            return
-        if len(self._queue) >= self._max_queued:
-            # Bounded memory: drop the backlog, the follower re-reads from the store.
-            self._lagged = True
-            self._queue.clear()
-        else:
-            self._queue.append(event)
-        self._wakeup.set()
-
-    async def next_batch(self) -> list[Event]:
-        while not self._queue:
-            if self._lagged:
-                raise SubscriberLagged
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        batch = list(self._queue)
-        self._queue.clear()
-        return batch
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._log._subscribers.discard(self)
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 class EventLog:
     """Live log of one build that has not finished and been fully persisted."""
 
-    def __init__(self, build_id: str, *, last_id: int = 0, max_queued: int = 10_000) -> None:
+    def __init__(self, build_id: str, *, last_id: int = 0, window: int = 20_000, coalesce: float = 0.0) -> None:
         self.build_id = build_id
         self.last_id = last_id
-        self._max_queued = max_queued
-        self._subscribers: set[Subscription] = set()
-        # Appended but not yet committed to the store, oldest first.
-        self._uncommitted: collections.deque[Event] = collections.deque()
+        self.committed_id = last_id
         self.terminated = False
+        self._window = window
+        self._coalesce = coalesce
+        self._events: list[Event] = []  # ids committed_id-ish .. last_id, contiguous
+        self._changed = asyncio.Event()
+        self.follower_count = 0
 
     @property
-    def subscriber_count(self) -> int:
-        return len(self._subscribers)
+    def first_id(self) -> int:
+        """Oldest id still in memory (last_id + 1 when none is)."""
+        return self._events[0].id if self._events else self.last_id + 1
 
     def append(self, payload: dict[str, Any]) -> Event:
-        if self.terminated:
-            raise RuntimeError(f"event log of {self.build_id} is terminated")
-        self.last_id += 1
-        event = Event(self.last_id, protocol.dump_event(payload), protocol.is_terminal_event(payload))
-        self.terminated = event.terminal
-        self._uncommitted.append(event)
-        for sub in self._subscribers:
-            sub._push(event)
-        return event
+        return self.extend([payload])[-1]
 
-    def subscribe(self) -> Subscription:
-        sub = Subscription(self, self._max_queued, list(self._uncommitted))
-        self._subscribers.add(sub)
-        return sub
+    def extend(self, payloads: list[dict[str, Any]]) -> list[Event]:
+        """Number and buffer a batch of events, then wake the followers once."""
+        events = []
+        for payload in payloads:
+            if self.terminated:
+                raise RuntimeError(f"event log of {self.build_id} is terminated")
+            self.last_id += 1
+            event = Event(self.last_id, protocol.dump_event(payload), protocol.is_terminal_event(payload))
+            self.terminated = event.terminal
+            events.append(event)
+        if events:
+            self._events.extend(events)
+            self._changed.set()
+            self._changed = asyncio.Event()
+        return events
+
+    def events_after(self, after: int) -> list[Event] | None:
+        """Events with id > `after` from memory, or None if some of them are only in the store."""
+        first = self.first_id
+        if after + 1 < first:
+            return None
+        return self._events[after + 1 - first :]
 
     def uncommitted(self) -> list[Event]:
-        """Events to write next; they stay visible to new subscribers until `committed`.
+        return self._events[self.committed_id + 1 - self.first_id :] if self._events else []
 
-        The caller serialises flushes, so nothing else commits in between.
-        """
-        return list(self._uncommitted)
-
-    def committed(self, count: int) -> None:
-        for _ in range(count):
-            self._uncommitted.popleft()
+    def committed(self, upto: int) -> None:
+        """Events up to `upto` are in the store: the window may let them go."""
+        self.committed_id = upto
+        excess = len(self._events) - self._window
+        # Trim in bulk, and never past what the store has.
+        if excess > self._window // 4:
+            drop = min(excess, upto + 1 - self.first_id)
+            if drop > 0:
+                del self._events[:drop]
 
     @property
     def fully_committed(self) -> bool:
-        return self.terminated and not self._uncommitted
+        return self.terminated and self.committed_id == self.last_id
+
+    async def wait_for_events(self, after: int) -> None:
+        """Return once there is an event with id > `after` (after a short coalescing pause)."""
+        if self.last_id > after:
+            return
+        self.follower_count += 1
+        try:
+            await self._changed.wait()
+        finally:
+            self.follower_count -= 1
+        if self._coalesce:
+            # Let a chatty build's lines pile up briefly: one write per follower per window
+            # instead of one per engine read, which is what costs with many followers.
+            await asyncio.sleep(self._coalesce)

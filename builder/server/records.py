@@ -33,6 +33,11 @@ class Event:
     id: int
     data: str
     terminal: bool = False
+    # The SSE frame, encoded once here rather than once per follower.
+    frame: bytes = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "frame", f"id: {self.id}\ndata: {self.data}\n\n".encode())
 
 
 @dataclasses.dataclass

@@ -31,7 +31,7 @@ from builder.server.engine_output import (
     StepImage,
 )
 from builder.server.errors import BuildExpired, BuildNotFound, InvalidContext
-from builder.server.events import EventLog, SubscriberLagged
+from builder.server.events import EventLog
 from builder.server.records import BuildRecord, Event, rfc3339, utcnow
 from builder.server.store import BuildStore
 
@@ -74,7 +74,7 @@ class BuildService:
         self._flush_lock = asyncio.Lock()
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
-        self.lagged_followers = 0  # followers switched to catch up from the store
+        self.lagged_followers = 0  # times a follower fell behind the window and read the store
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -138,7 +138,7 @@ class BuildService:
 
     @property
     def subscriber_count(self) -> int:
-        return sum(b.log.subscriber_count for b in self._active.values())
+        return sum(b.log.follower_count for b in self._active.values())
 
     # -- submit ----------------------------------------------------------------
 
@@ -163,7 +163,9 @@ class BuildService:
         record = BuildRecord(build_id=secrets.token_urlsafe(16), spec=spec)
         build = ActiveBuild(
             record=record,
-            log=EventLog(record.build_id, max_queued=self._settings.subscriber_queue),
+            log=EventLog(
+                record.build_id, window=self._settings.log_window, coalesce=self._settings.follower_coalesce
+            ),
             context=context,
             build_dockerfile=build_dockerfile,
         )
@@ -237,19 +239,24 @@ class BuildService:
                 build.deadline = deadline
                 if build.cancel_requested:
                     deadline.reschedule(asyncio.get_running_loop().time() + _CANCEL_GRACE)
-                async with contextlib.aclosing(self._engine.build(build.context, spec)) as events:
-                    async for event in events:
-                        match event:
-                            case LogLine(text):
-                                self._emit(build, {"type": p.EVENT_LOG, "line": text})
-                            case StepContainer(container_id):
-                                await self._step_container(build, container_id)
-                            case StepImage(image, created=True):
-                                record.created_images.append(image)
-                            case ImageBuilt(image):
-                                image_id = image
-                            case EngineFailure(message):
-                                failure = message
+                async with contextlib.aclosing(self._engine.build(build.context, spec)) as batches:
+                    async for batch in batches:
+                        lines: list[dict[str, Any]] = []
+                        for event in batch:
+                            match event:
+                                case LogLine(text):
+                                    lines.append({"type": p.EVENT_LOG, "line": text})
+                                case StepContainer(container_id):
+                                    build.log.extend(lines)  # keep the log in engine order
+                                    lines = []
+                                    await self._step_container(build, container_id)
+                                case StepImage(image, created=True):
+                                    record.created_images.append(image)
+                                case ImageBuilt(image):
+                                    image_id = image
+                                case EngineFailure(message):
+                                    failure = message
+                        build.log.extend(lines)
         except TimeoutError:
             failure = "build stream closed after the cancel grace period"
         finally:
@@ -362,7 +369,8 @@ class BuildService:
             if rows:
                 await self._store.append_events(rows)
             for build, events in batches:
-                build.log.committed(len(events))
+                if events:
+                    build.log.committed(events[-1].id)
                 if build.log.fully_committed and build.done.is_set():
                     del self._active[build.record.build_id]
 
@@ -371,8 +379,8 @@ class BuildService:
     async def follow(self, build_id: str, *, after: int = 0, follow: bool = True) -> AsyncIterator[list[Event]]:
         """Batches of every event with id > `after`, then live ones until the terminal event.
 
-        With `follow=False`, only what exists now. A follower too slow for its bounded
-        queue is switched to catch up from the store, then rejoins live.
+        With `follow=False`, only what exists now. A follower that falls behind the in-memory
+        window reads the gap from the store, then rejoins live.
         """
         last = after
         while True:
@@ -381,30 +389,24 @@ class BuildService:
                 async for batch in self._replay(build_id, after=last, upto=None):
                     yield batch
                 return
-            with build.log.subscribe() as sub:
-                snapshot = sub.snapshot
-                # Everything up to the oldest uncommitted event is in the store.
-                upto = snapshot[0].id - 1 if snapshot else build.log.last_id
-                async for batch in self._replay(build_id, after=last, upto=upto):
+            log = build.log
+            events = log.events_after(last)
+            if events is None:
+                # Everything older than the window is committed: read it from the store.
+                self.lagged_followers += 1
+                async for batch in self._replay(build_id, after=last, upto=log.first_id - 1):
                     last = batch[-1].id
                     yield batch
-                    if batch[-1].terminal:
-                        return
-                try:
-                    pending = snapshot
-                    while True:
-                        fresh = [e for e in pending if e.id > last]
-                        if fresh:
-                            last = fresh[-1].id
-                            yield fresh
-                            if fresh[-1].terminal:
-                                return
-                        if not follow:
-                            return
-                        pending = await sub.next_batch()
-                except SubscriberLagged:
-                    self.lagged_followers += 1
-                    log.info("follower_lagged", build_id=build_id, last_event_id=last)
+                continue
+            if events:
+                last = events[-1].id
+                yield events
+                if events[-1].terminal:
+                    return
+                continue
+            if not follow:
+                return
+            await log.wait_for_events(last)
 
     async def _replay(self, build_id: str, *, after: int, upto: int | None) -> AsyncIterator[list[Event]]:
         while upto is None or after < upto:

@@ -1,0 +1,415 @@
+"""Shared machinery for the benchmark scenarios.
+
+Every scenario runs the real `builder serve` as a subprocess (so its memory and
+CPU are its own and measurable from /proc) against the real Docker engine, and
+talks to it only over HTTP, like any client would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+import aiodocker
+import aiohttp
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BASE_IMAGE = os.environ.get("BUILDER_BASE_IMAGE", "builder-busybox:latest")
+SSE_HEADERS = {"Accept": "text/event-stream"}
+TERMINAL_TYPES = frozenset({"done", "error"})
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+
+STARTUP_TIMEOUT = 30.0
+STOP_GRACE = 10.0
+
+
+def progress(message: str) -> None:
+    # Progress goes to stderr so a long run is visibly alive; results go to the report.
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- daemon
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Daemon:
+    """One `builder serve` subprocess with its own port and data dir.
+
+    Use as `async with Daemon() as daemon:`. The data dir (with the daemon's log)
+    is removed afterwards unless the daemon died or exited non-zero, so a
+    misbehaving run leaves its evidence behind.
+    """
+
+    def __init__(self, *extra_args: str) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.workdir = Path(tempfile.mkdtemp(prefix="builder-bench-"))
+        self.log_path = self.workdir / "daemon.log"
+        self._extra_args = extra_args
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.exit_code: int | None = None
+        # Set when the daemon exited on its own before we stopped it.
+        self.died_early = False
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        cmd = [
+            str(REPO_ROOT / ".venv" / "bin" / "builder"), "serve",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--data-dir", str(self.workdir / "data"), "--log-format", "json",
+            *self._extra_args,
+        ]
+        # A plain Popen (not asyncio's) so poll() answers synchronously; both calls return at once.
+        with open(self.log_path, "wb") as log:  # noqa: ASYNC230
+            self._proc = subprocess.Popen(  # noqa: ASYNC220
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        async with aiohttp.ClientSession() as session:
+            while True:
+                if not self.alive():
+                    raise RuntimeError(f"daemon exited during start-up:\n{self.log_tail()}")
+                with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+                    async with session.get(f"{self.base_url}/healthz", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                        if r.status == 200:
+                            return
+                if time.monotonic() > deadline:
+                    await self.stop()
+                    raise RuntimeError(f"daemon did not answer /healthz within {STARTUP_TIMEOUT:.0f}s")
+                await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL after STOP_GRACE seconds."""
+        proc = self._proc
+        if proc is None or self.exit_code is not None:
+            return
+        if proc.poll() is not None:
+            self.died_early = True
+        else:
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE
+            while proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if proc.poll() is None:
+                progress(f"daemon {proc.pid} ignored SIGTERM for {STOP_GRACE:.0f}s; killing it")
+                proc.kill()
+                proc.wait()
+        self.exit_code = proc.returncode
+        if self.died_early or self.exit_code != 0:
+            progress(f"daemon exit code {self.exit_code}; keeping {self.workdir}")
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    # /proc readings of the daemon process.
+
+    def proc_status_kib(self, field: str) -> int:
+        """A `kB` field of /proc/<pid>/status, e.g. VmRSS (current) or VmHWM (peak RSS so far)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise KeyError(field)
+
+    def rss_mib(self) -> float:
+        return self.proc_status_kib("VmRSS") / 1024
+
+    def peak_rss_mib(self) -> float:
+        return self.proc_status_kib("VmHWM") / 1024
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU the daemon has used so far (all its threads)."""
+        # Fields after the parenthesised command name; utime and stime are the 12th and 13th of them.
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+
+# ---------------------------------------------------------------- builds
+
+
+def make_context(files: Mapping[str, str | bytes]) -> bytes:
+    """An in-memory tar.gz build context."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, content in files.items():
+            data = content.encode() if isinstance(content, str) else content
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def dockerfile(*steps: str) -> str:
+    return "\n".join([f"FROM {BASE_IMAGE}", *steps]) + "\n"
+
+
+async def submit_build(session: aiohttp.ClientSession, daemon: Daemon, context: bytes, **fields: str) -> str:
+    """POST a raw tar.gz context (fields as query parameters); returns the build id."""
+    async with session.post(
+        f"{daemon.base_url}/builds", data=context, params=fields, headers={"Content-Type": "application/gzip"}
+    ) as response:
+        body = await response.json()
+        if response.status != 202:
+            raise RuntimeError(f"POST /builds answered {response.status}: {body}")
+        return body["build_id"]
+
+
+async def get_build(session: aiohttp.ClientSession, daemon: Daemon, build_id: str) -> dict[str, Any]:
+    async with session.get(f"{daemon.base_url}/builds/{build_id}") as response:
+        response.raise_for_status()
+        return await response.json()
+
+
+async def cancel_build(session: aiohttp.ClientSession, daemon: Daemon, build_id: str) -> tuple[int, dict[str, Any]]:
+    async with session.delete(f"{daemon.base_url}/builds/{build_id}") as response:
+        return response.status, await response.json()
+
+
+def parse_time(value: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(value)  # 3.11+ reads the trailing Z
+
+
+def build_wall_seconds(status: Mapping[str, Any]) -> float | None:
+    """created_at → finished_at of a finished build, as the daemon recorded it."""
+    if not status.get("created_at") or not status.get("finished_at"):
+        return None
+    return (parse_time(status["finished_at"]) - parse_time(status["created_at"])).total_seconds()
+
+
+def logs_url(daemon: Daemon, build_id: str) -> str:
+    return f"{daemon.base_url}/builds/{build_id}/logs"
+
+
+async def subscriber_count(session: aiohttp.ClientSession, daemon: Daemon, build_id: str) -> int | None:
+    """The daemon's live log-subscriber count, if it exposes one anywhere we know to look; else None.
+
+    The service tracks the count internally; this probes the build's status,
+    /healthz and /metrics for any field named like `subscriber…`, so the
+    scenario picks it up as soon as the daemon publishes it.
+    """
+    for path in (f"/builds/{build_id}", "/healthz", "/metrics"):
+        with contextlib.suppress(aiohttp.ClientError, ValueError):
+            async with session.get(daemon.base_url + path) as response:
+                if response.status != 200:
+                    continue
+                text = await response.text()
+            try:
+                found = _find_subscriber_field(json.loads(text))
+            except ValueError:
+                # Prometheus text format: `<name>{labels} <value>`.
+                found = next(
+                    (int(float(line.split()[-1])) for line in text.splitlines()
+                     if "subscriber" in line and not line.startswith("#")),
+                    None,
+                )
+            if found is not None:
+                return found
+    return None
+
+
+def _find_subscriber_field(value: Any) -> int | None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "subscriber" in key and isinstance(item, int):
+                return item
+            if (found := _find_subscriber_field(item)) is not None:
+                return found
+    return None
+
+
+# ---------------------------------------------------------------- engine
+
+
+async def engine_version() -> str:
+    async with aiodocker.Docker() as docker:
+        info = await docker.version()
+    return f"Docker Engine {info.get('Version', '?')} (API {info.get('ApiVersion', '?')})"
+
+
+async def remove_image(image_id: str | None) -> None:
+    """Drop an image a scenario built, so repeated runs do not pile up images in the engine."""
+    if not image_id:
+        return
+    async with aiodocker.Docker() as docker:
+        with contextlib.suppress(aiodocker.DockerError):
+            await docker.images.delete(image_id, force=True)
+
+
+# ---------------------------------------------------------------- SSE following
+
+
+class FrameSplitter:
+    """Re-assembles a byte stream into whole SSE frames (blank-line separated)."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete frames received so far (ending in b"\\n\\n"), or b"" if none is complete yet."""
+        data = self._pending + chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            self._pending = data
+            return b""
+        self._pending = data[cut + 2:]
+        return data[: cut + 2]
+
+    @property
+    def leftover(self) -> bytes:
+        return self._pending
+
+
+class LogFollower:
+    """Follows one build's log stream and checks the SSE contract as it goes.
+
+    Checks: every event frame has one `id:` and one `data:`; ids are exactly
+    1..k with no gap or repeat; the stream ends with a terminal frame and then
+    EOF. The first violation is kept in `error` (reading goes on, so counts stay
+    meaningful). Subclasses hook `on_log` to check the content of log lines.
+    """
+
+    def __init__(self) -> None:
+        self.last_id = 0
+        self.log_lines = 0
+        self.terminal: dict[str, Any] | None = None
+        self.error: str | None = None
+        self.opened_at: float | None = None  # wall clock when the response headers arrived
+        self.ended_at: float | None = None
+
+    def fail(self, message: str) -> None:
+        if self.error is None:
+            self.error = message
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.terminal is not None
+
+    async def run(self, session: aiohttp.ClientSession, url: str) -> None:
+        splitter = FrameSplitter()
+        try:
+            async with session.get(url, headers=SSE_HEADERS) as response:
+                if response.status != 200:
+                    self.fail(f"HTTP {response.status}: {(await response.text())[:200]}")
+                    return
+                self.opened_at = time.time()
+                async for chunk in response.content.iter_any():
+                    if block := splitter.feed(chunk):
+                        self.consume(block)
+            if splitter.leftover.strip():
+                self.fail(f"stream ended inside a frame: {splitter.leftover[:80]!r}")
+            if self.terminal is None:
+                self.fail(f"stream ended after id {self.last_id} without a terminal frame")
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
+            self.fail(f"connection error after id {self.last_id}: {type(exc).__name__}: {exc}")
+        finally:
+            self.ended_at = time.time()
+
+    def consume(self, block: bytes) -> None:
+        """Handle a run of whole frames."""
+        for frame in block.split(b"\n\n"):
+            if frame:
+                self.consume_frame(frame)
+
+    def consume_frame(self, frame: bytes) -> None:
+        event_id: int | None = None
+        data: list[bytes] = []
+        for line in frame.split(b"\n"):
+            if line.startswith(b"id: "):
+                event_id = int(line[4:])
+            elif line.startswith(b"data: "):
+                data.append(line[6:])
+            elif line.startswith((b":", b"retry: ")):
+                continue  # comments (pings) and the reconnect hint carry no event
+            else:
+                self.fail(f"unexpected SSE line {line[:80]!r}")
+        if event_id is None and not data:
+            return
+        if event_id is None or len(data) != 1:
+            self.fail(f"frame after id {self.last_id} has id {event_id} and {len(data)} data lines")
+            return
+        if self.terminal is not None:
+            self.fail(f"frame {event_id} after the terminal frame")
+        if event_id != self.last_id + 1:
+            self.fail(f"id {event_id} follows id {self.last_id}")
+        self.last_id = event_id
+        payload = json.loads(data[0])
+        if payload.get("type") == "log":
+            self.log_lines += 1
+            self.on_log(event_id, payload["line"])
+        elif payload.get("type") in TERMINAL_TYPES:
+            self.terminal = payload
+
+    def on_log(self, event_id: int, line: str) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+@contextlib.asynccontextmanager
+async def client_session(*, unlimited: bool = False) -> AsyncIterator[aiohttp.ClientSession]:
+    """A session without a total timeout (builds and streams run long).
+
+    `unlimited` lifts aiohttp's default cap of 100 connections, which would
+    otherwise queue the 101st follower behind the first hundred.
+    """
+    connector = aiohttp.TCPConnector(limit=0) if unlimited else aiohttp.TCPConnector()
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+        yield session

@@ -1,0 +1,34 @@
+"""Async Python SDK for the builder daemon.
+
+    async with BuilderClient("http://127.0.0.1:8080") as client:
+        result = await client.build("./app", image_name="app:dev", on_log=print)
+        print(result.image_ref)
+"""
+
+from builder.client.client import BuilderClient, RetryPolicy
+from builder.client.errors import (
+    BuildCancelled,
+    BuilderConnectionError,
+    BuilderError,
+    BuilderHTTPError,
+    BuildFailed,
+    ContextError,
+)
+from builder.client.models import BuildEvent, BuildResult, DoneEvent, ErrorEvent, LogEvent, StatusEvent
+
+__all__ = [
+    "BuildCancelled",
+    "BuildEvent",
+    "BuildFailed",
+    "BuildResult",
+    "BuilderClient",
+    "BuilderConnectionError",
+    "BuilderError",
+    "BuilderHTTPError",
+    "ContextError",
+    "DoneEvent",
+    "ErrorEvent",
+    "LogEvent",
+    "RetryPolicy",
+    "StatusEvent",
+]

@@ -1,0 +1,212 @@
+"""The `builder` client commands: the SDK for people at a terminal.
+
+Exit codes: 0 success; 1 build failed or cancelled; 2 usage error or unusable context;
+3 daemon unreachable or HTTP error; 130 after Ctrl+C; 141 after a broken pipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from builder.client import (
+    BuildCancelled,
+    BuilderClient,
+    BuilderConnectionError,
+    BuilderHTTPError,
+    BuildFailed,
+    BuildResult,
+    ContextError,
+    DoneEvent,
+    ErrorEvent,
+    LogEvent,
+)
+
+EXIT_OK = 0
+EXIT_BUILD_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a `docker build | head` stage would die
+
+MIB = 1 << 20
+
+
+class Session:
+    """What a running command shares with its Ctrl+C handler."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.build_id: str | None = None
+        self.interrupted = False
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_main(args))
+
+
+async def _main(args: argparse.Namespace) -> int:
+    session = Session(args)
+    main_task = asyncio.current_task()
+    assert main_task is not None
+
+    def on_sigint() -> None:
+        if session.interrupted:
+            # The DELETE is already on its way; a second Ctrl+C must not abort it.
+            return
+        session.interrupted = True
+        what = f"build {session.build_id}" if session.build_id else "upload"
+        print(f"cancelling {what}…", file=sys.stderr, flush=True)
+        main_task.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        async with BuilderClient(args.url, args.token) as client:
+            return await COMMANDS[args.command](client, session)
+    except asyncio.CancelledError:
+        if session.interrupted:
+            return EXIT_INTERRUPTED
+        raise
+    except BrokenPipeError:
+        # Point stdout at /dev/null so interpreter shutdown's flush cannot raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except (BuildFailed, BuildCancelled) as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_BUILD_FAILED
+    except ContextError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except (BuilderHTTPError, BuilderConnectionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+
+
+async def _build(client: BuilderClient, session: Session) -> int:
+    args = session.args
+    started = time.monotonic()
+    if args.image:
+        session.build_id = await client.submit_image(args.image, image_name=args.tag, no_cache=args.no_cache)
+    else:
+        progress = None if args.quiet else UploadProgress()
+        session.build_id = await client.submit(
+            args.path, image_name=args.tag, dockerfile=args.file, build_args=_build_args(args.build_arg),
+            target=args.target, no_cache=args.no_cache, on_upload_progress=progress,
+        )
+        if progress is not None:
+            progress.finish()
+    if args.detach:
+        print(session.build_id)
+        return EXIT_OK
+    log_stream = None if args.quiet else sys.stderr if args.json else sys.stdout
+    result = await client.wait(session.build_id, on_log=_printer(log_stream), started=started)
+    _report(result, args)
+    return EXIT_OK
+
+
+def _report(result: BuildResult, args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps({"build_id": result.build_id, "status": result.status, "image_ref": result.image_ref,
+                          "image_id": result.image_id, "duration": round(result.duration, 3)}))
+    elif args.quiet:
+        print(result.image_ref)
+    else:
+        print(f"built {result.image_ref} in {result.duration:.1f}s (build {result.build_id})", file=sys.stderr)
+
+
+def _printer(stream: Any) -> Callable[[str], None] | None:
+    if stream is None:
+        return None
+
+    def emit(line: str) -> None:
+        # Flushed per line so a closed pipe (`| head`) is noticed at the next line, as with docker.
+        stream.write(line + "\n")
+        stream.flush()
+
+    return emit
+
+
+class UploadProgress:
+    """Upload progress on stderr: one updating line on a terminal, a line a second otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.started = time.monotonic()
+        self.last_report = 0.0
+        self.sent = 0
+
+    def __call__(self, sent: int) -> None:
+        self.sent = sent
+        now = time.monotonic()
+        if now - self.last_report >= (0.1 if self.tty else 1.0):
+            self.last_report = now
+            self._print(f"uploading context: {sent / MIB:.1f} MiB", end="\r" if self.tty else "\n")
+
+    def finish(self) -> None:
+        elapsed = time.monotonic() - self.started
+        self._print(f"uploaded context: {self.sent / MIB:.1f} MiB in {elapsed:.1f}s", end="\n")
+
+    def _print(self, text: str, *, end: str) -> None:
+        print(text + ("\x1b[K" if self.tty else ""), end=end, file=sys.stderr, flush=True)
+
+
+def _build_args(pairs: list[str]) -> dict[str, str]:
+    args = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            # Like docker: a bare KEY takes its value from the environment.
+            value = os.environ.get(key, "")
+        args[key] = value
+    return args
+
+
+async def _logs(client: BuilderClient, session: Session) -> int:
+    args = session.args
+    session.build_id = args.build_id
+    async for event in client.logs(args.build_id, after=args.after, follow=args.follow):
+        if isinstance(event, LogEvent):
+            sys.stdout.write(event.line + "\n")
+            sys.stdout.flush()
+        elif isinstance(event, DoneEvent):
+            print(f"--- succeeded: {event.image_ref}", file=sys.stderr)
+        elif isinstance(event, ErrorEvent):
+            print(f"--- {event.status}: {event.error}", file=sys.stderr)
+            return EXIT_BUILD_FAILED
+    return EXIT_OK
+
+
+async def _status(client: BuilderClient, session: Session) -> int:
+    print(json.dumps(await client.status(session.args.build_id), indent=2))
+    return EXIT_OK
+
+
+async def _cancel(client: BuilderClient, session: Session) -> int:
+    print(json.dumps(await client.cancel(session.args.build_id), indent=2))
+    return EXIT_OK
+
+
+async def _ls(client: BuilderClient, session: Session) -> int:
+    builds = await client.list(status=session.args.status, limit=session.args.limit)
+    rows = [("BUILD ID", "STATUS", "IMAGE", "CREATED")]
+    rows += [(b["build_id"], b["status"], b["image_ref"] or b["image_name"] or "-", b["created_at"]) for b in builds]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[BuilderClient, Session], Awaitable[int]]] = {
+    "build": _build,
+    "logs": _logs,
+    "status": _status,
+    "cancel": _cancel,
+    "ls": _ls,
+}
