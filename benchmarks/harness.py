@@ -221,44 +221,10 @@ def logs_url(daemon: Daemon, build_id: str) -> str:
     return f"{daemon.base_url}/builds/{build_id}/logs"
 
 
-async def subscriber_count(session: aiohttp.ClientSession, daemon: Daemon, build_id: str) -> int | None:
-    """The daemon's live log-subscriber count, if it exposes one anywhere we know to look; else None.
-
-    The service tracks the count internally; this probes the build's status,
-    /healthz and /metrics for any field named like `subscriber…`, so the
-    scenario picks it up as soon as the daemon publishes it.
-    """
-    for path in (f"/builds/{build_id}", "/healthz", "/metrics"):
-        with contextlib.suppress(aiohttp.ClientError, ValueError):
-            async with session.get(daemon.base_url + path) as response:
-                if response.status != 200:
-                    continue
-                text = await response.text()
-            try:
-                found = _find_subscriber_field(json.loads(text))
-            except ValueError:
-                # Prometheus text format: `<name>{labels} <value>`.
-                found = next(
-                    (int(float(line.split()[-1])) for line in text.splitlines()
-                     if "subscriber" in line and not line.startswith("#")),
-                    None,
-                )
-            if found is not None:
-                return found
-    return None
-
-
-def _find_subscriber_field(value: Any) -> int | None:
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if "subscriber" in key and isinstance(item, int):
-                return item
-            if (found := _find_subscriber_field(item)) is not None:
-                return found
-    return None
-
-
-# ---------------------------------------------------------------- engine
+async def subscriber_count(session: aiohttp.ClientSession, daemon: Daemon) -> int:
+    """Open log streams, as the daemon reports them on /healthz."""
+    async with session.get(daemon.base_url + "/healthz") as response:
+        return (await response.json())["log_followers"]
 
 
 async def engine_version() -> str:

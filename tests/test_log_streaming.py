@@ -105,9 +105,9 @@ async def test_abandoned_streams_release_their_subscriptions(client: TestClient)
         assert (await response.content.readline()).startswith(b"retry:")
         response.close()
     deadline = time.monotonic() + 5
-    while service.subscriber_count and time.monotonic() < deadline:
+    while service.follower_count and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    assert service.subscriber_count == 0
+    assert service.follower_count == 0
     assert (await client.delete(f"/builds/{build_id}")).status == 200
 
 

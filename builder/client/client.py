@@ -142,7 +142,7 @@ class BuilderClient:
     ) -> str:
         """Upload a context and queue its build; returns the build id without waiting."""
         context = Path(context_dir)
-        check_context(context, dockerfile)
+        dockerfile = check_context(context, dockerfile)
         form = aiohttp.FormData()
         fields = _fields(image_name=image_name, dockerfile=dockerfile, build_args=build_args,
                          labels=labels, target=target, no_cache=no_cache)

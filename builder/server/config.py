@@ -25,7 +25,7 @@ class Settings:
     flush_interval: float = 0.05
     # Recent events kept in memory per running build, shared by its followers; one
     # further behind catches up from the store.
-    log_window: int = 20_000
+    log_window: int = 100_000
     # A woken follower waits this long for more events before writing (fewer, larger writes).
     follower_coalesce: float = 0.01
     # Finished builds' records and logs are kept this long, and at most max_builds of them.

@@ -28,7 +28,6 @@ class EventLog:
         self._coalesce = coalesce
         self._events: list[Event] = []  # ids committed_id-ish .. last_id, contiguous
         self._changed = asyncio.Event()
-        self.follower_count = 0
 
     @property
     def first_id(self) -> int:
@@ -54,12 +53,13 @@ class EventLog:
             self._changed = asyncio.Event()
         return events
 
-    def events_after(self, after: int) -> list[Event] | None:
-        """Events with id > `after` from memory, or None if some of them are only in the store."""
+    def events_after(self, after: int, limit: int) -> list[Event] | None:
+        """Up to `limit` events with id > `after` from memory, or None if the next is only in the store."""
         first = self.first_id
         if after + 1 < first:
             return None
-        return self._events[after + 1 - first :]
+        start = after + 1 - first
+        return self._events[start : start + limit]
 
     def uncommitted(self) -> list[Event]:
         return self._events[self.committed_id + 1 - self.first_id :] if self._events else []
@@ -82,11 +82,7 @@ class EventLog:
         """Return once there is an event with id > `after` (after a short coalescing pause)."""
         if self.last_id > after:
             return
-        self.follower_count += 1
-        try:
-            await self._changed.wait()
-        finally:
-            self.follower_count -= 1
+        await self._changed.wait()
         if self._coalesce:
             # Let a chatty build's lines pile up briefly: one write per follower per window
             # instead of one per engine read, which is what costs with many followers.

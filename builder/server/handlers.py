@@ -36,7 +36,13 @@ _MULTIPART_OVERHEAD = 1 << 20
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+    service = request.app[SERVICE]
+    return json_response({
+        "status": "ok",
+        "builds_running": service.running_count,
+        "builds_queued": service.queued_count,
+        "log_followers": service.follower_count,
+    })
 
 
 @routes.get("/readyz")

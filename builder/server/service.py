@@ -43,6 +43,9 @@ SHUTDOWN_MESSAGE = "daemon shut down while the build was running"
 # After a cancel, keep reading the engine's stream this long so any step container
 # that starts in the meantime is seen and removed; then drop the connection.
 _CANCEL_GRACE = 5.0
+# Most events handed to one follower at a time (and read from the store per query):
+# a follower far behind must not build one huge write.
+_FOLLOW_BATCH = 1000
 
 
 @dataclasses.dataclass(eq=False)
@@ -74,6 +77,7 @@ class BuildService:
         self._flush_lock = asyncio.Lock()
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
+        self.follower_count = 0  # open log streams
         self.lagged_followers = 0  # times a follower fell behind the window and read the store
 
     # -- lifecycle -------------------------------------------------------------
@@ -137,8 +141,12 @@ class BuildService:
         return await self._store.list(status=status, limit=limit)
 
     @property
-    def subscriber_count(self) -> int:
-        return sum(b.log.follower_count for b in self._active.values())
+    def queued_count(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
 
     # -- submit ----------------------------------------------------------------
 
@@ -382,6 +390,14 @@ class BuildService:
         With `follow=False`, only what exists now. A follower that falls behind the in-memory
         window reads the gap from the store, then rejoins live.
         """
+        self.follower_count += 1
+        try:
+            async for batch in self._follow(build_id, after=after, follow=follow):
+                yield batch
+        finally:
+            self.follower_count -= 1
+
+    async def _follow(self, build_id: str, *, after: int, follow: bool) -> AsyncIterator[list[Event]]:
         last = after
         while True:
             build = self._active.get(build_id)
@@ -390,7 +406,7 @@ class BuildService:
                     yield batch
                 return
             log = build.log
-            events = log.events_after(last)
+            events = log.events_after(last, _FOLLOW_BATCH)
             if events is None:
                 # Everything older than the window is committed: read it from the store.
                 self.lagged_followers += 1
@@ -410,7 +426,7 @@ class BuildService:
 
     async def _replay(self, build_id: str, *, after: int, upto: int | None) -> AsyncIterator[list[Event]]:
         while upto is None or after < upto:
-            events = await self._store.read_events(build_id, after=after, upto=upto)
+            events = await self._store.read_events(build_id, after=after, upto=upto, limit=_FOLLOW_BATCH)
             if not events:
                 return
             yield events
