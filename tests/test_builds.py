@@ -203,3 +203,15 @@ async def test_health_and_readiness(client: TestClient) -> None:
     assert (await client.get("/healthz")).status == 200
     ready = await client.get("/readyz")
     assert ready.status == 200
+
+
+async def test_readyz_is_503_while_the_engine_does_not_answer(aiohttp_client, settings) -> None:
+    from dataclasses import replace
+
+    from builder.server.app import create_app
+
+    client = await aiohttp_client(create_app(replace(settings, docker_host="unix:///nonexistent/docker.sock")))
+    assert (await client.get("/healthz")).status == 200
+    response = await client.get("/readyz")
+    assert response.status == 503
+    assert (await response.json())["code"] == "engine_unavailable"

@@ -110,3 +110,12 @@ async def test_delete_unknown_build_is_404(client: TestClient) -> None:
     response = await client.delete("/builds/nope")
     assert response.status == 404
     assert (await response.json())["code"] == "build_not_found"
+
+
+async def test_delete_answers_202_when_teardown_outlasts_the_wait(aiohttp_client: Any, settings: Settings) -> None:
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, cancel_wait=0.0)))
+    accepted = await submit(client, {**SLEEPER, "marker": str(time.time())})
+    await wait_for_line(client, accepted["build_id"], "started")
+    response = await client.delete(f"/builds/{accepted['build_id']}")
+    assert response.status == 202
+    assert (await wait_for(client, accepted["build_id"], {"cancelled"}, timeout=10))["status"] == "cancelled"
