@@ -28,6 +28,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="Docker engine URL (default $DOCKER_HOST or the local socket)")
     serve.add_argument("--cancel-wait", type=float, default=defaults.cancel_wait,
                        help="seconds DELETE waits for teardown before answering 202 (default %(default)s)")
+    serve.add_argument("--registry", default=defaults.registry, metavar="HOST[:PORT]",
+                       help="push every built image there (password: env BUILDER_REGISTRY_PASSWORD)")
+    serve.add_argument("--registry-username", default=defaults.registry_username)
+    serve.add_argument("--keep-local", action=argparse.BooleanOptionalAction, default=defaults.keep_local,
+                       help="keep the local image after pushing it (default: keep)")
+    serve.add_argument("--nydusify", default=defaults.nydusify,
+                       help="nydus conversion tool, used when found (default: nydusify on PATH)")
     serve.add_argument("--retention", type=_duration, default=defaults.retention,
                        help="keep finished builds and their logs this long: seconds, or 90m, 12h, 7d (default 7d)")
     serve.add_argument("--max-builds", type=int, default=defaults.max_builds,
@@ -63,6 +70,10 @@ def _serve(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         log_level=args.log_level,
         cancel_wait=args.cancel_wait,
+        registry=args.registry,
+        registry_username=args.registry_username,
+        keep_local=args.keep_local,
+        nydusify=args.nydusify,
         retention=args.retention,
         max_builds=args.max_builds,
     )

@@ -317,3 +317,11 @@ ensure_base_image() {
     fi
     _setup_log "built $BASE_IMAGE"
 }
+
+# ensure_registry_tool: Debian's docker-registry, which the push tests run on a
+# free loopback port with their own storage (tests/conftest.py starts it).
+ensure_registry_tool() {
+    _apt_install docker-registry || return 1
+    # The package may start a system-wide instance on :5000; the tests do not use it.
+    export BUILDER_REGISTRY_BIN=/usr/bin/docker-registry
+}

@@ -6,9 +6,12 @@ import asyncio
 import io
 import json
 import os
+import socket
+import subprocess
 import tarfile
 import time
-from collections.abc import AsyncIterator, Mapping
+import urllib.request
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +122,40 @@ async def wait_for_line(client: TestClient, build_id: str, text: str, timeout: f
                 response.close()
                 return
     raise AssertionError(f"log of {build_id} ended without the line {text!r}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[str]:
+    """A real registry (Debian's docker-registry) on a free loopback port, storage in a temp dir."""
+    port = free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(
+        "version: 0.1\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {tmp_path / 'registry'}\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+    )
+    binary = os.environ.get("BUILDER_REGISTRY_BIN", "/usr/bin/docker-registry")
+    log = (tmp_path / "registry.log").open("wb")
+    proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "registry.log").read_text()
+                assert time.monotonic() < deadline, "registry did not come up"
+                time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()

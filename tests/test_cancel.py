@@ -12,7 +12,14 @@ from aiohttp.test_utils import TestClient
 
 from builder.server.app import create_app
 from builder.server.config import Settings
-from tests.conftest import dockerfile, log_lines, read_log, submit, wait_for, wait_for_line
+from tests.conftest import (
+    dockerfile,
+    log_lines,
+    read_log,
+    submit,
+    wait_for,
+    wait_for_line,
+)
 
 SLEEPER = {"Dockerfile": dockerfile("COPY marker /marker", "RUN echo started && sleep 300", "RUN echo never")}
 

@@ -15,7 +15,15 @@ from aiohttp.test_utils import TestClient
 from builder.server.app import create_app
 from builder.server.appkeys import SERVICE
 from builder.server.config import Settings
-from tests.conftest import SSE, dockerfile, log_lines, read_log, submit, wait_for, wait_for_line
+from tests.conftest import (
+    SSE,
+    dockerfile,
+    log_lines,
+    read_log,
+    submit,
+    wait_for,
+    wait_for_line,
+)
 
 # 20,000 numbered lines, paced (20 ms every 100 lines) so clients cut in while the build prints.
 NUMBERED = dockerfile(

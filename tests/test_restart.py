@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,19 +19,22 @@ import pytest
 
 from builder.server.app import create_app
 from builder.server.config import Settings
-from tests.conftest import SSE, dockerfile, log_lines, make_context, parse_sse, read_log, wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import (
+    SSE,
+    dockerfile,
+    free_port,
+    log_lines,
+    make_context,
+    parse_sse,
+    read_log,
+    wait_for,
+)
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A real `builder serve` process, so it can be killed without any teardown."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "builder", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data"),
          "--log-format", "json"],

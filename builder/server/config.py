@@ -32,6 +32,16 @@ class Settings:
     retention: float = 7 * 24 * 3600
     max_builds: int = 10_000
     retention_interval: float = 60.0
+    # Registry to push results to (HOST[:PORT]); none keeps images local.
+    registry: str | None = None
+    registry_username: str | None = None
+    registry_password: str | None = dataclasses.field(
+        default_factory=lambda: os.environ.get("BUILDER_REGISTRY_PASSWORD"), repr=False
+    )
+    # Keep the local image after a push (a failed push keeps it either way when true).
+    keep_local: bool = True
+    # The nydus conversion tool; used only when found on PATH (or at this path).
+    nydusify: str = "nydusify"
     sse_retry_ms: int = 1000
     sse_ping_interval: float = 15.0
 

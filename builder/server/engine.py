@@ -18,6 +18,9 @@ from builder.server.engine_output import (
     EngineEvent,
     EngineFailure,
     ImageBuilt,
+    PushDigest,
+    PushProgress,
+    parse_push_chunk,
 )
 
 log = structlog.get_logger(__name__)
@@ -54,7 +57,9 @@ class DockerEngine:
         except (aiodocker.DockerError, aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
 
-    async def build(self, context: Path, spec: BuildSpec) -> AsyncIterator[list[EngineEvent]]:
+    async def build(
+        self, context: Path, spec: BuildSpec, *, cache_from: list[str] | None = None
+    ) -> AsyncIterator[list[EngineEvent]]:
         """Run a legacy-builder build; yields the parsed events of each read from the engine.
 
         Ends with exactly one `ImageBuilt` or `EngineFailure`: a stream that
@@ -66,7 +71,7 @@ class DockerEngine:
             async with self._docker._query(
                 "build",
                 "POST",
-                params=_build_params(spec),
+                params=_build_params(spec, cache_from or []),
                 headers={"Content-Type": "application/x-tar"},
                 data=_read_file(context),
                 timeout=_BUILD_TIMEOUT,
@@ -125,6 +130,59 @@ class DockerEngine:
         log.warning("image_still_in_use", image=image)
         return False
 
+    async def tag(self, image: str, repository: str, tag: str) -> None:
+        async with asyncio.timeout(_CALL_SECONDS):
+            await self._docker.images.tag(image, repository, tag=tag)
+
+    async def push(
+        self, repository: str, tag: str, auth: str
+    ) -> AsyncIterator[PushProgress | PushDigest | EngineFailure]:
+        """Push `repository:tag`; ends with one `PushDigest` or `EngineFailure`.
+
+        `auth` is the X-Registry-Auth value. Closing the iteration drops the connection,
+        which makes the engine abandon the push.
+        """
+        digest: PushDigest | None = None
+        try:
+            async with self._docker._query(
+                f"images/{repository}/push", "POST", params={"tag": tag},
+                headers={"X-Registry-Auth": auth}, timeout=_BUILD_TIMEOUT,
+            ) as response:
+                async for chunks in _json_batches(response.content):
+                    for chunk in chunks:
+                        event = parse_push_chunk(chunk)
+                        if isinstance(event, EngineFailure):
+                            yield event
+                            return
+                        if isinstance(event, PushDigest):
+                            digest = event
+                        elif event is not None:
+                            yield event
+        except aiodocker.DockerError as exc:
+            yield EngineFailure(_docker_message(exc))
+            return
+        except (aiohttp.ClientError, OSError) as exc:
+            yield EngineFailure(f"lost the connection to the Docker engine: {exc}")
+            return
+        yield digest or EngineFailure("the Docker engine ended the push without a digest")
+
+    async def pull(self, repository: str, tag: str, auth: str) -> str | None:
+        """Pull `repository:tag`; returns None on success, else the engine's message."""
+        try:
+            async with self._docker._query(
+                "images/create", "POST", params={"fromImage": repository, "tag": tag},
+                headers={"X-Registry-Auth": auth}, timeout=_BUILD_TIMEOUT,
+            ) as response:
+                async for chunks in _json_batches(response.content):
+                    for chunk in chunks:
+                        if isinstance(event := parse_push_chunk(chunk), EngineFailure):
+                            return event.message
+        except aiodocker.DockerError as exc:
+            return _docker_message(exc)
+        except (aiohttp.ClientError, OSError) as exc:
+            return f"lost the connection to the Docker engine: {exc}"
+        return None
+
     async def image_id(self, image: str) -> str | None:
         try:
             async with asyncio.timeout(_CALL_SECONDS):
@@ -136,7 +194,7 @@ class DockerEngine:
         return info["Id"]
 
 
-def _build_params(spec: BuildSpec) -> dict[str, Any]:
+def _build_params(spec: BuildSpec, cache_from: list[str]) -> dict[str, Any]:
     params: dict[str, Any] = {
         "dockerfile": spec.dockerfile,
         # Intermediate containers go away whatever the outcome.
@@ -153,6 +211,8 @@ def _build_params(spec: BuildSpec) -> dict[str, Any]:
         params["labels"] = json.dumps(spec.labels)
     if spec.target:
         params["target"] = spec.target
+    if cache_from:
+        params["cachefrom"] = json.dumps(cache_from)
     return params
 
 

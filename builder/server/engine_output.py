@@ -104,3 +104,41 @@ class BuildOutputParser:
             # Engines that send no `aux` ID only name the image in this line.
             self._built = True
             events.append(ImageBuilt(m.group(1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class PushProgress:
+    """One layer's push status, e.g. ("a1b2c3", "Pushing", 1048576, 5242880) or ("a1b2c3", "Pushed", 0, 0)."""
+
+    layer: str
+    status: str
+    current: int
+    total: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PushDigest:
+    digest: str
+
+
+_DIGEST_RE = re.compile(r"\S+: digest: (sha256:[0-9a-f]{64}) size: \d+")
+
+
+def parse_push_chunk(chunk: dict[str, Any]) -> PushProgress | PushDigest | EngineFailure | None:
+    """Parse one message of the engine's image push stream (pure)."""
+    if "error" in chunk or "errorDetail" in chunk:
+        detail = chunk.get("errorDetail")
+        message = (detail.get("message") if isinstance(detail, dict) else None) or chunk.get("error")
+        return EngineFailure(str(message or "the engine reported an unknown push error"))
+    aux = chunk.get("aux")
+    if isinstance(aux, dict) and isinstance(aux.get("Digest"), str):
+        return PushDigest(aux["Digest"])
+    status = chunk.get("status")
+    if not isinstance(status, str):
+        return None
+    if m := _DIGEST_RE.fullmatch(status):
+        return PushDigest(m.group(1))
+    detail = chunk.get("progressDetail") or {}
+    return PushProgress(
+        str(chunk.get("id", "")), status, int(detail.get("current") or 0), int(detail.get("total") or 0)
+    )

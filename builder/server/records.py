@@ -9,7 +9,7 @@ from typing import Any
 from builder.protocol import BuildStatus
 from builder.server.buildspec import BuildSpec
 
-NYDUS_NOT_PERFORMED = "not performed: no nydus conversion tool is available on this daemon"
+NYDUS_NOT_PERFORMED = "not performed: no nydusify tool is available on this daemon"
 
 
 def utcnow() -> dt.datetime:
@@ -51,10 +51,15 @@ class BuildRecord:
     image_ref: str | None = None
     image_id: str | None = None
     error: str | None = None
+    image_digest: str | None = None
+    image_ref_digest: str | None = None
+    nydus_image_ref: str | None = None
+    nydus_status: str | None = None
     last_event_id: int = 0
     # What teardown must remove, recorded as the engine reports it (survives restarts).
     containers: list[str] = dataclasses.field(default_factory=list)
     created_images: list[str] = dataclasses.field(default_factory=list)
+    tags: list[str] = dataclasses.field(default_factory=list)
 
     def to_public(self) -> dict[str, Any]:
         """The status JSON of GET /builds/{id}."""
@@ -65,6 +70,8 @@ class BuildRecord:
             "image_name": spec.image_name,
             "image_ref": self.image_ref,
             "image_id": self.image_id,
+            "image_digest": self.image_digest,
+            "image_ref_digest": self.image_ref_digest,
             "error": self.error,
             "created_at": rfc3339(self.created_at),
             "started_at": rfc3339(self.started_at),
@@ -79,8 +86,8 @@ class BuildRecord:
             "cache_key": spec.cache_key,
             "image": spec.base_image,
             "nydus_convert": spec.nydus_convert,
-            "nydus_image_ref": None,
-            "nydus_status": NYDUS_NOT_PERFORMED if spec.nydus_convert else None,
+            "nydus_image_ref": self.nydus_image_ref,
+            "nydus_status": self.nydus_status,
         }
 
     def to_storage(self) -> dict[str, Any]:

@@ -32,7 +32,8 @@ from builder.server.engine_output import (
 )
 from builder.server.errors import BuildExpired, BuildNotFound, InvalidContext
 from builder.server.events import EventLog
-from builder.server.records import BuildRecord, Event, rfc3339, utcnow
+from builder.server.publish import Publisher, PublishError
+from builder.server.records import NYDUS_NOT_PERFORMED, BuildRecord, Event, rfc3339, utcnow
 from builder.server.store import BuildStore
 
 log = structlog.get_logger(__name__)
@@ -60,6 +61,7 @@ class ActiveBuild:
     cancel_requested: bool = False
     current_container: str | None = None
     deadline: asyncio.Timeout | None = None
+    pushing: bool = False
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
@@ -71,6 +73,7 @@ class BuildService:
         self._engine = engine
         self._store = store
         self._spool = spool
+        self._publisher = Publisher(settings, engine)
         self._active: dict[str, ActiveBuild] = {}
         self._queue: collections.deque[ActiveBuild] = collections.deque()
         self._running: set[ActiveBuild] = set()
@@ -168,7 +171,7 @@ class BuildService:
         except BaseException:
             await self._spool.remove(context)
             raise
-        record = BuildRecord(build_id=secrets.token_urlsafe(16), spec=spec)
+        record = BuildRecord(build_id=secrets.token_urlsafe(16), spec=spec, nydus_status=self._nydus_plan(spec))
         build = ActiveBuild(
             record=record,
             log=EventLog(
@@ -184,6 +187,15 @@ class BuildService:
         log.info("build_queued", build_id=record.build_id, image_name=spec.image_name)
         self._start_queued()
         return record
+
+    def _nydus_plan(self, spec: BuildSpec) -> str | None:
+        if not spec.nydus_convert:
+            return None
+        if not self._publisher.nydus_available:
+            return NYDUS_NOT_PERFORMED
+        if not self._publisher.registry:
+            return "not performed: nydus conversion needs a registry (--registry)"
+        return "pending"
 
     def _start_queued(self) -> None:
         started = False
@@ -240,41 +252,96 @@ class BuildService:
     async def _drive_engine(self, build: ActiveBuild) -> tuple[BuildStatus, str | None]:
         record = build.record
         spec = dataclasses.replace(record.spec, dockerfile=build.build_dockerfile)
-        image_id: str | None = None
         failure: str | None = None
         try:
             async with asyncio.timeout(None) as deadline:
                 build.deadline = deadline
                 if build.cancel_requested:
                     deadline.reschedule(asyncio.get_running_loop().time() + _CANCEL_GRACE)
-                async with contextlib.aclosing(self._engine.build(build.context, spec)) as batches:
-                    async for batch in batches:
-                        lines: list[dict[str, Any]] = []
-                        for event in batch:
-                            match event:
-                                case LogLine(text):
-                                    lines.append({"type": p.EVENT_LOG, "line": text})
-                                case StepContainer(container_id):
-                                    build.log.extend(lines)  # keep the log in engine order
-                                    lines = []
-                                    await self._step_container(build, container_id)
-                                case StepImage(image, created=True):
-                                    record.created_images.append(image)
-                                case ImageBuilt(image):
-                                    image_id = image
-                                case EngineFailure(message):
-                                    failure = message
-                        build.log.extend(lines)
+                cache_from = await self._publisher.cache_sources(spec.cache_key, build.log.append) if spec.cache_key else []
+                image_id, failure = await self._run_build(build, spec, cache_from)
+                if failure is None and image_id is not None:
+                    record.image_id = await self._engine.image_id(image_id) or image_id
+                    record.image_ref = spec.image_name or record.image_id
+                    if spec.image_name:
+                        record.tags.append(spec.image_name)
+                    failure = await self._publish(build)
+                elif failure is None:
+                    failure = "the engine did not report an image"
         except TimeoutError:
             failure = "build stream closed after the cancel grace period"
         finally:
             build.deadline = None
             build.current_container = None
-        if failure is not None or image_id is None:
-            return BuildStatus.FAILED, failure or "the engine did not report an image"
-        record.image_id = await self._engine.image_id(image_id) or image_id
-        record.image_ref = record.spec.image_name or record.image_id
-        return BuildStatus.SUCCEEDED, None
+        return (BuildStatus.FAILED, failure) if failure is not None else (BuildStatus.SUCCEEDED, None)
+
+    async def _run_build(
+        self, build: ActiveBuild, spec: BuildSpec, cache_from: list[str]
+    ) -> tuple[str | None, str | None]:
+        """The engine's build step: log lines out, step containers and images recorded."""
+        image_id: str | None = None
+        failure: str | None = None
+        engine_build = self._engine.build(build.context, spec, cache_from=cache_from)
+        async with contextlib.aclosing(engine_build) as batches:
+            async for batch in batches:
+                lines: list[dict[str, Any]] = []
+                for event in batch:
+                    match event:
+                        case LogLine(text):
+                            lines.append({"type": p.EVENT_LOG, "line": text})
+                        case StepContainer(container_id):
+                            build.log.extend(lines)  # keep the log in engine order
+                            lines = []
+                            await self._step_container(build, container_id)
+                        case StepImage(image, created=True):
+                            build.record.created_images.append(image)
+                        case ImageBuilt(image):
+                            image_id = image
+                        case EngineFailure(message):
+                            failure = message
+                build.log.extend(lines)
+        return image_id, failure
+
+    async def _publish(self, build: ActiveBuild) -> str | None:
+        """Push (with a registry), convert (with nydusify), keep the cache image; the failure, if any."""
+        record, spec, publisher = build.record, build.record.spec, self._publisher
+        assert record.image_id is not None
+        try:
+            if publisher.registry and not build.cancel_requested:
+                build.pushing = True
+                # An untagged build still needs a name in the registry.
+                name = spec.image_name or f"builds:b-{record.build_id}"
+                record.tags.append(publisher.pushed_ref(name))
+                record.image_ref, record.image_digest = await publisher.push(record.image_id, name, build.log.append)
+                repository = record.image_ref.rsplit(":", 1)[0]
+                record.image_ref_digest = f"{repository}@{record.image_digest}"
+                if spec.nydus_convert and publisher.nydus_available:
+                    await self._convert_nydus(build)
+            if spec.cache_key and not build.cancel_requested:
+                await publisher.store_cache(record.image_id, spec.cache_key, build.log.append)
+        except PublishError as exc:
+            if not self._settings.keep_local:
+                await self._remove_tags(record)
+            return str(exc)
+        finally:
+            build.pushing = False
+        if publisher.registry and not self._settings.keep_local:
+            await self._remove_tags(record)
+        return None
+
+    async def _convert_nydus(self, build: ActiveBuild) -> None:
+        """A failed conversion is reported in nydus_status; the pushed image stands."""
+        record = build.record
+        assert record.image_ref is not None
+        try:
+            record.nydus_image_ref = await self._publisher.convert_nydus(record.image_ref)
+        except PublishError as exc:
+            record.nydus_status = f"failed: {exc}"
+            build.log.append({"type": p.EVENT_STATUS, "status": "running", "phase": "nydus", "error": str(exc)})
+        else:
+            record.nydus_status = "performed"
+            build.log.append({"type": p.EVENT_STATUS, "status": "running", "phase": "nydus",
+                              "nydus_image_ref": record.nydus_image_ref})
 
     async def _step_container(self, build: ActiveBuild, container_id: str) -> None:
         build.record.containers.append(container_id)
@@ -300,7 +367,9 @@ class BuildService:
                 await self._finish(build, BuildStatus.CANCELLED, error=CANCELLED_MESSAGE)
             else:
                 if build.deadline is not None:
-                    build.deadline.reschedule(asyncio.get_running_loop().time() + _CANCEL_GRACE)
+                    # A push is simply dropped; a build stream is read on to catch late step containers.
+                    grace = 0 if build.pushing else _CANCEL_GRACE
+                    build.deadline.reschedule(asyncio.get_running_loop().time() + grace)
                 if build.current_container is not None:
                     # Shielded: a client hanging up on its DELETE must not stop the teardown.
                     await asyncio.shield(self._engine.remove_container(build.current_container))
@@ -314,12 +383,16 @@ class BuildService:
         """Remove everything a cancelled build left: containers, its tag, images it created."""
         record = build.record
         await self._remove_containers(build)
-        if record.spec.image_name and record.image_id:
-            if await self._engine.image_id(record.spec.image_name) == record.image_id:
-                await self._engine.remove_image(record.spec.image_name)
+        await self._remove_tags(record)
         for image in reversed(record.created_images):
             await self._engine.remove_image(image)
         record.image_id = record.image_ref = None
+
+    async def _remove_tags(self, record: BuildRecord) -> None:
+        """Untag what this build tagged, unless the tag has moved on to another image since."""
+        for tag in record.tags:
+            if record.image_id and await self._engine.image_id(tag) == record.image_id:
+                await self._engine.remove_image(tag)
 
     async def _remove_containers(self, build: ActiveBuild) -> None:
         for container_id in build.record.containers:
