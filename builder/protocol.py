@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 
@@ -58,5 +59,18 @@ def dump_event(payload: dict[str, Any]) -> str:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=True)
 
 
+def dump_log_event(line: str) -> str:
+    """`dump_event({"type": "log", "line": line})`, byte for byte, without the generic encoder."""
+    return '{"type":"log","line":' + encode_basestring_ascii(line) + "}"
+
+
 def is_terminal_event(payload: dict[str, Any]) -> bool:
     return payload.get("type") in TERMINAL_EVENT_TYPES
+
+
+# Every payload is dumped with `type` first, so a terminal frame is known by its start.
+_TERMINAL_PREFIXES = tuple(f'{{"type":"{t}"' for t in sorted(TERMINAL_EVENT_TYPES))
+
+
+def is_terminal_data(data: str) -> bool:
+    return data.startswith(_TERMINAL_PREFIXES)

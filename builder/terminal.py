@@ -106,7 +106,14 @@ async def _build(client: BuilderClient, session: Session) -> int:
         print(session.build_id)
         return EXIT_OK
     log_stream = None if args.quiet else sys.stderr if args.json else sys.stdout
-    result = await client.wait(session.build_id, on_log=_printer(log_stream), started=started)
+    result = await client.wait(
+        session.build_id,
+        on_log=None if log_stream is None else _writer(log_stream),
+        # Flushed per batch that arrived together, so a closed pipe (`| head`) is noticed
+        # at the next batch, as with docker, without a write syscall per line.
+        on_batch_end=None if log_stream is None else log_stream.flush,
+        started=started,
+    )
     _report(result, args)
     return EXIT_OK
 
@@ -121,14 +128,9 @@ def _report(result: BuildResult, args: argparse.Namespace) -> None:
         print(f"built {result.image_ref} in {result.duration:.1f}s (build {result.build_id})", file=sys.stderr)
 
 
-def _printer(stream: Any) -> Callable[[str], None] | None:
-    if stream is None:
-        return None
-
+def _writer(stream: Any) -> Callable[[str], None]:
     def emit(line: str) -> None:
-        # Flushed per line so a closed pipe (`| head`) is noticed at the next line, as with docker.
         stream.write(line + "\n")
-        stream.flush()
 
     return emit
 
@@ -171,15 +173,18 @@ def _build_args(pairs: list[str]) -> dict[str, str]:
 async def _logs(client: BuilderClient, session: Session) -> int:
     args = session.args
     session.build_id = args.build_id
-    async for event in client.logs(args.build_id, after=args.after, follow=args.follow):
-        if isinstance(event, LogEvent):
-            sys.stdout.write(event.line + "\n")
-            sys.stdout.flush()
-        elif isinstance(event, DoneEvent):
-            print(f"--- succeeded: {event.image_ref}", file=sys.stderr)
-        elif isinstance(event, ErrorEvent):
-            print(f"--- {event.status}: {event.error}", file=sys.stderr)
-            return EXIT_BUILD_FAILED
+    async for batch in client.log_batches(args.build_id, after=args.after, follow=args.follow):
+        for event in batch:
+            if isinstance(event, LogEvent):
+                sys.stdout.write(event.line + "\n")
+            elif isinstance(event, DoneEvent):
+                sys.stdout.flush()
+                print(f"--- succeeded: {event.image_ref}", file=sys.stderr)
+            elif isinstance(event, ErrorEvent):
+                sys.stdout.flush()
+                print(f"--- {event.status}: {event.error}", file=sys.stderr)
+                return EXIT_BUILD_FAILED
+        sys.stdout.flush()
     return EXIT_OK
 
 

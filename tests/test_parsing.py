@@ -12,7 +12,6 @@ from builder.server.engine_output import (
     BuildOutputParser,
     EngineFailure,
     ImageBuilt,
-    LogLine,
     StepContainer,
     StepImage,
 )
@@ -86,7 +85,7 @@ def _feed(parser: BuildOutputParser, *chunks: dict) -> list:
 
 def test_stream_chunks_are_split_into_lines_across_chunk_boundaries() -> None:
     events = _feed(BuildOutputParser(), {"stream": "one\ntw"}, {"stream": "o\nthr"}, {"stream": "ee"})
-    assert events == [LogLine("one"), LogLine("two"), LogLine("three")]
+    assert events == ["one", "two", "three"]
 
 
 def test_step_containers_images_and_cache_hits() -> None:
@@ -100,7 +99,7 @@ def test_step_containers_images_and_cache_hits() -> None:
         {"aux": {"ID": "sha256:" + "3" * 64}},
         {"stream": "Successfully built 333333333333\n"},
     )
-    typed = [e for e in events if not isinstance(e, LogLine)]
+    typed = [e for e in events if not isinstance(e, str)]
     assert typed == [
         StepImage("111111111111", created=False),
         StepContainer("abcdefabcdef"),
@@ -116,7 +115,7 @@ def test_in_band_error_flushes_partial_line_then_fails() -> None:
         {"stream": "half a line"},
         {"errorDetail": {"code": 3, "message": "The command returned a non-zero code: 3"}, "error": "ignored"},
     )
-    assert events == [LogLine("half a line"), EngineFailure("The command returned a non-zero code: 3")]
+    assert events == ["half a line", EngineFailure("The command returned a non-zero code: 3")]
 
 
 def test_successfully_built_names_image_when_there_is_no_aux() -> None:

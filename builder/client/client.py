@@ -163,23 +163,32 @@ class BuilderClient:
         return body["build_id"]
 
     async def wait(
-        self, build_id: str, *, on_log: LogCallback | None = None, started: float | None = None
+        self,
+        build_id: str,
+        *,
+        on_log: LogCallback | None = None,
+        on_batch_end: Callable[[], object] | None = None,
+        started: float | None = None,
     ) -> BuildResult:
-        """Follow a build to its terminal frame. If the caller gives up (Ctrl+C, a failing
+        """Follow a build to its terminal frame, calling `on_log` per line (and `on_batch_end`
+        after each batch that arrived together). If the caller gives up (Ctrl+C, a failing
         callback such as a broken pipe), the remote build is cancelled before re-raising."""
         started = time.monotonic() if started is None else started
         try:
-            async for event in self.logs(build_id):
-                if isinstance(event, LogEvent) and on_log is not None:
-                    if (result := on_log(event.line)) is not None:
-                        await result
-                elif isinstance(event, DoneEvent):
-                    return BuildResult(build_id, event.data["status"], event.image_ref, event.image_id,
-                                       time.monotonic() - started)
-                elif isinstance(event, ErrorEvent):
-                    if event.status == p.BuildStatus.CANCELLED.value:
-                        raise BuildCancelled(build_id, event.error)
-                    raise BuildFailed(build_id, event.error)
+            async for batch in self.log_batches(build_id):
+                for event in batch:
+                    if isinstance(event, LogEvent) and on_log is not None:
+                        if (result := on_log(event.line)) is not None:
+                            await result
+                    elif isinstance(event, DoneEvent):
+                        return BuildResult(build_id, event.data["status"], event.image_ref, event.image_id,
+                                           time.monotonic() - started)
+                    elif isinstance(event, ErrorEvent):
+                        if event.status == p.BuildStatus.CANCELLED.value:
+                            raise BuildCancelled(build_id, event.error)
+                        raise BuildFailed(build_id, event.error)
+                if on_batch_end is not None:
+                    on_batch_end()
         except BuilderError:
             raise
         except BaseException:
@@ -224,6 +233,14 @@ class BuilderClient:
         a non-retryable HTTP error, or when the build stays unknown (404) or the daemon
         unreachable for longer than the retry budget.
         """
+        async for batch in self.log_batches(build_id, after=after, follow=follow):
+            for event in batch:
+                yield event
+
+    async def log_batches(
+        self, build_id: str, *, after: int = 0, follow: bool = True
+    ) -> AsyncIterator[list[BuildEvent]]:
+        """`logs`, as the events of each network read: lets a printer flush once per batch."""
         last = after
         attempt = 0
         lost_since: float | None = None  # when the build/daemon was last known to be alive
@@ -242,17 +259,21 @@ class BuilderClient:
                         attempt, lost_since = 0, None
                         decoder = SSEDecoder()
                         async for chunk in response.content.iter_any():
+                            batch = []
                             for sse in decoder.feed(chunk):
                                 if sse.id is None or not sse.id.isdigit() or int(sse.id) <= last:
                                     continue
                                 event = decode_event(int(sse.id), sse.data)
                                 last = event.id
-                                yield event
+                                batch.append(event)
                                 if event.terminal:
+                                    yield batch
                                     return
+                            if batch:
+                                yield batch
                         if finishing:
                             if follow:  # the status said terminal, yet no frame: trust the status
-                                yield terminal_event_from_status(await self.status(build_id))
+                                yield [terminal_event_from_status(await self.status(build_id))]
                             return
                     elif response.status == 404 or response.status in RETRYABLE_STATUSES:
                         retry_after = _retry_after(response)

@@ -9,7 +9,7 @@ from typing import Any
 from builder import protocol as p
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class BuildEvent:
     id: int
     data: dict[str, Any]
@@ -19,21 +19,21 @@ class BuildEvent:
         return p.is_terminal_event(self.data)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class LogEvent(BuildEvent):
     @property
     def line(self) -> str:
         return self.data["line"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class StatusEvent(BuildEvent):
     @property
     def status(self) -> str:
         return self.data["status"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class DoneEvent(BuildEvent):
     @property
     def image_ref(self) -> str:
@@ -44,7 +44,7 @@ class DoneEvent(BuildEvent):
         return self.data.get("image_id")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class ErrorEvent(BuildEvent):
     @property
     def error(self) -> str:

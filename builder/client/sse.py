@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import codecs
-import dataclasses
+from typing import NamedTuple
 
 
-@dataclasses.dataclass(frozen=True)
-class ServerSentEvent:
+class ServerSentEvent(NamedTuple):
     data: str
     id: str | None = None
     event: str | None = None
@@ -27,6 +26,29 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
         text = self._partial + self._text.decode(chunk)
+        if "\r" in text:
+            return self._feed_lines(text)
+        # Fast path for LF-only streams: whole frames split on the blank line between them.
+        *blocks, self._partial = text.split("\n\n")
+        events = []
+        for block in blocks:
+            # The usual frame, `id: N` then one `data:` line, without the general parser.
+            newline = block.find("\n")
+            if (
+                block.startswith("id: ") and block.startswith("data: ", newline + 1)
+                and not self._data and "\n" not in block[newline + 1 :] and "\x00" not in block[4:newline]
+            ):
+                self._id = block[4:newline]
+                events.append(ServerSentEvent(block[newline + 7 :], self._id, self._event, self._retry))
+                self._event = None
+                continue
+            for line in block.split("\n"):
+                self._line(line)
+            if event := self._dispatch():
+                events.append(event)
+        return events
+
+    def _feed_lines(self, text: str) -> list[ServerSentEvent]:
         lines = text.splitlines(keepends=True)
         # A trailing line without its terminator may continue in the next chunk ("\r" may precede "\n").
         self._partial = lines.pop() if lines and not lines[-1].endswith("\n") else ""

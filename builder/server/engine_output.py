@@ -17,10 +17,6 @@ _STEP_IMAGE_RE = re.compile(r" ---> ([0-9a-f]{12,64})")
 _BUILT_RE = re.compile(r"Successfully built ([0-9a-f]{12,64})")
 
 
-@dataclasses.dataclass(frozen=True)
-class LogLine:
-    text: str
-
 
 @dataclasses.dataclass(frozen=True)
 class StepContainer:
@@ -47,7 +43,8 @@ class EngineFailure:
     message: str
 
 
-EngineEvent = LogLine | StepContainer | StepImage | ImageBuilt | EngineFailure
+# A plain `str` is one line of build output: the bulk of every stream, kept allocation-light.
+EngineEvent = str | StepContainer | StepImage | ImageBuilt | EngineFailure
 
 
 class BuildOutputParser:
@@ -90,7 +87,9 @@ class BuildOutputParser:
 
     def _line(self, line: str, events: list[EngineEvent]) -> None:
         line = line.removesuffix("\r")
-        events.append(LogLine(line))
+        events.append(line)
+        if not line.startswith(("Step ", " ---> ", "Successfully built ")):
+            return  # the build's own output: most lines of a chatty build
         if m := _STEP_RE.match(line):
             self._step_reuses_image = m.group(1).upper() == "FROM"
         elif line == _USING_CACHE:

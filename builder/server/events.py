@@ -39,15 +39,20 @@ class EventLog:
 
     def extend(self, payloads: list[dict[str, Any]]) -> list[Event]:
         """Number and buffer a batch of events, then wake the followers once."""
-        events = []
-        for payload in payloads:
-            if self.terminated:
-                raise RuntimeError(f"event log of {self.build_id} is terminated")
-            self.last_id += 1
-            event = Event(self.last_id, protocol.dump_event(payload), protocol.is_terminal_event(payload))
-            self.terminated = event.terminal
-            events.append(event)
+        return self._extend([protocol.dump_event(payload) for payload in payloads])
+
+    def extend_lines(self, lines: list[str]) -> list[Event]:
+        """`extend` for build output lines, the hot path of a chatty build."""
+        return self._extend([protocol.dump_log_event(line) for line in lines])
+
+    def _extend(self, datas: list[str]) -> list[Event]:
+        if self.terminated and datas:
+            raise RuntimeError(f"event log of {self.build_id} is terminated")
+        first = self.last_id + 1
+        events = [Event.of(event_id, data) for event_id, data in enumerate(datas, start=first)]
         if events:
+            self.last_id = events[-1].id
+            self.terminated = events[-1].terminal
             self._events.extend(events)
             self._changed.set()
             self._changed = asyncio.Event()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from typing import Any
+from typing import Any, NamedTuple
 
-from builder.protocol import BuildStatus
+from builder.protocol import BuildStatus, is_terminal_data
 from builder.server.buildspec import BuildSpec
 
 NYDUS_NOT_PERFORMED = "not performed: no nydusify tool is available on this daemon"
@@ -26,18 +26,23 @@ def _parse_time(value: str | None) -> dt.datetime | None:
     return None if value is None else dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Event:
-    """One log event: its per-build id and the JSON line sent as SSE `data`."""
+class Event(NamedTuple):
+    """One log event: its per-build id and the JSON line sent as SSE `data`.
+
+    A tuple of plain values, made by `Event.of`: a chatty build keeps a hundred thousand
+    of these alive, and CPython's garbage collector stops tracking such tuples, where it
+    would scan as many class instances over and over.
+    """
 
     id: int
     data: str
-    terminal: bool = False
+    terminal: bool
     # The SSE frame, encoded once here rather than once per follower.
-    frame: bytes = dataclasses.field(init=False, repr=False, compare=False)
+    frame: bytes
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "frame", f"id: {self.id}\ndata: {self.data}\n\n".encode())
+    @classmethod
+    def of(cls, id: int, data: str) -> Event:
+        return cls(id, data, is_terminal_data(data), f"id: {id}\ndata: {data}\n\n".encode())
 
 
 @dataclasses.dataclass

@@ -26,7 +26,6 @@ from builder.server.engine import DockerEngine
 from builder.server.engine_output import (
     EngineFailure,
     ImageBuilt,
-    LogLine,
     StepContainer,
     StepImage,
 )
@@ -284,13 +283,13 @@ class BuildService:
         engine_build = self._engine.build(build.context, spec, cache_from=cache_from)
         async with contextlib.aclosing(engine_build) as batches:
             async for batch in batches:
-                lines: list[dict[str, Any]] = []
+                lines: list[str] = []
                 for event in batch:
                     match event:
-                        case LogLine(text):
-                            lines.append({"type": p.EVENT_LOG, "line": text})
+                        case str(text):
+                            lines.append(text)
                         case StepContainer(container_id):
-                            build.log.extend(lines)  # keep the log in engine order
+                            build.log.extend_lines(lines)  # keep the log in engine order
                             lines = []
                             await self._step_container(build, container_id)
                         case StepImage(image, created=True):
@@ -299,7 +298,7 @@ class BuildService:
                             image_id = image
                         case EngineFailure(message):
                             failure = message
-                build.log.extend(lines)
+                build.log.extend_lines(lines)
         return image_id, failure
 
     async def _publish(self, build: ActiveBuild) -> str | None:

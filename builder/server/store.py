@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import itertools
 import json
 import sqlite3
 from collections.abc import Callable, Sequence, Set
@@ -20,6 +21,9 @@ from builder.protocol import BuildStatus
 from builder.server.records import BuildRecord, Event, rfc3339, utcnow
 
 T = TypeVar("T")
+
+# Most events stored in one row: a reader of `limit` events touches at most a few rows.
+_RUN_LENGTH = 1000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS builds (
@@ -34,12 +38,15 @@ CREATE TABLE IF NOT EXISTS expired_builds (
     expired_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS builds_by_status ON builds (status);
-CREATE TABLE IF NOT EXISTS events (
+-- Log events in runs of consecutive ids: `data` is their JSON lines joined by newlines
+-- (a dumped event never contains one). A row per run, not per line, keeps a chatty
+-- build from costing a database row per output line.
+CREATE TABLE IF NOT EXISTS event_runs (
     build_id TEXT NOT NULL,
-    event_id INTEGER NOT NULL,
+    first_id INTEGER NOT NULL,
+    last_id INTEGER NOT NULL,
     data TEXT NOT NULL,
-    terminal INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (build_id, event_id)
+    PRIMARY KEY (build_id, first_id)
 ) WITHOUT ROWID;
 """
 
@@ -142,11 +149,15 @@ class SqliteBuildStore:
         return [BuildRecord.from_storage(json.loads(r[0])) for r in rows]
 
     async def append_events(self, events: Sequence[tuple[str, Event]]) -> None:
-        rows = [(build_id, e.id, e.data, int(e.terminal)) for build_id, e in events]
+        rows = []
+        for build_id, group in itertools.groupby(events, key=lambda item: item[0]):
+            run = [event for _, event in group]
+            for start in range(0, len(run), _RUN_LENGTH):
+                part = run[start : start + _RUN_LENGTH]
+                rows.append((build_id, part[0].id, part[-1].id, "\n".join(e.data for e in part)))
         await self._write(
             lambda c: c.executemany(
-                "INSERT OR IGNORE INTO events (build_id, event_id, data, terminal) VALUES (?, ?, ?, ?)",
-                rows,
+                "INSERT OR IGNORE INTO event_runs (build_id, first_id, last_id, data) VALUES (?, ?, ?, ?)", rows
             )
         )
 
@@ -154,23 +165,29 @@ class SqliteBuildStore:
         self, build_id: str, *, after: int, upto: int | None = None, limit: int = 1000
     ) -> list[Event]:
         upper = upto if upto is not None else 2**62
-        rows = await self._read(
+        runs = await self._read(
             lambda c: c.execute(
-                "SELECT event_id, data, terminal FROM events "
-                "WHERE build_id = ? AND event_id > ? AND event_id <= ? ORDER BY event_id LIMIT ?",
-                (build_id, after, upper, limit),
+                "SELECT first_id, data FROM event_runs WHERE build_id = ? AND last_id > ? AND first_id <= ? "
+                "ORDER BY first_id LIMIT ?",
+                (build_id, after, upper, limit // _RUN_LENGTH + 2),
             ).fetchall()
         )
-        return [Event(r[0], r[1], bool(r[2])) for r in rows]
+        events: list[Event] = []
+        for first_id, data in runs:
+            for event_id, line in enumerate(data.split("\n"), start=first_id):
+                if after < event_id <= upper:
+                    events.append(Event.of(event_id, line))
+                    if len(events) == limit:
+                        return events
+        return events
 
     async def last_event_id(self, build_id: str) -> int:
         rows = await self._read(
             lambda c: c.execute(
-                "SELECT COALESCE(MAX(event_id), 0) FROM events WHERE build_id = ?", (build_id,)
+                "SELECT COALESCE(MAX(last_id), 0) FROM event_runs WHERE build_id = ?", (build_id,)
             ).fetchall()
         )
         return rows[0][0]
-
 
     async def expire(self, *, finished_before: str, keep: int, exclude: Set[str]) -> list[str]:
         """Remove finished builds older than `finished_before` (RFC 3339) or beyond the newest `keep`."""
@@ -184,7 +201,7 @@ class SqliteBuildStore:
             ids = [r[0] for r in rows if r[0] not in exclude]
             now = rfc3339(utcnow())
             for build_id in ids:
-                c.execute("DELETE FROM events WHERE build_id = ?", (build_id,))
+                c.execute("DELETE FROM event_runs WHERE build_id = ?", (build_id,))
                 c.execute("DELETE FROM builds WHERE build_id = ?", (build_id,))
                 c.execute("INSERT OR REPLACE INTO expired_builds VALUES (?, ?)", (build_id, now))
             return ids
