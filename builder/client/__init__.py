@@ -14,7 +14,14 @@ from builder.client.errors import (
     BuildFailed,
     ContextError,
 )
-from builder.client.models import BuildEvent, BuildResult, DoneEvent, ErrorEvent, LogEvent, StatusEvent
+from builder.client.models import (
+    BuildEvent,
+    BuildResult,
+    DoneEvent,
+    ErrorEvent,
+    LogEvent,
+    StatusEvent,
+)
 
 __all__ = [
     "BuildCancelled",

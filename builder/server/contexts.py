@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
-import os
 import secrets
 import tarfile
-import zlib
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 
 from builder.protocol import DEFAULT_DOCKERFILE
-from builder.server.errors import ContextTooLarge, DockerfileNotFound, InvalidContext
+from builder.server.errors import ContextTooLarge, DockerfileNotFound
+from builder.server.tarscan import TarScanner
 
 _WRITE_BATCH = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SpooledContext:
+    path: Path
+    size: int
+    # Regular files and symlinks in the archive, by normalised path.
+    files: frozenset[str]
+
+    def dockerfile(self, wanted: str) -> str:
+        """The path to build with; like `docker build`, the default falls back to `dockerfile`."""
+        candidates = [wanted] + (["dockerfile"] if wanted == DEFAULT_DOCKERFILE else [])
+        for name in candidates:
+            if name in self.files:
+                return name
+        raise DockerfileNotFound(f"Dockerfile {wanted!r} not found in the build context")
 
 
 class ContextSpool:
@@ -27,13 +43,14 @@ class ContextSpool:
         for leftover in self.directory.iterdir():
             leftover.unlink(missing_ok=True)
 
-    def _new_path(self) -> Path:
-        return self.directory / f"{secrets.token_hex(16)}.ctx"
+    async def receive(self, chunks: AsyncIterable[bytes], *, limit: int) -> SpooledContext:
+        """Stream an upload to a new file, reading its tar headers on the way.
 
-    async def receive(self, chunks: AsyncIterable[bytes], *, limit: int) -> Path:
-        """Stream an upload to a new file; over `limit` bytes or on any failure, remove it."""
-        path = self._new_path()
+        Over `limit` bytes, not a tar, or any other failure: the file is removed.
+        """
+        path = self.directory / f"{secrets.token_hex(16)}.ctx"
         fh = await asyncio.to_thread(path.open, "wb")
+        scanner = TarScanner()
         size = 0
         pending: list[bytes] = []
         pending_size = 0
@@ -45,17 +62,17 @@ class ContextSpool:
                 pending.append(chunk)
                 pending_size += len(chunk)
                 if pending_size >= _WRITE_BATCH:
-                    await asyncio.to_thread(fh.write, b"".join(pending))
+                    await asyncio.to_thread(_absorb, fh, scanner, b"".join(pending))
                     pending, pending_size = [], 0
-            if pending:
-                await asyncio.to_thread(fh.write, b"".join(pending))
+            await asyncio.to_thread(_absorb, fh, scanner, b"".join(pending))
+            scanner.finish()
         except BaseException:
             await asyncio.to_thread(_close_and_remove, fh, path)
             raise
         await asyncio.to_thread(fh.close)
-        return path
+        return SpooledContext(path, size, frozenset(scanner.files))
 
-    async def write_synthetic(self, base_image: str) -> Path:
+    async def write_synthetic(self, base_image: str) -> SpooledContext:
         """A context whose Dockerfile is exactly `FROM <base_image>` (already validated)."""
         dockerfile = f"FROM {base_image}\n".encode()
         buffer = io.BytesIO()
@@ -64,37 +81,22 @@ class ContextSpool:
             info.size = len(dockerfile)
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(dockerfile))
-        path = self._new_path()
-        await asyncio.to_thread(path.write_bytes, buffer.getvalue())
-        return path
-
-    async def check(self, path: Path, dockerfile: str) -> str:
-        """Check that `path` is a readable tar holding `dockerfile`; returns the path to build with."""
-        return await asyncio.to_thread(_find_dockerfile, path, dockerfile)
+        return await self.receive(_single(buffer.getvalue()), limit=len(buffer.getvalue()))
 
     async def remove(self, path: Path) -> None:
         await asyncio.to_thread(path.unlink, missing_ok=True)
 
 
+async def _single(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+def _absorb(fh: io.BufferedWriter, scanner: TarScanner, data: bytes) -> None:
+    # One worker-thread hop per batch does both: the disk write and the header scan.
+    scanner.feed(data)
+    fh.write(data)
+
+
 def _close_and_remove(fh: io.BufferedWriter, path: Path) -> None:
     fh.close()
     path.unlink(missing_ok=True)
-
-
-def _find_dockerfile(path: Path, dockerfile: str) -> str:
-    # Like `docker build`, the default name falls back to lower-case `dockerfile`.
-    wanted = [dockerfile] + (["dockerfile"] if dockerfile == DEFAULT_DOCKERFILE else [])
-    found: set[str] = set()
-    try:
-        # "r:*" detects gzip/bzip2/xz by content, not by name.
-        with tarfile.open(path, mode="r:*") as tar:
-            for member in tar:
-                name = os.path.normpath(member.name.lstrip("/")) if member.name else ""
-                if name in wanted and (member.isfile() or member.issym()):
-                    found.add(name)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        raise InvalidContext(f"build context is not a readable tar archive: {exc}") from None
-    for name in wanted:
-        if name in found:
-            return name
-    raise DockerfileNotFound(f"Dockerfile {dockerfile!r} not found in the build context")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from aiohttp import BodyPartReader, web
@@ -14,9 +13,19 @@ from builder import protocol as p
 from builder.protocol import BuildStatus
 from builder.server.appkeys import ENGINE, SERVICE, SETTINGS, STREAMS
 from builder.server.buildspec import BuildSpec, parse_flag
-from builder.server.errors import BadRequest, ContextTooLarge, InvalidField, UnsupportedMediaType
+from builder.server.contexts import SpooledContext
+from builder.server.errors import (
+    BadRequest,
+    ContextTooLarge,
+    InvalidField,
+    UnsupportedMediaType,
+)
 from builder.server.records import BuildRecord
-from builder.server.streams import EventStreamResponse, LogStreamResponse, PlainLogResponse
+from builder.server.streams import (
+    EventStreamResponse,
+    LogStreamResponse,
+    PlainLogResponse,
+)
 
 routes = web.RouteTableDef()
 
@@ -152,11 +161,11 @@ def _reject_oversized(request: web.Request, limit: int) -> None:
         raise ContextTooLarge(f"build context is larger than the limit of {limit} bytes")
 
 
-async def _read_multipart(request: web.Request) -> tuple[BuildSpec, Path | None]:
+async def _read_multipart(request: web.Request) -> tuple[BuildSpec, SpooledContext | None]:
     service = request.app[SERVICE]
     reader = await request.multipart()
     fields: dict[str, str] = {}
-    context: Path | None = None
+    context: SpooledContext | None = None
     try:
         async for part in reader:
             if not isinstance(part, BodyPartReader) or part.name is None:

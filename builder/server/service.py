@@ -21,7 +21,7 @@ from builder import protocol as p
 from builder.protocol import BuildStatus
 from builder.server.buildspec import BuildSpec
 from builder.server.config import Settings
-from builder.server.contexts import ContextSpool
+from builder.server.contexts import ContextSpool, SpooledContext
 from builder.server.engine import DockerEngine
 from builder.server.engine_output import (
     EngineFailure,
@@ -32,7 +32,13 @@ from builder.server.engine_output import (
 from builder.server.errors import BuildExpired, BuildNotFound, InvalidContext
 from builder.server.events import EventLog
 from builder.server.publish import Publisher, PublishError
-from builder.server.records import NYDUS_NOT_PERFORMED, BuildRecord, Event, rfc3339, utcnow
+from builder.server.records import (
+    NYDUS_NOT_PERFORMED,
+    BuildRecord,
+    Event,
+    rfc3339,
+    utcnow,
+)
 from builder.server.store import BuildStore
 
 log = structlog.get_logger(__name__)
@@ -152,23 +158,23 @@ class BuildService:
 
     # -- submit ----------------------------------------------------------------
 
-    async def receive_context(self, chunks: AsyncIterable[bytes]) -> Path:
-        """Spool an uploaded context; over the size limit, ContextTooLarge and nothing is kept."""
+    async def receive_context(self, chunks: AsyncIterable[bytes]) -> SpooledContext:
+        """Spool an uploaded context; too large or not a tar: an error, and nothing is kept."""
         return await self._spool.receive(chunks, limit=self._settings.max_context_bytes)
 
-    async def discard_context(self, context: Path) -> None:
-        await self._spool.remove(context)
+    async def discard_context(self, context: SpooledContext) -> None:
+        await self._spool.remove(context.path)
 
-    async def submit(self, spec: BuildSpec, context: Path | None) -> BuildRecord:
+    async def submit(self, spec: BuildSpec, context: SpooledContext | None) -> BuildRecord:
         """Queue a build of a spooled context, or of `FROM spec.base_image` when there is none."""
         if context is None:
             if spec.base_image is None:
                 raise InvalidContext("a build needs a context or an image")
             context = await self._spool.write_synthetic(spec.base_image)
         try:
-            build_dockerfile = await self._spool.check(context, spec.dockerfile)
+            build_dockerfile = context.dockerfile(spec.dockerfile)
         except BaseException:
-            await self._spool.remove(context)
+            await self._spool.remove(context.path)
             raise
         record = BuildRecord(build_id=secrets.token_urlsafe(16), spec=spec, nydus_status=self._nydus_plan(spec))
         build = ActiveBuild(
@@ -176,7 +182,7 @@ class BuildService:
             log=EventLog(
                 record.build_id, window=self._settings.log_window, coalesce=self._settings.follower_coalesce
             ),
-            context=context,
+            context=context.path,
             build_dockerfile=build_dockerfile,
         )
         await self._store.save(record)
