@@ -71,12 +71,13 @@ def iter_context_tar_gz(
     dockerfile: str = DEFAULT_DOCKERFILE,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     *,
-    compresslevel: int = 6,
+    compresslevel: int = 1,
 ) -> Iterator[bytes]:
     """Yield the context as a gzip-compressed tar, in chunks of `chunk_size` bytes (the last may be shorter).
 
     Synchronous and blocking (disk reads, compression): run it off the event
-    loop, e.g. through `stream_context`.
+    loop, e.g. through `stream_context`. Level 1 by default: on the fast links a build
+    daemon sits behind, level 6 cost a 20 MiB context 0.5 s of CPU for a few percent.
     """
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
