@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import os
 import sys
@@ -29,6 +30,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="Docker engine URL (default $DOCKER_HOST or the local socket)")
     serve.add_argument("--cancel-wait", type=float, default=defaults.cancel_wait,
                        help="seconds DELETE waits for teardown before answering 202 (default %(default)s)")
+    serve.add_argument("--shutdown-grace", type=float, default=defaults.shutdown_grace,
+                       help="on SIGTERM, seconds running builds get to finish before teardown (default %(default)s)")
     serve.add_argument("--registry", default=defaults.registry, metavar="HOST[:PORT]",
                        help="push every built image there (password: env BUILDER_REGISTRY_PASSWORD)")
     serve.add_argument("--registry-username", default=defaults.registry_username)
@@ -53,10 +56,8 @@ def _duration(text: str) -> float:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from builder.observability import configure_logging
-    from builder.server.app import RUNNER_OPTIONS, create_app
+    from builder.server.app import serve
 
     if args.max_concurrent < 1:
         print("builder serve: --max-concurrent must be at least 1", file=sys.stderr)
@@ -71,6 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         log_level=args.log_level,
         cancel_wait=args.cancel_wait,
+        shutdown_grace=args.shutdown_grace,
         registry=args.registry,
         registry_username=args.registry_username,
         keep_local=args.keep_local,
@@ -82,14 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
     # A chatty build allocates objects by the million; collecting the young generation
     # every 700 allocations cost a third of the daemon's CPU (py-spy), so collect less often.
     gc.set_threshold(50_000, 20, 20)
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        print=lambda msg: print(msg, file=sys.stderr),
-        access_log=None,
-        **RUNNER_OPTIONS,
-    )
+    asyncio.run(serve(settings))
     return 0
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import tarfile
 import time
 import urllib.request
@@ -159,3 +160,43 @@ def registry(tmp_path: Path) -> Iterator[str]:
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A real `builder serve` process (extra flags via `@pytest.mark.daemon_args(...)`),
+    so it can be signalled or killed like in production."""
+    port = free_port()
+    marker = request.node.get_closest_marker("daemon_args")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "builder", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data"),
+         "--log-format", "json", *(marker.args if marker else ())],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    yield f"http://127.0.0.1:{port}", proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+async def wait_healthy(session: aiohttp.ClientSession, url: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            async with session.get(f"{url}/healthz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError("daemon did not become healthy")
+
+
+async def post_context(session: aiohttp.ClientSession, url: str, files: dict[str, str]) -> str:
+    async with session.post(
+        f"{url}/builds", data=make_context(files), params={"no_cache": "true"},
+        headers={"Content-Type": "application/gzip"},
+    ) as response:
+        assert response.status == 202
+        return (await response.json())["build_id"]

@@ -24,8 +24,19 @@ from tests.conftest import (
 SLEEPER = {"Dockerfile": dockerfile("COPY marker /marker", "RUN echo started && sleep 300", "RUN echo never")}
 
 
-async def _dangling(docker: aiodocker.Docker) -> set[str]:
-    return {i["Id"] for i in await docker.images.list(filters={"dangling": ["true"]}, all=True)}
+async def _step_images_left(client: TestClient, docker: aiodocker.Docker, build_id: str) -> list[str]:
+    """Images the build's steps committed (every ` ---> <id>` after the FROM step) that still exist."""
+    lines = log_lines(await read_log(client, build_id))
+    ids = [m.group(1) for line in lines if (m := re.fullmatch(r" ---> ([0-9a-f]{12})", line))][1:]
+    assert ids, "the build committed no step image"
+    left = []
+    for image in ids:
+        try:
+            await docker.images.inspect(image)
+            left.append(image)
+        except aiodocker.DockerError:
+            pass
+    return left
 
 
 async def _step_containers(client: TestClient, build_id: str) -> list[str]:
@@ -40,7 +51,6 @@ async def _containers_matching(docker: aiodocker.Docker, ids: list[str]) -> list
 async def test_delete_during_run_tears_everything_down(
     client: TestClient, docker: aiodocker.Docker, settings: Settings
 ) -> None:
-    dangling_before = await _dangling(docker)
     accepted = await submit(client, {**SLEEPER, "marker": str(time.time())}, image_name="builder-test/cancelled")
     build_id = accepted["build_id"]
     await wait_for_line(client, build_id, "started")
@@ -57,7 +67,9 @@ async def test_delete_during_run_tears_everything_down(
     containers = await _step_containers(client, build_id)
     assert containers, "the log named no step container"
     assert await _containers_matching(docker, containers) == []
-    assert await _dangling(docker) == dangling_before
+    # No new dangling image: every image the build's steps committed is gone (checked by id,
+    # so that other users of the same engine cannot make this pass or fail).
+    assert await _step_images_left(client, docker, build_id) == []
     assert list(settings.spool_dir.iterdir()) == []
     images = await docker.images.list(filters={"reference": ["builder-test/cancelled"]})
     assert images == []

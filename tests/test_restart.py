@@ -7,9 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,51 +19,13 @@ from builder.server.config import Settings
 from tests.conftest import (
     SSE,
     dockerfile,
-    free_port,
     log_lines,
-    make_context,
     parse_sse,
+    post_context,
     read_log,
     wait_for,
+    wait_healthy,
 )
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A real `builder serve` process, so it can be killed without any teardown."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "builder", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data"),
-         "--log-format", "json"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    yield f"http://127.0.0.1:{port}", proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-
-
-async def _wait_healthy(session: aiohttp.ClientSession, url: str) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            async with session.get(f"{url}/healthz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError("daemon did not become healthy")
-
-
-async def _post(session: aiohttp.ClientSession, url: str, files: dict[str, str]) -> str:
-    async with session.post(
-        f"{url}/builds", data=make_context(files), params={"no_cache": "true"},
-        headers={"Content-Type": "application/gzip"},
-    ) as response:
-        assert response.status == 202
-        return (await response.json())["build_id"]
 
 
 async def test_restart_keeps_history_and_fails_interrupted_build(
@@ -74,9 +33,9 @@ async def test_restart_keeps_history_and_fails_interrupted_build(
 ) -> None:
     url, proc = daemon
     async with aiohttp.ClientSession() as session:
-        await _wait_healthy(session, url)
-        finished = await _post(session, url, {"Dockerfile": dockerfile("RUN echo persisted-line")})
-        interrupted = await _post(session, url, {"Dockerfile": dockerfile("RUN echo started && sleep 300")})
+        await wait_healthy(session, url)
+        finished = await post_context(session, url, {"Dockerfile": dockerfile("RUN echo persisted-line")})
+        interrupted = await post_context(session, url, {"Dockerfile": dockerfile("RUN echo started && sleep 300")})
         async with asyncio.timeout(30):
             async with session.get(f"{url}/builds/{finished}/logs", headers=SSE) as response:
                 before = parse_sse(await response.text())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import signal
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -25,6 +27,29 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # A client that hangs up cancels its handler, so abandoned log streams release
 # their subscription at once instead of at the next ping.
 RUNNER_OPTIONS = {"handler_cancellation": True}
+# On shutdown, how long log streams get to send what they still owe.
+_STREAM_FINISH_SECONDS = 3.0
+
+
+async def serve(settings: Settings) -> None:
+    """Run the daemon until SIGTERM or SIGINT, then drain: no new builds (503), running
+    ones get --shutdown-grace to finish, the rest are torn down, every stream ends cleanly."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, **RUNNER_OPTIONS)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        log.info("serving", host=settings.host, port=settings.port, data_dir=str(settings.data_dir))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutdown_requested")
+        await app[SERVICE].drain(settings.shutdown_grace)
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -97,5 +122,10 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_streams(app: web.Application) -> None:
-    for stream in list(app[STREAMS]):
+    """After a drain every build has its terminal frame: let streams deliver it, then end them."""
+    streams = list(app[STREAMS])
+    pending = [task for s in streams if (task := s.handler_task) is not None and not task.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=_STREAM_FINISH_SECONDS)
+    for stream in streams:
         stream.stop()

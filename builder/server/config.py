@@ -19,6 +19,8 @@ class Settings:
     docker_host: str | None = dataclasses.field(default_factory=lambda: os.environ.get("DOCKER_HOST"))
     log_format: str = "auto"  # json | console | auto (json unless stdout is a TTY)
     log_level: str = "info"
+    # On SIGTERM, running builds get this long to finish before they are torn down.
+    shutdown_grace: float = 30.0
     # DELETE waits this long for teardown before answering 202.
     cancel_wait: float = 10.0
     # How often buffered log events are committed to the store, in one transaction.

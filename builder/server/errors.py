@@ -68,6 +68,14 @@ class BuildExpired(BuilderError):
         self.build_id = build_id
 
 
+class ShuttingDown(BuilderError):
+    status = 503
+    code = "shutting_down"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "5"})
+
+
 class EngineUnavailable(BuilderError):
     status = 503
     code = "engine_unavailable"

@@ -66,6 +66,7 @@ async def readyz(request: web.Request) -> web.Response:
 @routes.post("/builds")
 async def create_build(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
+    service.check_accepting()  # before reading a possibly large body
     limit = request.app[SETTINGS].max_context_bytes
     content_type = request.content_type
     if content_type == "multipart/form-data":

@@ -29,7 +29,12 @@ from builder.server.engine_output import (
     StepContainer,
     StepImage,
 )
-from builder.server.errors import BuildExpired, BuildNotFound, InvalidContext
+from builder.server.errors import (
+    BuildExpired,
+    BuildNotFound,
+    InvalidContext,
+    ShuttingDown,
+)
 from builder.server.events import EventLog
 from builder.server.publish import Publisher, PublishError
 from builder.server.records import (
@@ -63,7 +68,8 @@ class ActiveBuild:
     context: Path
     build_dockerfile: str
     task: asyncio.Task[None] | None = None
-    cancel_requested: bool = False
+    # Set once DELETE, the timeout or shutdown asked it to stop: how it ends then.
+    stop_reason: tuple[BuildStatus, str] | None = None
     current_container: str | None = None
     deadline: asyncio.Timeout | None = None
     pushing: bool = False
@@ -85,6 +91,7 @@ class BuildService:
         self._flush_lock = asyncio.Lock()
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._draining = False
         self.follower_count = 0  # open log streams
         self.lagged_followers = 0  # times a follower fell behind the window and read the store
 
@@ -96,6 +103,22 @@ class BuildService:
             asyncio.create_task(self._every(self._settings.flush_interval, self._flush), name="event-flusher"),
             asyncio.create_task(self._every(self._settings.retention_interval, self.expire_old_builds), name="retention"),
         ]
+
+    async def drain(self, grace: float) -> None:
+        """Graceful shutdown: refuse new builds, give running ones `grace` seconds, stop the rest.
+
+        Every build ends with a terminal frame, so its followers' streams end cleanly.
+        """
+        self._draining = True
+        log.info("draining", running=len(self._running), queued=len(self._queue), grace=grace)
+        for build in list(self._queue):
+            await self._stop_build(build, BuildStatus.FAILED, SHUTDOWN_MESSAGE)
+        running = list(self._running)
+        await asyncio.wait([asyncio.ensure_future(b.done.wait()) for b in running] or [asyncio.sleep(0)], timeout=grace)
+        for build in running:
+            await self._stop_build(build, BuildStatus.FAILED, SHUTDOWN_MESSAGE)
+        for build in running:
+            await self._wait_done(build, self._settings.cancel_wait)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -165,8 +188,19 @@ class BuildService:
     async def discard_context(self, context: SpooledContext) -> None:
         await self._spool.remove(context.path)
 
+    def check_accepting(self) -> None:
+        """Raise if a new build would be refused (shutting down); checked before an upload too."""
+        if self._draining:
+            raise ShuttingDown("the daemon is shutting down; retry against another instance or later")
+
     async def submit(self, spec: BuildSpec, context: SpooledContext | None) -> BuildRecord:
         """Queue a build of a spooled context, or of `FROM spec.base_image` when there is none."""
+        try:
+            self.check_accepting()
+        except ShuttingDown:
+            if context is not None:
+                await self._spool.remove(context.path)
+            raise
         if context is None:
             if spec.base_image is None:
                 raise InvalidContext("a build needs a context or an image")
@@ -230,9 +264,9 @@ class BuildService:
         log.info("build_started")
         try:
             status, error = await self._drive_engine(build)
-            if build.cancel_requested:
+            if build.stop_reason is not None:
                 await self._teardown(build)
-                status, error = BuildStatus.CANCELLED, CANCELLED_MESSAGE
+                status, error = build.stop_reason
             elif status is not BuildStatus.SUCCEEDED:
                 await self._remove_containers(build)
             await self._finish(build, status, error=error)
@@ -261,7 +295,7 @@ class BuildService:
         try:
             async with asyncio.timeout(None) as deadline:
                 build.deadline = deadline
-                if build.cancel_requested:
+                if build.stop_reason is not None:
                     deadline.reschedule(asyncio.get_running_loop().time() + _CANCEL_GRACE)
                 cache_from = await self._publisher.cache_sources(spec.cache_key, build.log.append) if spec.cache_key else []
                 image_id, failure = await self._run_build(build, spec, cache_from)
@@ -312,7 +346,7 @@ class BuildService:
         record, spec, publisher = build.record, build.record.spec, self._publisher
         assert record.image_id is not None
         try:
-            if publisher.registry and not build.cancel_requested:
+            if publisher.registry and build.stop_reason is None:
                 build.pushing = True
                 # An untagged build still needs a name in the registry.
                 name = spec.image_name or f"builds:b-{record.build_id}"
@@ -322,7 +356,7 @@ class BuildService:
                 record.image_ref_digest = f"{repository}@{record.image_digest}"
                 if spec.nydus_convert and publisher.nydus_available:
                     await self._convert_nydus(build)
-            if spec.cache_key and not build.cancel_requested:
+            if spec.cache_key and build.stop_reason is None:
                 await publisher.store_cache(record.image_id, spec.cache_key, build.log.append)
         except PublishError as exc:
             if not self._settings.keep_local:
@@ -352,7 +386,7 @@ class BuildService:
         build.record.containers.append(container_id)
         build.current_container = container_id
         await self._store.save(build.record)
-        if build.cancel_requested:
+        if build.stop_reason is not None:
             # A step that started after the cancel: force-remove works even before it runs.
             await self._engine.remove_container(container_id)
 
@@ -363,26 +397,34 @@ class BuildService:
         build = self._active.get(build_id)
         if build is None or build.record.status.terminal:
             return await self.get(build_id), True
-        if not build.cancel_requested:
-            build.cancel_requested = True
-            log.info("build_cancel_requested", build_id=build_id)
-            if build in self._queue:
-                self._queue.remove(build)
-                self._announce_queue_positions()
-                await self._finish(build, BuildStatus.CANCELLED, error=CANCELLED_MESSAGE)
-            else:
-                if build.deadline is not None:
-                    # A push is simply dropped; a build stream is read on to catch late step containers.
-                    grace = 0 if build.pushing else _CANCEL_GRACE
-                    build.deadline.reschedule(asyncio.get_running_loop().time() + grace)
-                if build.current_container is not None:
-                    # Shielded: a client hanging up on its DELETE must not stop the teardown.
-                    await asyncio.shield(self._engine.remove_container(build.current_container))
+        await self._stop_build(build, BuildStatus.CANCELLED, CANCELLED_MESSAGE)
+        return build.record, await self._wait_done(build, self._settings.cancel_wait)
+
+    async def _stop_build(self, build: ActiveBuild, status: BuildStatus, reason: str) -> None:
+        """Tear a queued or running build down (DELETE, timeout, shutdown); it ends `status`."""
+        if build.stop_reason is not None or build.record.status.terminal:
+            return
+        build.stop_reason = (status, reason)
+        log.info("build_stop_requested", build_id=build.record.build_id, reason=reason)
+        if build in self._queue:
+            self._queue.remove(build)
+            self._announce_queue_positions()
+            await self._finish(build, status, error=reason)
+            return
+        if build.deadline is not None:
+            # A push is simply dropped; a build stream is read on to catch late step containers.
+            grace = 0 if build.pushing else _CANCEL_GRACE
+            build.deadline.reschedule(asyncio.get_running_loop().time() + grace)
+        if build.current_container is not None:
+            # Shielded: a client hanging up on its DELETE must not stop the teardown.
+            await asyncio.shield(self._engine.remove_container(build.current_container))
+
+    async def _wait_done(self, build: ActiveBuild, timeout: float) -> bool:
         try:
-            await asyncio.wait_for(asyncio.shield(build.done.wait()), self._settings.cancel_wait)
+            await asyncio.wait_for(asyncio.shield(build.done.wait()), timeout)
         except TimeoutError:
-            return build.record, False
-        return build.record, True
+            return False
+        return True
 
     async def _teardown(self, build: ActiveBuild) -> None:
         """Remove everything a cancelled build left: containers, its tag, images it created."""

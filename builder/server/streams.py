@@ -27,10 +27,10 @@ class LogStreamResponse(web.StreamResponse):
             },
         )
         self._lock = asyncio.Lock()
-        self._handler_task: asyncio.Task[object] | None = None
+        self.handler_task: asyncio.Task[object] | None = None
 
     async def start(self, request: web.BaseRequest) -> None:
-        self._handler_task = asyncio.current_task()
+        self.handler_task = asyncio.current_task()
         await self.prepare(request)
 
     async def send_events(self, events: Sequence[Event]) -> None:
@@ -47,8 +47,8 @@ class LogStreamResponse(web.StreamResponse):
 
     def stop(self) -> None:
         """Daemon shutdown: end the handler that feeds this stream."""
-        if self._handler_task is not None:
-            self._handler_task.cancel()
+        if self.handler_task is not None:
+            self.handler_task.cancel()
 
     async def close_stream(self) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
