@@ -30,6 +30,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="Docker engine URL (default $DOCKER_HOST or the local socket)")
     serve.add_argument("--cancel-wait", type=float, default=defaults.cancel_wait,
                        help="seconds DELETE waits for teardown before answering 202 (default %(default)s)")
+    serve.add_argument("--build-timeout", type=_duration, default=defaults.build_timeout,
+                       help="a build running longer is torn down and fails; requests may ask for less (default 1h)")
+    serve.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                       help="builds allowed to wait; beyond, POST answers 429 (default %(default)s)")
     serve.add_argument("--shutdown-grace", type=float, default=defaults.shutdown_grace,
                        help="on SIGTERM, seconds running builds get to finish before teardown (default %(default)s)")
     serve.add_argument("--registry", default=defaults.registry, metavar="HOST[:PORT]",
@@ -73,6 +77,8 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         cancel_wait=args.cancel_wait,
         shutdown_grace=args.shutdown_grace,
+        build_timeout=args.build_timeout,
+        max_queue=args.max_queue,
         registry=args.registry,
         registry_username=args.registry_username,
         keep_local=args.keep_local,

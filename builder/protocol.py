@@ -47,6 +47,7 @@ FIELD_NO_CACHE = "no_cache"
 FIELD_PULL = "pull"
 FIELD_NYDUS_CONVERT = "nydus_convert"
 FIELD_CACHE_KEY = "cache_key"
+FIELD_TIMEOUT = "timeout"
 
 DEFAULT_DOCKERFILE = "Dockerfile"
 DEFAULT_SSE_RETRY_MS = 1000

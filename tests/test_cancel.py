@@ -138,3 +138,34 @@ async def test_delete_answers_202_when_teardown_outlasts_the_wait(aiohttp_client
     response = await client.delete(f"/builds/{accepted['build_id']}")
     assert response.status == 202
     assert (await wait_for(client, accepted["build_id"], {"cancelled"}, timeout=10))["status"] == "cancelled"
+
+
+async def test_build_timeout_tears_down_like_delete(client: TestClient, docker: aiodocker.Docker) -> None:
+    accepted = await submit(client, {**SLEEPER, "marker": str(time.time())}, timeout="1.5")
+    status = await wait_for(client, accepted["build_id"], {"failed", "succeeded", "cancelled"}, timeout=15)
+    assert status["status"] == "failed"
+    assert status["error"] == "timed out after 1.5s"
+    assert status["timeout"] == 1.5
+    containers = await _step_containers(client, accepted["build_id"])
+    assert containers and await _containers_matching(docker, containers) == []
+    assert await _step_images_left(client, docker, accepted["build_id"]) == []
+
+
+async def test_timeout_above_the_daemons_limit_is_refused(client: TestClient, settings: Settings) -> None:
+    form_fields = {"timeout": str(settings.build_timeout + 1)}
+    response = await client.post("/builds", json={"image": "builder-busybox:latest", **form_fields})
+    assert response.status == 400
+    assert "timeout may be at most" in (await response.json())["error"]
+    assert list(settings.spool_dir.iterdir()) == []
+
+
+async def test_full_queue_answers_429_with_retry_after(aiohttp_client: Any, settings: Settings) -> None:
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, max_concurrent=1, max_queue=1)))
+    running = await submit(client, {**SLEEPER, "marker": str(time.time())})
+    await submit(client, {"Dockerfile": dockerfile("RUN true")})
+    refused = await client.post("/builds", json={"image": "builder-busybox:latest"})
+    assert refused.status == 429
+    assert refused.headers["Retry-After"] == "10"
+    assert (await refused.json())["code"] == "queue_full"
+    assert len(list(settings.spool_dir.iterdir())) == 2
+    assert (await client.delete(f"/builds/{running['build_id']}")).status == 200

@@ -27,6 +27,8 @@ class BuildSpec:
     pull: bool = False
     nydus_convert: bool = False
     cache_key: str | None = None
+    # Seconds the build may run before it is torn down; None: the daemon's limit.
+    timeout: float | None = None
     # Set for the synthetic `FROM <image>` build (JSON request shape).
     base_image: str | None = None
 
@@ -61,6 +63,7 @@ class BuildSpec:
             pull=_flag(fields, p.FIELD_PULL),
             nydus_convert=_flag(fields, p.FIELD_NYDUS_CONVERT),
             cache_key=_string(fields, p.FIELD_CACHE_KEY) or None,
+            timeout=_seconds(fields, p.FIELD_TIMEOUT),
             base_image=base_image,
         )
 
@@ -101,6 +104,19 @@ def parse_flag(value: Any, name: str, *, default: bool = False) -> bool:
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
     raise InvalidField(f"{name} must be true or false, got {value!r}")
+
+
+def _seconds(fields: Mapping[str, Any], name: str) -> float | None:
+    value = fields.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise InvalidField(f"{name} must be a number of seconds") from None
+    if isinstance(value, bool) or not 0 < seconds < float("inf"):
+        raise InvalidField(f"{name} must be a positive number of seconds")
+    return seconds
 
 
 def _string_map(fields: Mapping[str, Any], name: str) -> dict[str, str]:

@@ -19,6 +19,10 @@ class Settings:
     docker_host: str | None = dataclasses.field(default_factory=lambda: os.environ.get("DOCKER_HOST"))
     log_format: str = "auto"  # json | console | auto (json unless stdout is a TTY)
     log_level: str = "info"
+    # A build running longer is torn down like a DELETE and fails; a request may ask for less.
+    build_timeout: float = 3600.0
+    # Builds waiting beyond this many are refused with 429.
+    max_queue: int = 100
     # On SIGTERM, running builds get this long to finish before they are torn down.
     shutdown_grace: float = 30.0
     # DELETE waits this long for teardown before answering 202.

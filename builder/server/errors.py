@@ -68,6 +68,14 @@ class BuildExpired(BuilderError):
         self.build_id = build_id
 
 
+class QueueFull(BuilderError):
+    status = 429
+    code = "queue_full"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "10"})
+
+
 class ShuttingDown(BuilderError):
     status = 503
     code = "shutting_down"

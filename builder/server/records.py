@@ -89,6 +89,7 @@ class BuildRecord:
             "no_cache": spec.no_cache,
             "pull": spec.pull,
             "cache_key": spec.cache_key,
+            "timeout": spec.timeout,
             "image": spec.base_image,
             "nydus_convert": spec.nydus_convert,
             "nydus_image_ref": self.nydus_image_ref,

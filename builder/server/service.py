@@ -30,9 +30,12 @@ from builder.server.engine_output import (
     StepImage,
 )
 from builder.server.errors import (
+    BuilderError,
     BuildExpired,
     BuildNotFound,
     InvalidContext,
+    InvalidField,
+    QueueFull,
     ShuttingDown,
 )
 from builder.server.events import EventLog
@@ -92,6 +95,7 @@ class BuildService:
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
         self._draining = False
+        self._stoppers: set[asyncio.Task[None]] = set()  # timeouts tearing builds down
         self.follower_count = 0  # open log streams
         self.lagged_followers = 0  # times a follower fell behind the window and read the store
 
@@ -188,16 +192,20 @@ class BuildService:
     async def discard_context(self, context: SpooledContext) -> None:
         await self._spool.remove(context.path)
 
-    def check_accepting(self) -> None:
-        """Raise if a new build would be refused (shutting down); checked before an upload too."""
+    def check_accepting(self, spec: BuildSpec | None = None) -> None:
+        """Raise if a new build would be refused; checked before an upload too."""
         if self._draining:
             raise ShuttingDown("the daemon is shutting down; retry against another instance or later")
+        if len(self._queue) >= self._settings.max_queue:
+            raise QueueFull(f"{len(self._queue)} builds are already waiting; retry later")
+        if spec is not None and spec.timeout is not None and spec.timeout > self._settings.build_timeout:
+            raise InvalidField(f"timeout may be at most {self._settings.build_timeout:g} seconds on this daemon")
 
     async def submit(self, spec: BuildSpec, context: SpooledContext | None) -> BuildRecord:
         """Queue a build of a spooled context, or of `FROM spec.base_image` when there is none."""
         try:
-            self.check_accepting()
-        except ShuttingDown:
+            self.check_accepting(spec)
+        except BuilderError:
             if context is not None:
                 await self._spool.remove(context.path)
             raise
@@ -262,6 +270,8 @@ class BuildService:
         await self._store.save(record)
         self._emit(build, {"type": p.EVENT_STATUS, "status": BuildStatus.RUNNING.value})
         log.info("build_started")
+        timeout = record.spec.timeout or self._settings.build_timeout
+        watchdog = asyncio.get_running_loop().call_later(timeout, self._time_out, build, timeout)
         try:
             status, error = await self._drive_engine(build)
             if build.stop_reason is not None:
@@ -278,8 +288,15 @@ class BuildService:
             log.exception("build_crashed")
             await asyncio.shield(self._abort(build, f"internal error: {exc}"))
         finally:
+            watchdog.cancel()
             self._running.discard(build)
             self._start_queued()
+
+    def _time_out(self, build: ActiveBuild, timeout: float) -> None:
+        reason = f"timed out after {timeout:g}s"
+        task = asyncio.create_task(self._stop_build(build, BuildStatus.FAILED, reason))
+        self._stoppers.add(task)
+        task.add_done_callback(self._stoppers.discard)
 
     async def _abort(self, build: ActiveBuild, error: str = SHUTDOWN_MESSAGE) -> None:
         try:
