@@ -25,9 +25,12 @@ _FAKE_503 = _json_response("503 Service Unavailable", b'{"error": "replica resta
 
 
 class FaultProxy:
-    def __init__(self, upstream_port: int, *, not_found_first: int, unavailable_rate: float,
-                 cut_after: tuple[int, int], seed: int = 7) -> None:
+    def __init__(self, upstream_port: int, *, not_found_first: int = 0, unavailable_rate: float = 0.0,
+                 cut_after: tuple[int, int] | None = None, lose_post_answers: int = 0, seed: int = 7) -> None:
         self.upstream_port = upstream_port
+        # POSTs that reach the daemon but whose answer never comes back (the classic lost 202).
+        self.lose_post_answers = lose_post_answers
+        self.lost_answers = 0
         self.not_found_first = not_found_first
         self.unavailable_rate = unavailable_rate
         self.cut_after = cut_after
@@ -64,6 +67,9 @@ class FaultProxy:
         request_line = head.split(b"\r\n", 1)[0]
         is_log = request_line.startswith(b"GET ") and b"/logs" in request_line
         budget = None
+        lose_answer = request_line.startswith(b"POST ") and self.lost_answers < self.lose_post_answers
+        if lose_answer:
+            self.lost_answers += 1
         if is_log:
             self.log_requests += 1
             if self.log_requests <= self.not_found_first:
@@ -74,7 +80,8 @@ class FaultProxy:
                 self.unavailable += 1
                 writer.write(_FAKE_503)
                 return
-            budget = self.rng.randint(*self.cut_after)
+            if self.cut_after is not None:
+                budget = self.rng.randint(*self.cut_after)
         lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")]
         head = b"\r\n".join(lines[:1] + [b"Connection: close"] + lines[1:])
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
@@ -82,6 +89,9 @@ class FaultProxy:
         upload = asyncio.create_task(_pipe(reader, up_writer))
         try:
             sent = 0
+            if lose_answer:
+                await up_reader.read()  # the daemon answers in full; the client never hears it
+                return
             while data := await up_reader.read(65536):
                 if budget is not None and sent + len(data) > budget:
                     writer.write(data[: budget - sent])

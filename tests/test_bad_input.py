@@ -137,3 +137,28 @@ async def test_bad_resume_position_is_400(client: TestClient) -> None:
     await _error(await client.get(f"/builds/{build_id}/logs", params={"after": "x"}), 400, "invalid_field")
     bad_header = await client.get(f"/builds/{build_id}/logs", headers={"Last-Event-ID": "-3"})
     await _error(bad_header, 400, "invalid_field")
+
+
+async def test_idempotency_key_repeats_return_the_original_build(client: TestClient, settings: Settings) -> None:
+    body = make_context({"Dockerfile": dockerfile("RUN true")})
+    headers = {"Content-Type": "application/gzip", "Idempotency-Key": "retry-me-1"}
+    first = await client.post("/builds", data=body, headers=headers, params={"image_name": "idem"})
+    again = await client.post("/builds", data=body, headers=headers, params={"image_name": "idem"})
+    assert (first.status, again.status) == (202, 200)
+    assert (await first.json())["build_id"] == (await again.json())["build_id"]
+    assert len((await (await client.get("/builds")).json())["builds"]) == 1
+
+    other_body = make_context({"Dockerfile": dockerfile("RUN false")})
+    changed = await client.post("/builds", data=other_body, headers=headers, params={"image_name": "idem"})
+    await _error(changed, 422, "idempotency_key_reused")
+    changed_fields = await client.post("/builds", data=body, headers=headers, params={"image_name": "other"})
+    await _error(changed_fields, 422, "idempotency_key_reused")
+    assert len((await (await client.get("/builds")).json())["builds"]) == 1
+    assert len(list(settings.spool_dir.iterdir())) <= 1  # only the one real build's context, if still running
+
+    synthetic = {"image": "builder-busybox:latest"}
+    one = await client.post("/builds", json=synthetic, headers={"Idempotency-Key": "json-1"})
+    two = await client.post("/builds", json=synthetic, headers={"Idempotency-Key": "json-1"})
+    assert (one.status, two.status) == (202, 200)
+    await _error(await client.post("/builds", json={"image": "other"}, headers={"Idempotency-Key": "json-1"}),
+                 422, "idempotency_key_reused")

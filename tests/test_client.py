@@ -150,3 +150,19 @@ async def test_cancelling_the_caller_deletes_the_remote_build(
     with pytest.raises(BuildCancelled):
         await sdk.wait(record["build_id"])
     assert [c for c in await docker.containers.list(all=True) if "sleep 300" in str(c._container.get("Command"))] == []
+
+
+async def test_lost_submit_answer_is_retried_without_a_second_build(
+    client: TestClient, sdk: BuilderClient, tmp_path: Path
+) -> None:
+    proxy = FaultProxy(client.port, lose_post_answers=2)
+    port = await proxy.start()
+    context = write_tree(tmp_path, {"Dockerfile": dockerfile("RUN echo once")})
+    try:
+        async with BuilderClient(f"http://127.0.0.1:{port}", retry=RetryPolicy(first=0.01, cap=0.05)) as proxied:
+            result = await proxied.build(context, image_name="sdk-test/idempotent", no_cache=True)
+    finally:
+        await proxy.close()
+    assert proxy.lost_answers == 2
+    assert result.status == "succeeded"
+    assert [b["build_id"] for b in await sdk.list()] == [result.build_id]

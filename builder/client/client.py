@@ -7,6 +7,7 @@ import json
 import os
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10)
 STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)
 UPLOAD_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10, sock_read=300)
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# A submit is retried only where the daemon surely did not fail the request itself.
+_RETRY_SUBMIT = frozenset({408, 429, 502, 503, 504})
 
 LogCallback = Callable[[str], Awaitable[None] | None]
 ProgressCallback = Callable[[int], Awaitable[None] | None]
@@ -143,24 +146,51 @@ class BuilderClient:
         """Upload a context and queue its build; returns the build id without waiting."""
         context = Path(context_dir)
         dockerfile = check_context(context, dockerfile)
-        form = aiohttp.FormData()
         fields = _fields(image_name=image_name, dockerfile=dockerfile, build_args=build_args,
                          labels=labels, target=target, no_cache=no_cache)
-        for name, value in fields.items():
-            form.add_field(name, value)
-        form.add_field(
-            p.FIELD_CONTEXT,
-            stream_context(context, dockerfile, on_progress=on_upload_progress),
-            filename="context.tar.gz",
-            content_type="application/gzip",
-        )
-        body = await self._request("POST", "/builds", data=form, timeout=UPLOAD_TIMEOUT)
-        return body["build_id"]
+
+        def form() -> dict[str, Any]:
+            # A fresh body per attempt: the context streams from disk again on a retry.
+            data = aiohttp.FormData()
+            for name, value in fields.items():
+                data.add_field(name, value)
+            data.add_field(
+                p.FIELD_CONTEXT,
+                stream_context(context, dockerfile, on_progress=on_upload_progress),
+                filename="context.tar.gz",
+                content_type="application/gzip",
+            )
+            return {"data": data, "timeout": UPLOAD_TIMEOUT}
+
+        return await self._post_build(form)
 
     async def submit_image(self, image: str, *, image_name: str, no_cache: bool = False) -> str:
         payload = {p.FIELD_IMAGE: image, **_fields(image_name=image_name, no_cache=no_cache)}
-        body = await self._request("POST", "/builds", json=payload)
-        return body["build_id"]
+        return await self._post_build(lambda: {"json": payload})
+
+    async def _post_build(self, request: Callable[[], dict[str, Any]]) -> str:
+        """POST /builds, retried when the answer is lost or the daemon is briefly unavailable.
+
+        Every attempt carries the same Idempotency-Key, so a retry of a POST that did reach
+        the daemon gets the original build back instead of starting a second one.
+        """
+        key = uuid.uuid4().hex
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                body = await self._request("POST", "/builds", headers={"Idempotency-Key": key}, **request())
+                return body["build_id"]
+            except BuilderHTTPError as exc:
+                if exc.status not in _RETRY_SUBMIT or time.monotonic() - started > self._retry.budget:
+                    raise
+                delay = self._retry.delay(attempt, exc.retry_after)
+            except BuilderConnectionError:
+                if time.monotonic() - started > self._retry.budget:
+                    raise
+                delay = self._retry.delay(attempt)
+            await asyncio.sleep(delay)
+            attempt += 1
 
     async def wait(
         self,
@@ -337,6 +367,7 @@ def _retry_after(response: aiohttp.ClientResponse) -> float | None:
 async def _http_error(response: aiohttp.ClientResponse) -> BuilderHTTPError:
     try:
         body = await response.json(content_type=None)
-        return BuilderHTTPError(response.status, str(body["code"]), str(body["error"]))
+        code, message = str(body["code"]), str(body["error"])
     except (ValueError, KeyError, TypeError, aiohttp.ClientError):
-        return BuilderHTTPError(response.status, "http_error", response.reason or "")
+        code, message = "http_error", response.reason or ""
+    return BuilderHTTPError(response.status, code, message, retry_after=_retry_after(response))

@@ -22,11 +22,12 @@ class BuilderConnectionError(BuilderError):
 class BuilderHTTPError(BuilderError):
     """The daemon answered with an error status; `code` and `message` come from its JSON body."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(f"HTTP {status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 class BuildFailed(BuilderError):

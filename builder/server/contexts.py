@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import io
 import secrets
 import tarfile
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from builder.protocol import DEFAULT_DOCKERFILE
 from builder.server.errors import ContextTooLarge, DockerfileNotFound
@@ -23,6 +25,8 @@ class SpooledContext:
     size: int
     # Regular files and symlinks in the archive, by normalised path.
     files: frozenset[str]
+    # sha256 of the uploaded bytes, when asked for (idempotent submits compare it).
+    digest: str | None = None
 
     def dockerfile(self, wanted: str) -> str:
         """The path to build with; like `docker build`, the default falls back to `dockerfile`."""
@@ -43,7 +47,7 @@ class ContextSpool:
         for leftover in self.directory.iterdir():
             leftover.unlink(missing_ok=True)
 
-    async def receive(self, chunks: AsyncIterable[bytes], *, limit: int) -> SpooledContext:
+    async def receive(self, chunks: AsyncIterable[bytes], *, limit: int, digest: bool = False) -> SpooledContext:
         """Stream an upload to a new file, reading its tar headers on the way.
 
         Over `limit` bytes, not a tar, or any other failure: the file is removed.
@@ -51,6 +55,7 @@ class ContextSpool:
         path = self.directory / f"{secrets.token_hex(16)}.ctx"
         fh = await asyncio.to_thread(path.open, "wb")
         scanner = TarScanner()
+        hasher = hashlib.sha256() if digest else None
         size = 0
         pending: list[bytes] = []
         pending_size = 0
@@ -62,15 +67,15 @@ class ContextSpool:
                 pending.append(chunk)
                 pending_size += len(chunk)
                 if pending_size >= _WRITE_BATCH:
-                    await asyncio.to_thread(_absorb, fh, scanner, b"".join(pending))
+                    await asyncio.to_thread(_absorb, fh, scanner, hasher, b"".join(pending))
                     pending, pending_size = [], 0
-            await asyncio.to_thread(_absorb, fh, scanner, b"".join(pending))
+            await asyncio.to_thread(_absorb, fh, scanner, hasher, b"".join(pending))
             scanner.finish()
         except BaseException:
             await asyncio.to_thread(_close_and_remove, fh, path)
             raise
         await asyncio.to_thread(fh.close)
-        return SpooledContext(path, size, frozenset(scanner.files))
+        return SpooledContext(path, size, frozenset(scanner.files), hasher.hexdigest() if hasher else None)
 
     async def write_synthetic(self, base_image: str) -> SpooledContext:
         """A context whose Dockerfile is exactly `FROM <base_image>` (already validated)."""
@@ -91,9 +96,11 @@ async def _single(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-def _absorb(fh: io.BufferedWriter, scanner: TarScanner, data: bytes) -> None:
-    # One worker-thread hop per batch does both: the disk write and the header scan.
+def _absorb(fh: io.BufferedWriter, scanner: TarScanner, hasher: Any, data: bytes) -> None:
+    # One worker-thread hop per batch does it all: the header scan, the digest, the disk write.
     scanner.feed(data)
+    if hasher is not None:
+        hasher.update(data)
     fh.write(data)
 
 

@@ -39,6 +39,11 @@ class DockerfileNotFound(BadRequest):
     code = "dockerfile_not_found"
 
 
+class IdempotencyKeyReused(BuilderError):
+    status = 422
+    code = "idempotency_key_reused"
+
+
 class ContextTooLarge(BuilderError):
     status = 413
     code = "context_too_large"

@@ -67,15 +67,16 @@ async def readyz(request: web.Request) -> web.Response:
 async def create_build(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     service.check_accepting()  # before reading a possibly large body
+    key = _idempotency_key(request)
     limit = request.app[SETTINGS].max_context_bytes
     content_type = request.content_type
     if content_type == "multipart/form-data":
         _reject_oversized(request, limit + _MULTIPART_OVERHEAD)
-        spec, context = await _read_multipart(request)
+        spec, context = await _read_multipart(request, digest=key is not None)
     elif content_type in _TAR_TYPES:
         _reject_oversized(request, limit)
         spec = BuildSpec.from_fields(request.query)
-        context = await service.receive_context(request.content.iter_chunked(_READ_CHUNK))
+        context = await service.receive_context(request.content.iter_chunked(_READ_CHUNK), digest=key is not None)
     elif content_type == "application/json":
         spec, context = BuildSpec.from_fields(await _read_json(request), synthetic=True), None
     else:
@@ -83,9 +84,22 @@ async def create_build(request: web.Request) -> web.Response:
             f"unsupported Content-Type {content_type!r}: send multipart/form-data, "
             "application/x-tar, application/gzip or application/json"
         )
-    record = await service.submit(spec, context)
+    if key is None:
+        record, created = await service.submit(spec, context), True
+    else:
+        record, created = await service.submit_once(spec, context, key=key)
     body = _accepted_body(record, request)
-    return json_response(body, status=202, headers={"Location": body["links"]["self"]})
+    # A repeat of an earlier submit (same Idempotency-Key and request) answers 200, not 202.
+    return json_response(body, status=202 if created else 200, headers={"Location": body["links"]["self"]})
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not key.isprintable():
+        raise InvalidField("Idempotency-Key must be 1 to 255 printable characters")
+    return key
 
 
 @routes.get("/builds")
@@ -162,7 +176,7 @@ def _reject_oversized(request: web.Request, limit: int) -> None:
         raise ContextTooLarge(f"build context is larger than the limit of {limit} bytes")
 
 
-async def _read_multipart(request: web.Request) -> tuple[BuildSpec, SpooledContext | None]:
+async def _read_multipart(request: web.Request, *, digest: bool) -> tuple[BuildSpec, SpooledContext | None]:
     service = request.app[SERVICE]
     reader = await request.multipart()
     fields: dict[str, str] = {}
@@ -174,7 +188,7 @@ async def _read_multipart(request: web.Request) -> tuple[BuildSpec, SpooledConte
             if part.name == p.FIELD_CONTEXT:
                 if context is not None:
                     raise BadRequest("more than one context part")
-                context = await service.receive_context(_part_chunks(part))
+                context = await service.receive_context(_part_chunks(part), digest=digest)
             else:
                 fields[part.name] = await _read_text_part(part)
         if context is None:

@@ -10,6 +10,8 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import hashlib
+import json
 import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -33,6 +35,7 @@ from builder.server.errors import (
     BuilderError,
     BuildExpired,
     BuildNotFound,
+    IdempotencyKeyReused,
     InvalidContext,
     InvalidField,
     QueueFull,
@@ -52,6 +55,7 @@ from builder.server.store import BuildStore
 log = structlog.get_logger(__name__)
 
 CANCELLED_MESSAGE = "build cancelled by request"
+IDEMPOTENCY_WINDOW = 24 * 3600
 RESTARTED_MESSAGE = "daemon restarted"
 SHUTDOWN_MESSAGE = "daemon shut down while the build was running"
 # After a cancel, keep reading the engine's stream this long so any step container
@@ -96,6 +100,7 @@ class BuildService:
         self._stopping = False
         self._draining = False
         self._stoppers: set[asyncio.Task[None]] = set()  # timeouts tearing builds down
+        self._idempotency_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.follower_count = 0  # open log streams
         self.lagged_followers = 0  # times a follower fell behind the window and read the store
 
@@ -185,9 +190,34 @@ class BuildService:
 
     # -- submit ----------------------------------------------------------------
 
-    async def receive_context(self, chunks: AsyncIterable[bytes]) -> SpooledContext:
+    async def receive_context(self, chunks: AsyncIterable[bytes], *, digest: bool = False) -> SpooledContext:
         """Spool an uploaded context; too large or not a tar: an error, and nothing is kept."""
-        return await self._spool.receive(chunks, limit=self._settings.max_context_bytes)
+        return await self._spool.receive(chunks, limit=self._settings.max_context_bytes, digest=digest)
+
+    async def submit_once(
+        self, spec: BuildSpec, context: SpooledContext | None, *, key: str, namespace: str = ""
+    ) -> tuple[BuildRecord, bool]:
+        """`submit` under an Idempotency-Key: a repeat within 24 h gets the original build
+        (and False); the same key with a different request is refused."""
+        request = json.dumps(spec.to_dict(), sort_keys=True) + "\n" + (context.digest or "" if context else "")
+        fingerprint = hashlib.sha256(request.encode()).hexdigest()
+        since = rfc3339(utcnow() - datetime.timedelta(seconds=IDEMPOTENCY_WINDOW))
+        # One submit per key at a time, so two racing retries cannot both start a build.
+        async with self._idempotency_locks.setdefault((namespace, key), asyncio.Lock()):
+            try:
+                if (seen := await self._store.find_idempotent(namespace, key, since)) is not None:
+                    if context is not None:
+                        await self._spool.remove(context.path)
+                    if seen[0] != fingerprint:
+                        raise IdempotencyKeyReused(
+                            "this Idempotency-Key was used for a different request in the last 24 h"
+                        )
+                    return await self.get(seen[1]), False
+                record = await self.submit(spec, context)
+                await self._store.remember_idempotent(namespace, key, fingerprint, record.build_id)
+                return record, True
+            finally:
+                self._idempotency_locks.pop((namespace, key), None)
 
     async def discard_context(self, context: SpooledContext) -> None:
         await self._spool.remove(context.path)

@@ -32,6 +32,15 @@ CREATE TABLE IF NOT EXISTS builds (
     finished_at TEXT,
     record TEXT NOT NULL
 );
+-- Idempotency-Key of a POST /builds -> the build it started, with a fingerprint of the request.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    namespace TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    build_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (namespace, key)
+);
 -- Tombstones of builds removed by retention: their endpoints answer 410, not 404.
 CREATE TABLE IF NOT EXISTS expired_builds (
     build_id TEXT PRIMARY KEY,
@@ -65,6 +74,8 @@ class BuildStore(Protocol):
     async def last_event_id(self, build_id: str) -> int: ...
     async def expire(self, *, finished_before: str, keep: int, exclude: Set[str]) -> list[str]: ...
     async def is_expired(self, build_id: str) -> bool: ...
+    async def find_idempotent(self, namespace: str, key: str, since: str) -> tuple[str, str] | None: ...
+    async def remember_idempotent(self, namespace: str, key: str, fingerprint: str, build_id: str) -> None: ...
 
 
 class SqliteBuildStore:
@@ -213,6 +224,24 @@ class SqliteBuildStore:
             lambda c: c.execute("SELECT 1 FROM expired_builds WHERE build_id = ?", (build_id,)).fetchall()
         )
         return bool(rows)
+
+
+    async def find_idempotent(self, namespace: str, key: str, since: str) -> tuple[str, str] | None:
+        """(fingerprint, build_id) of a submit with this key at or after `since` (RFC 3339)."""
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT fingerprint, build_id FROM idempotency_keys WHERE namespace = ? AND key = ? "
+                "AND created_at >= ?",
+                (namespace, key, since),
+            ).fetchall()
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    async def remember_idempotent(self, namespace: str, key: str, fingerprint: str, build_id: str) -> None:
+        row = (namespace, key, fingerprint, build_id, rfc3339(utcnow()))
+        await self._write(
+            lambda c: c.execute("INSERT OR REPLACE INTO idempotency_keys VALUES (?, ?, ?, ?, ?)", row)
+        )
 
 
 def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
