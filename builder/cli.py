@@ -23,6 +23,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="builds run at once; the rest queue FIFO (default %(default)s)")
     serve.add_argument("--max-context-bytes", type=int, default=defaults.max_context_bytes,
                        help="largest accepted build context upload (default %(default)s)")
+    serve.add_argument("--max-context-unpacked-bytes", type=int, default=defaults.max_context_unpacked_bytes,
+                       help="largest size a context may unpack to (default %(default)s)")
+    serve.add_argument("--max-context-entries", type=int, default=defaults.max_context_entries,
+                       help="most entries a context tar may hold (default %(default)s)")
     serve.add_argument("--log-format", choices=["json", "console", "auto"], default=defaults.log_format,
                        help="log output; auto = json unless stdout is a terminal")
     serve.add_argument("--log-level", default=defaults.log_level, help="debug, info, warning, error")
@@ -72,6 +76,8 @@ def _serve(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         max_concurrent=args.max_concurrent,
         max_context_bytes=args.max_context_bytes,
+        max_context_unpacked_bytes=args.max_context_unpacked_bytes,
+        max_context_entries=args.max_context_entries,
         docker_host=args.docker_host,
         log_format=args.log_format,
         log_level=args.log_level,

@@ -162,3 +162,51 @@ async def test_idempotency_key_repeats_return_the_original_build(client: TestCli
     assert (one.status, two.status) == (202, 200)
     await _error(await client.post("/builds", json={"image": "other"}, headers={"Idempotency-Key": "json-1"}),
                  422, "idempotency_key_reused")
+
+
+def _raw_tar(*entries: tuple[str, bytes]) -> bytes:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.addfile(_info("Dockerfile", 0), io.BytesIO(b""))
+        for name, kind in entries:
+            info = _info(name, 0)
+            info.type = kind
+            tar.addfile(info)
+    return buffer.getvalue()
+
+
+def _info(name: str, size: int):
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = size
+    return info
+
+
+@pytest.mark.parametrize(
+    ("entry", "kind", "fragment"),
+    [("../../etc/cron.d/x", b"0", "escapes the context"), ("/abs/file", b"0", "absolute path"),
+     ("fifo", b"6", "device or FIFO"), ("tty", b"3", "device or FIFO")],
+)
+async def test_hostile_tar_entries_are_400_naming_the_entry(
+    client: TestClient, settings: Settings, entry: str, kind: bytes, fragment: str
+) -> None:
+    response = await client.post("/builds", data=_raw_tar((entry, kind)), headers={"Content-Type": "application/gzip"})
+    message = await _error(response, 400, "invalid_context")
+    assert fragment in message and repr(entry) in message
+    assert list(settings.spool_dir.iterdir()) == []
+    good = await client.post("/builds", json={"image": "builder-busybox:latest"})
+    assert good.status == 202
+
+
+async def test_gzip_bomb_is_413_before_the_engine_sees_it(aiohttp_client: Any, settings: Settings) -> None:
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, max_context_unpacked_bytes=8 << 20)))
+    real_bomb = make_context({"Dockerfile": dockerfile(), "zeros": bytes(100 << 20)})
+    assert len(real_bomb) < 1 << 20
+    response = await client.post("/builds", data=real_bomb, headers={"Content-Type": "application/gzip"})
+    assert "unpacks to more than" in await _error(response, 413, "context_too_large")
+    assert list(settings.spool_dir.iterdir()) == []
+    assert (await client.post("/builds", json={"image": "builder-busybox:latest"})).status == 202

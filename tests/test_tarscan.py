@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from builder.server.errors import InvalidContext
+from builder.server.errors import ContextTooLarge, InvalidContext
 from builder.server.tarscan import TarScanner
 
 
@@ -74,3 +74,60 @@ def test_scanner_rejects_a_truncated_archive() -> None:
     data = _archive("w")
     with pytest.raises(InvalidContext, match="ends in the middle"):
         _scan(data[: 512 + 700])
+
+
+def _tar_with(*infos: tarfile.TarInfo) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.addfile(tarfile.TarInfo("Dockerfile"), io.BytesIO(b""))
+        for info in infos:
+            tar.addfile(info, io.BytesIO(b"x" * info.size) if info.size else None)
+    return buffer.getvalue()
+
+
+def _entry(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    return info
+
+
+@pytest.mark.parametrize(
+    ("info", "message"),
+    [
+        (_entry("/etc/passwd"), "absolute path"),
+        (_entry("../outside"), "escapes the context"),
+        (_entry("a/../../outside"), "escapes the context"),
+        (_entry("dev/null", tarfile.CHRTYPE), "device or FIFO"),
+        (_entry("disk", tarfile.BLKTYPE), "device or FIFO"),
+        (_entry("pipe", tarfile.FIFOTYPE), "device or FIFO"),
+        (_entry("hard", tarfile.LNKTYPE, "../../etc/shadow"), "escapes the context"),
+    ],
+)
+def test_hostile_entries_are_refused_by_name(info: tarfile.TarInfo, message: str) -> None:
+    with pytest.raises(InvalidContext, match=message) as refused:
+        _scan(_tar_with(info))
+    assert repr(info.name) in refused.value.message
+
+
+def test_inner_dotdot_that_stays_inside_is_fine() -> None:
+    assert "a/../b" in _scan(_tar_with(_entry("a/../b"))).files
+
+
+def test_gzip_bomb_stops_at_the_unpacked_limit_without_inflating_it_all() -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo("zeros")
+        info.size = 300 * 1024 * 1024
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    bomb = buffer.getvalue()
+    assert len(bomb) < 1024 * 1024
+    scanner = TarScanner(max_unpacked=20 * 1024 * 1024)
+    with pytest.raises(ContextTooLarge, match="unpacks to more than"):
+        scanner.feed(bomb)
+    assert scanner.unpacked <= 22 * 1024 * 1024
+
+
+def test_too_many_entries_is_too_large() -> None:
+    with pytest.raises(ContextTooLarge, match="entries"):
+        scanner = TarScanner(max_members=3)
+        scanner.feed(_tar_with(*(_entry(f"f{i}") for i in range(5))))

@@ -114,7 +114,12 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    service = BuildService(settings, app[ENGINE], app[STORE], ContextSpool(settings.spool_dir))
+    spool = ContextSpool(
+        settings.spool_dir,
+        max_entries=settings.max_context_entries,
+        max_unpacked=settings.max_context_unpacked_bytes,
+    )
+    service = BuildService(settings, app[ENGINE], app[STORE], spool)
     await service.start()
     app[SERVICE] = service
     yield

@@ -16,6 +16,9 @@ class Settings:
     port: int = 8080
     max_concurrent: int = 2
     max_context_bytes: int = 2 * GIB
+    # Limits on what an upload unpacks to (a gzip bomb stops here, before the engine sees it).
+    max_context_unpacked_bytes: int = 8 * GIB
+    max_context_entries: int = 200_000
     docker_host: str | None = dataclasses.field(default_factory=lambda: os.environ.get("DOCKER_HOST"))
     log_format: str = "auto"  # json | console | auto (json unless stdout is a TTY)
     log_level: str = "info"

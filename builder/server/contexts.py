@@ -38,8 +38,9 @@ class SpooledContext:
 
 
 class ContextSpool:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, max_entries: int, max_unpacked: int) -> None:
         self.directory = directory
+        self._limits = {"max_members": max_entries, "max_unpacked": max_unpacked}
 
     def reset(self) -> None:
         """Start-up: nothing is building yet, so any spooled file is a leftover."""
@@ -54,7 +55,7 @@ class ContextSpool:
         """
         path = self.directory / f"{secrets.token_hex(16)}.ctx"
         fh = await asyncio.to_thread(path.open, "wb")
-        scanner = TarScanner()
+        scanner = TarScanner(**self._limits)
         hasher = hashlib.sha256() if digest else None
         size = 0
         pending: list[bytes] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,12 @@ class DockerEngine:
             return False
 
     async def build(
-        self, context: Path, spec: BuildSpec, *, cache_from: list[str] | None = None
+        self,
+        context: Path,
+        spec: BuildSpec,
+        *,
+        cache_from: list[str] | None = None,
+        on_context_sent: Callable[[], Awaitable[object]] | None = None,
     ) -> AsyncIterator[list[EngineEvent]]:
         """Run a legacy-builder build; yields the parsed events of each read from the engine.
 
@@ -73,7 +78,7 @@ class DockerEngine:
                 "POST",
                 params=_build_params(spec, cache_from or []),
                 headers={"Content-Type": "application/x-tar"},
-                data=_read_file(context),
+                data=_read_file(context, on_context_sent),
                 timeout=_BUILD_TIMEOUT,
             ) as response:
                 built = False
@@ -216,11 +221,13 @@ def _build_params(spec: BuildSpec, cache_from: list[str]) -> dict[str, Any]:
     return params
 
 
-async def _read_file(path: Path) -> AsyncIterator[bytes]:
+async def _read_file(path: Path, on_done: Callable[[], Awaitable[object]] | None) -> AsyncIterator[bytes]:
     # aiodocker's own fileobj feeding reads on the event loop; read in a worker thread instead.
     with await asyncio.to_thread(path.open, "rb") as fh:
         while chunk := await asyncio.to_thread(fh.read, _UPLOAD_CHUNK):
             yield chunk
+    if on_done is not None:
+        await on_done()
 
 
 async def _json_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[dict[str, Any]]]:

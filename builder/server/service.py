@@ -367,7 +367,13 @@ class BuildService:
         """The engine's build step: log lines out, step containers and images recorded."""
         image_id: str | None = None
         failure: str | None = None
-        engine_build = self._engine.build(build.context, spec, cache_from=cache_from)
+        engine_build = self._engine.build(
+            build.context,
+            spec,
+            cache_from=cache_from,
+            # The engine has every byte: the spooled copy is not needed any more.
+            on_context_sent=lambda: self._spool.remove(build.context),
+        )
         async with contextlib.aclosing(engine_build) as batches:
             async for batch in batches:
                 lines: list[str] = []

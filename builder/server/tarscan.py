@@ -12,13 +12,16 @@ import tarfile
 import zlib
 from typing import Protocol
 
-from builder.server.errors import InvalidContext
+from builder.server.errors import ContextTooLarge, InvalidContext
 
 _BLOCK = 512
+_STEP = 1 << 20  # decompressed bytes produced per step
 
 
 class _Decompressor(Protocol):
-    def decompress(self, data: bytes) -> bytes: ...
+    eof: bool  # after the end of the compressed stream, trailing bytes are ignored
+
+    def decompress(self, data: bytes, max_length: int = ...) -> bytes: ...
 
 
 def _decompressor(head: bytes) -> _Decompressor | None:
@@ -33,7 +36,13 @@ def _decompressor(head: bytes) -> _Decompressor | None:
 
 
 class TarScanner:
-    def __init__(self) -> None:
+    """Fed the raw upload; raises InvalidContext (400) or ContextTooLarge (413) as soon as
+    the archive shows it is broken, hostile, or over a limit."""
+
+    def __init__(self, *, max_members: int = 1_000_000, max_unpacked: int = 1 << 62) -> None:
+        self.max_members = max_members
+        self.max_unpacked = max_unpacked
+        self.unpacked = 0  # tar bytes after decompression
         self._head = b""
         self._decompressor: _Decompressor | None = None
         self._decided = False
@@ -56,12 +65,34 @@ class TarScanner:
             data, self._head = self._head, b""
             self._decompressor = _decompressor(data)
             self._decided = True
-        if self._decompressor is not None:
-            try:
-                data = self._decompressor.decompress(data)
-            except (zlib.error, OSError, EOFError, lzma.LZMAError) as exc:
-                raise InvalidContext(f"build context is not a readable tar archive: {exc}") from None
-        self._parse(data)
+        if self._decompressor is None:
+            self._unpacked(len(data))
+            self._parse(data)
+            return
+        try:
+            # Bounded output per step: a small gzip bomb must not inflate in one call.
+            while data and not self._decompressor.eof:
+                out = self._decompressor.decompress(data, _STEP)
+                data = _unconsumed(self._decompressor)
+                self._unpacked(len(out))
+                self._parse(out)
+                if not out and not data:
+                    break
+            while not self._decompressor.eof and not _needs_input(self._decompressor):
+                out = self._decompressor.decompress(b"", _STEP)
+                if not out:
+                    break
+                self._unpacked(len(out))
+                self._parse(out)
+        except (zlib.error, OSError, EOFError, lzma.LZMAError) as exc:
+            raise InvalidContext(f"build context is not a readable tar archive: {exc}") from None
+
+    def _unpacked(self, n: int) -> None:
+        self.unpacked += n
+        if self.unpacked > self.max_unpacked:
+            raise ContextTooLarge(
+                f"build context unpacks to more than the limit of {self.max_unpacked} bytes"
+            )
 
     def finish(self) -> None:
         if not self._decided:
@@ -117,6 +148,9 @@ class TarScanner:
         name = self._long_name if self._long_name is not None else info.name
         self._long_name = None
         self.members += 1
+        if self.members > self.max_members:
+            raise ContextTooLarge(f"build context has more than the limit of {self.max_members} entries")
+        _check_entry(name, info)
         if info.isreg() or info.issym():
             self.files.add(_normalise(name))
         # Only regular files (and their old/contiguous kinds) carry data in the archive.
@@ -153,6 +187,36 @@ def _pax_records(data: bytes) -> list[tuple[str, str]]:
         records.append((key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
         pos += length
     return records
+
+
+def _check_entry(name: str, info: tarfile.TarInfo) -> None:
+    """Refuse entries that could write outside the context or make device nodes."""
+    _check_path(name, name)
+    if info.islnk():
+        # A hard link's target must be inside the archive too.
+        _check_path(info.linkname, name)
+    if info.ischr() or info.isblk() or info.isfifo():
+        raise InvalidContext(f"build context entry {name!r} is a device or FIFO node")
+
+
+def _check_path(path: str, entry: str) -> None:
+    if path.startswith("/"):
+        raise InvalidContext(f"build context entry {entry!r} has an absolute path ({path!r})")
+    depth = 0
+    for part in path.split("/"):
+        depth += -1 if part == ".." else 0 if part in ("", ".") else 1
+        if depth < 0:
+            raise InvalidContext(f"build context entry {entry!r} escapes the context with '..' ({path!r})")
+
+
+def _unconsumed(decompressor: _Decompressor) -> bytes:
+    # zlib keeps what it has not read yet in unconsumed_tail; bz2/lzma keep it internally.
+    return getattr(decompressor, "unconsumed_tail", b"")
+
+
+def _needs_input(decompressor: _Decompressor) -> bool:
+    # zlib has no needs_input: it has produced all it can once unconsumed_tail is empty.
+    return getattr(decompressor, "needs_input", True)
 
 
 def _normalise(name: str) -> str:
