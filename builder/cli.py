@@ -27,6 +27,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="largest size a context may unpack to (default %(default)s)")
     serve.add_argument("--max-context-entries", type=int, default=defaults.max_context_entries,
                        help="most entries a context tar may hold (default %(default)s)")
+    serve.add_argument("--upload-idle-timeout", type=float, default=defaults.upload_idle_timeout,
+                       help="drop an upload that sends nothing for this many seconds (default %(default)s)")
+    serve.add_argument("--build-memory", type=int, default=defaults.build_memory, metavar="BYTES",
+                       help="memory limit of every build step container (default: none)")
+    serve.add_argument("--build-cpus", type=float, default=defaults.build_cpus,
+                       help="CPU limit of every build step container (default: none)")
+    serve.add_argument("--build-network", default=defaults.build_network,
+                       help="network mode of build step containers: bridge (default), none, host")
     serve.add_argument("--log-format", choices=["json", "console", "auto"], default=defaults.log_format,
                        help="log output; auto = json unless stdout is a terminal")
     serve.add_argument("--log-level", default=defaults.log_level, help="debug, info, warning, error")
@@ -78,6 +86,10 @@ def _serve(args: argparse.Namespace) -> int:
         max_context_bytes=args.max_context_bytes,
         max_context_unpacked_bytes=args.max_context_unpacked_bytes,
         max_context_entries=args.max_context_entries,
+        upload_idle_timeout=args.upload_idle_timeout,
+        build_memory=args.build_memory,
+        build_cpus=args.build_cpus,
+        build_network=args.build_network,
         docker_host=args.docker_host,
         log_format=args.log_format,
         log_level=args.log_level,

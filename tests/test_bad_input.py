@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 from typing import Any
@@ -210,3 +211,26 @@ async def test_gzip_bomb_is_413_before_the_engine_sees_it(aiohttp_client: Any, s
     assert "unpacks to more than" in await _error(response, 413, "context_too_large")
     assert list(settings.spool_dir.iterdir()) == []
     assert (await client.post("/builds", json={"image": "builder-busybox:latest"})).status == 202
+
+
+async def test_stalled_upload_is_dropped_and_its_partial_file_removed(aiohttp_client: Any, settings: Settings) -> None:
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, upload_idle_timeout=0.5)))
+    body = make_context({"Dockerfile": dockerfile(), "blob": os.urandom(300_000)})
+
+    async def slow_loris():
+        yield body[:100_000]
+        await asyncio.sleep(5)
+        yield body[100_000:]
+
+    response = await client.post("/builds", data=slow_loris(), headers={"Content-Type": "application/gzip"})
+    assert "sent nothing for 0.5 seconds" in await _error(response, 408, "upload_stalled")
+    assert list(settings.spool_dir.iterdir()) == []
+    assert (await client.post("/builds", json={"image": "builder-busybox:latest"})).status == 202
+
+
+async def test_two_context_parts_are_refused(client: TestClient, settings: Settings) -> None:
+    form = aiohttp.FormData()
+    for _ in range(2):
+        form.add_field("context", make_context({"Dockerfile": dockerfile()}), filename="c.tgz")
+    assert "more than one context" in await _error(await client.post("/builds", data=form), 400, "bad_request")
+    assert list(settings.spool_dir.iterdir()) == []

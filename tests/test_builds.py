@@ -215,3 +215,18 @@ async def test_readyz_is_503_while_the_engine_does_not_answer(aiohttp_client, se
     response = await client.get("/readyz")
     assert response.status == 503
     assert (await response.json())["code"] == "engine_unavailable"
+
+
+async def test_build_containers_get_the_configured_network_and_memory(aiohttp_client, settings) -> None:
+    from dataclasses import replace
+
+    from builder.server.app import create_app
+
+    client = await aiohttp_client(create_app(replace(settings, build_network="none", build_memory=64 << 20)))
+    isolated = await submit(client, {"Dockerfile": dockerfile("RUN ls /sys/class/net")})
+    await wait_for(client, isolated["build_id"], {"succeeded"})
+    interfaces = log_lines(await read_log(client, isolated["build_id"]))
+    assert "lo" in interfaces and "eth0" not in interfaces
+    hog = await submit(client, {"Dockerfile": dockerfile("RUN dd if=/dev/zero of=/dev/null bs=200M count=1")})
+    failed = await wait_for(client, hog["build_id"], {"failed", "succeeded"})
+    assert failed["status"] == "failed" and "137" in failed["error"]  # killed by the memory limit

@@ -14,7 +14,7 @@ from aiohttp import web
 from builder.server.appkeys import ENGINE, SERVICE, SETTINGS, STORE, STREAMS
 from builder.server.config import Settings
 from builder.server.contexts import ContextSpool
-from builder.server.engine import DockerEngine
+from builder.server.engine import BuildLimits, DockerEngine
 from builder.server.errors import BuilderError
 from builder.server.handlers import json_response, routes
 from builder.server.service import BuildService
@@ -99,7 +99,11 @@ def _json_error(status: int, code: str, message: str, headers: dict[str, str]) -
 
 
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[ENGINE] = DockerEngine.connect(app[SETTINGS].docker_host)
+    settings = app[SETTINGS]
+    app[ENGINE] = DockerEngine.connect(
+        settings.docker_host,
+        limits=BuildLimits(memory=settings.build_memory, cpus=settings.build_cpus, network=settings.build_network),
+    )
     yield
     await app[ENGINE].close()
 
@@ -118,6 +122,7 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.spool_dir,
         max_entries=settings.max_context_entries,
         max_unpacked=settings.max_context_unpacked_bytes,
+        idle_timeout=settings.upload_idle_timeout,
     )
     service = BuildService(settings, app[ENGINE], app[STORE], spool)
     await service.start()

@@ -19,6 +19,12 @@ class Settings:
     # Limits on what an upload unpacks to (a gzip bomb stops here, before the engine sees it).
     max_context_unpacked_bytes: int = 8 * GIB
     max_context_entries: int = 200_000
+    # An upload that sends nothing for this long is dropped (slow loris).
+    upload_idle_timeout: float = 60.0
+    # Passed to the engine for every build container: bytes of memory, CPUs, network mode.
+    build_memory: int | None = None
+    build_cpus: float | None = None
+    build_network: str = "bridge"
     docker_host: str | None = dataclasses.field(default_factory=lambda: os.environ.get("DOCKER_HOST"))
     log_format: str = "auto"  # json | console | auto (json unless stdout is a TTY)
     log_level: str = "info"

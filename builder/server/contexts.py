@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.protocol import DEFAULT_DOCKERFILE
-from builder.server.errors import ContextTooLarge, DockerfileNotFound
+from builder.server.errors import ContextTooLarge, DockerfileNotFound, UploadStalled
 from builder.server.tarscan import TarScanner
 
 _WRITE_BATCH = 1 << 20
@@ -38,9 +38,10 @@ class SpooledContext:
 
 
 class ContextSpool:
-    def __init__(self, directory: Path, *, max_entries: int, max_unpacked: int) -> None:
+    def __init__(self, directory: Path, *, max_entries: int, max_unpacked: int, idle_timeout: float) -> None:
         self.directory = directory
         self._limits = {"max_members": max_entries, "max_unpacked": max_unpacked}
+        self._idle_timeout = idle_timeout
 
     def reset(self) -> None:
         """Start-up: nothing is building yet, so any spooled file is a leftover."""
@@ -61,7 +62,7 @@ class ContextSpool:
         pending: list[bytes] = []
         pending_size = 0
         try:
-            async for chunk in chunks:
+            async for chunk in _stall_guarded(chunks, self._idle_timeout):
                 size += len(chunk)
                 if size > limit:
                     raise ContextTooLarge(f"build context is larger than the limit of {limit} bytes")
@@ -91,6 +92,20 @@ class ContextSpool:
 
     async def remove(self, path: Path) -> None:
         await asyncio.to_thread(path.unlink, missing_ok=True)
+
+
+async def _stall_guarded(chunks: AsyncIterable[bytes], idle_timeout: float) -> AsyncIterator[bytes]:
+    """The upload's chunks; one that takes longer than `idle_timeout` to come ends it (slow loris)."""
+    iterator = aiter(chunks)
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout):
+                chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise UploadStalled(f"the upload sent nothing for {idle_timeout:g} seconds") from None
+        yield chunk
 
 
 async def _single(data: bytes) -> AsyncIterator[bytes]:

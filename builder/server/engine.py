@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -31,19 +32,39 @@ _PING_TIMEOUT = aiohttp.ClientTimeout(total=3)
 _BUILD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=30)
 # Short engine calls (inspect, remove) get a bound of their own.
 _CALL_SECONDS = 60
+_CPU_PERIOD = 100_000  # µs, the kernel's default CFS period
 _POLL_SECONDS = 0.02
 _CONFLICT_RETRIES = 25
 _GONE = (404, 409)  # not found, or already being removed
 
 
+@dataclasses.dataclass(frozen=True)
+class BuildLimits:
+    """Resource limits for every build step container, as the engine's build parameters."""
+
+    memory: int | None = None  # bytes
+    cpus: float | None = None
+    network: str = "bridge"
+
+    def params(self) -> dict[str, str]:
+        params = {"networkmode": self.network}
+        if self.memory:
+            # memswap == memory: no swap on top, so the limit really bounds the step.
+            params |= {"memory": str(self.memory), "memswap": str(self.memory)}
+        if self.cpus:
+            params |= {"cpuperiod": str(_CPU_PERIOD), "cpuquota": str(int(self.cpus * _CPU_PERIOD))}
+        return params
+
+
 class DockerEngine:
-    def __init__(self, docker: aiodocker.Docker) -> None:
+    def __init__(self, docker: aiodocker.Docker, limits: BuildLimits | None = None) -> None:
         self._docker = docker
+        self._limits = limits or BuildLimits()
 
     @classmethod
-    def connect(cls, docker_host: str | None) -> DockerEngine:
+    def connect(cls, docker_host: str | None, *, limits: BuildLimits | None = None) -> DockerEngine:
         # No client-wide timeout: long calls (build) must not hit one; short ones pass their own.
-        return cls(aiodocker.Docker(url=docker_host, timeout=aiohttp.ClientTimeout()))
+        return cls(aiodocker.Docker(url=docker_host, timeout=aiohttp.ClientTimeout()), limits)
 
     async def close(self) -> None:
         await self._docker.close()
@@ -76,7 +97,7 @@ class DockerEngine:
             async with self._docker._query(
                 "build",
                 "POST",
-                params=_build_params(spec, cache_from or []),
+                params=_build_params(spec, cache_from or []) | self._limits.params(),
                 headers={"Content-Type": "application/x-tar"},
                 data=_read_file(context, on_context_sent),
                 timeout=_BUILD_TIMEOUT,

@@ -49,6 +49,11 @@ class ContextTooLarge(BuilderError):
     code = "context_too_large"
 
 
+class UploadStalled(BuilderError):
+    status = 408
+    code = "upload_stalled"
+
+
 class UnsupportedMediaType(BuilderError):
     status = 415
     code = "unsupported_media_type"
