@@ -35,6 +35,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="CPU limit of every build step container (default: none)")
     serve.add_argument("--build-network", default=defaults.build_network,
                        help="network mode of build step containers: bridge (default), none, host")
+    serve.add_argument("--auth-tokens-file", type=Path, default=defaults.auth_tokens_file,
+                       help="'token namespace' per line (# comments); reloaded on SIGHUP. Also env BUILDER_AUTH_TOKENS")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow listening on a non-loopback address without any auth token")
     serve.add_argument("--log-format", choices=["json", "console", "auto"], default=defaults.log_format,
                        help="log output; auto = json unless stdout is a terminal")
     serve.add_argument("--log-level", default=defaults.log_level, help="debug, info, warning, error")
@@ -73,7 +77,7 @@ def _duration(text: str) -> float:
 
 def _serve(args: argparse.Namespace) -> int:
     from builder.observability import configure_logging
-    from builder.server.app import serve
+    from builder.server.app import open_access_refusal, serve
 
     if args.max_concurrent < 1:
         print("builder serve: --max-concurrent must be at least 1", file=sys.stderr)
@@ -92,6 +96,8 @@ def _serve(args: argparse.Namespace) -> int:
         build_network=args.build_network,
         docker_host=args.docker_host,
         log_format=args.log_format,
+        auth_tokens_file=args.auth_tokens_file,
+        insecure=args.insecure,
         log_level=args.log_level,
         cancel_wait=args.cancel_wait,
         shutdown_grace=args.shutdown_grace,
@@ -105,6 +111,14 @@ def _serve(args: argparse.Namespace) -> int:
         max_builds=args.max_builds,
     )
     configure_logging(settings.log_format, settings.log_level)
+    try:
+        refusal = open_access_refusal(settings)
+    except (OSError, ValueError) as exc:
+        print(f"builder serve: cannot read the auth tokens: {exc}", file=sys.stderr)
+        return 2
+    if refusal:
+        print(f"builder serve: {refusal}", file=sys.stderr)
+        return 2
     # A chatty build allocates objects by the million; collecting the young generation
     # every 700 allocations cost a third of the daemon's CPU (py-spy), so collect less often.
     gc.set_threshold(50_000, 20, 20)

@@ -164,13 +164,14 @@ def registry(tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A real `builder serve` process (extra flags via `@pytest.mark.daemon_args(...)`),
-    so it can be signalled or killed like in production."""
+    """A real `builder serve` process (extra flags via `@pytest.mark.daemon_args(...)`, where
+    `{tmp_path}` is replaced), so it can be signalled or killed like in production."""
     port = free_port()
     marker = request.node.get_closest_marker("daemon_args")
+    extra = [arg.format(tmp_path=tmp_path) for arg in marker.args] if marker else []
     proc = subprocess.Popen(
         [sys.executable, "-m", "builder", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data"),
-         "--log-format", "json", *(marker.args if marker else ())],
+         "--log-format", "json", *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

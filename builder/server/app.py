@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import secrets
 import signal
 import weakref
@@ -11,7 +12,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from builder.server.appkeys import ENGINE, SERVICE, SETTINGS, STORE, STREAMS
+from builder.server.appkeys import (
+    ENGINE,
+    NAMESPACE,
+    SERVICE,
+    SETTINGS,
+    STORE,
+    STREAMS,
+    TOKENS,
+)
+from builder.server.auth import TokenTable
 from builder.server.config import Settings
 from builder.server.contexts import ContextSpool
 from builder.server.engine import BuildLimits, DockerEngine
@@ -44,6 +54,8 @@ async def serve(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # New tokens take effect for new requests; open streams are left alone.
+        loop.add_signal_handler(signal.SIGHUP, _reload_tokens, app)
         await stop.wait()
         log.info("shutdown_requested")
         await app[SERVICE].drain(settings.shutdown_grace)
@@ -52,9 +64,37 @@ async def serve(settings: Settings) -> None:
     log.info("stopped")
 
 
+def _reload_tokens(app: web.Application) -> None:
+    try:
+        app[TOKENS].reload()
+    except (OSError, ValueError) as exc:
+        log.error("auth_tokens_reload_failed", error=str(exc))
+
+
+def open_access_refusal(settings: Settings) -> str | None:
+    """Why the daemon must not start as configured, if it must not."""
+    tokens = TokenTable(path=settings.auth_tokens_file, env=settings.auth_tokens)
+    if tokens.enabled or settings.insecure or _is_loopback(settings.host):
+        return None
+    return (
+        f"refusing to listen on {settings.host} without authentication: anyone who can reach it could "
+        "run builds. Configure --auth-tokens-file or BUILDER_AUTH_TOKENS, or pass --insecure."
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[request_context_middleware, error_middleware])
+    app = web.Application(middlewares=[request_context_middleware, error_middleware, auth_middleware])
     app[SETTINGS] = settings
+    app[TOKENS] = TokenTable(path=settings.auth_tokens_file, env=settings.auth_tokens)
     app[STREAMS] = weakref.WeakSet()
     app.add_routes(routes)
     app.cleanup_ctx.extend([_engine_ctx, _store_ctx, _service_ctx])
@@ -73,6 +113,22 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
     if not response.prepared:
         response.headers["X-Request-ID"] = request_id
     return response
+
+
+# Probes for load balancers and orchestrators answer without a token.
+_PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every endpoint but the probes needs a valid token when auth is configured."""
+    if request.path in _PUBLIC_PATHS:
+        request[NAMESPACE] = ""
+    else:
+        request[NAMESPACE] = request.app[TOKENS].namespace(request.headers.get("Authorization"))
+        if request[NAMESPACE]:
+            structlog.contextvars.bind_contextvars(namespace=request[NAMESPACE])
+    return await handler(request)
 
 
 @web.middleware

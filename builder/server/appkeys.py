@@ -6,6 +6,7 @@ import weakref
 
 from aiohttp import web
 
+from builder.server.auth import TokenTable
 from builder.server.config import Settings
 from builder.server.engine import DockerEngine
 from builder.server.service import BuildService
@@ -13,6 +14,9 @@ from builder.server.store import BuildStore
 from builder.server.streams import LogStreamResponse
 
 SETTINGS = web.AppKey("settings", Settings)
+TOKENS = web.AppKey("tokens", TokenTable)
+# The caller's namespace, from its token ("" when the daemon runs without auth).
+NAMESPACE = web.RequestKey("namespace", str)
 ENGINE = web.AppKey("engine", DockerEngine)
 STORE = web.AppKey("store", BuildStore)
 SERVICE = web.AppKey("service", BuildService)

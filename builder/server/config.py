@@ -26,6 +26,13 @@ class Settings:
     build_cpus: float | None = None
     build_network: str = "bridge"
     docker_host: str | None = dataclasses.field(default_factory=lambda: os.environ.get("DOCKER_HOST"))
+    # Bearer tokens: `token namespace` lines in a file, and/or "t1=ns1,t2=ns2" (env BUILDER_AUTH_TOKENS).
+    auth_tokens_file: Path | None = None
+    auth_tokens: str | None = dataclasses.field(
+        default_factory=lambda: os.environ.get("BUILDER_AUTH_TOKENS"), repr=False
+    )
+    # Without tokens the daemon is open to anyone who reaches it: loopback only, unless this.
+    insecure: bool = False
     log_format: str = "auto"  # json | console | auto (json unless stdout is a TTY)
     log_level: str = "info"
     # A build running longer is torn down like a DELETE and fails; a request may ask for less.

@@ -11,7 +11,7 @@ from aiohttp import BodyPartReader, web
 
 from builder import protocol as p
 from builder.protocol import BuildStatus
-from builder.server.appkeys import ENGINE, SERVICE, SETTINGS, STREAMS
+from builder.server.appkeys import ENGINE, NAMESPACE, SERVICE, SETTINGS, STREAMS
 from builder.server.buildspec import BuildSpec, parse_flag
 from builder.server.contexts import SpooledContext
 from builder.server.errors import (
@@ -84,10 +84,11 @@ async def create_build(request: web.Request) -> web.Response:
             f"unsupported Content-Type {content_type!r}: send multipart/form-data, "
             "application/x-tar, application/gzip or application/json"
         )
+    namespace = request[NAMESPACE]
     if key is None:
-        record, created = await service.submit(spec, context), True
+        record, created = await service.submit(spec, context, namespace=namespace), True
     else:
-        record, created = await service.submit_once(spec, context, key=key)
+        record, created = await service.submit_once(spec, context, key=key, namespace=namespace)
     body = _accepted_body(record, request)
     # A repeat of an earlier submit (same Idempotency-Key and request) answers 200, not 202.
     return json_response(body, status=202 if created else 200, headers={"Location": body["links"]["self"]})
@@ -112,19 +113,19 @@ async def list_builds(request: web.Request) -> web.Response:
             allowed = ", ".join(s.value for s in BuildStatus)
             raise InvalidField(f"status must be one of {allowed}") from None
     limit = min(_int_query(request, "limit", _DEFAULT_LIMIT, minimum=1), _MAX_LIMIT)
-    records = await request.app[SERVICE].list(status=status, limit=limit)
+    records = await request.app[SERVICE].list(namespace=request[NAMESPACE], status=status, limit=limit)
     return json_response({"builds": [r.to_public() for r in records]})
 
 
 @routes.get("/builds/{build_id}", name="build")
 async def get_build(request: web.Request) -> web.Response:
-    record = await request.app[SERVICE].get(request.match_info["build_id"])
+    record = await request.app[SERVICE].get(request.match_info["build_id"], request[NAMESPACE])
     return json_response(record.to_public())
 
 
 @routes.delete("/builds/{build_id}")
 async def cancel_build(request: web.Request) -> web.Response:
-    record, complete = await request.app[SERVICE].cancel(request.match_info["build_id"])
+    record, complete = await request.app[SERVICE].cancel(request.match_info["build_id"], request[NAMESPACE])
     return json_response(record.to_public(), status=200 if complete else 202)
 
 
@@ -136,7 +137,7 @@ async def stream_logs(request: web.Request) -> web.StreamResponse:
     follow = parse_flag(request.query.get("follow"), "follow", default=True)
     response = _log_response(request)
     # Unknown (404) or expired (410) builds are answered before any byte of the stream.
-    await service.get(build_id)
+    await service.get(build_id, request[NAMESPACE])
     await response.start(request)
     request.app[STREAMS].add(response)
     try:

@@ -39,10 +39,17 @@ def validate_reference(ref: str) -> str:
 
 
 def parse_image_name(value: str) -> tuple[str, str]:
-    """Split `name[:tag]` into (name, tag), the tag defaulting to `latest`."""
+    """Split `name[:tag]` into (name, tag), the tag defaulting to `latest`.
+
+    The name is a repository path only: where images go (registry, namespace) is the
+    daemon's choice, never the request's.
+    """
     match = _IMAGE_NAME_RE.fullmatch(value)
     if match is None or len(match["name"]) > _MAX_NAME_LENGTH:
         raise InvalidField(
             f"image_name {value!r} is not a valid image name: expected lowercase 'name' or 'name:tag'"
         )
+    first, slash, _ = match["name"].partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        raise InvalidField(f"image_name {value!r} names a registry host; give the repository path only")
     return match["name"], match["tag"] or "latest"

@@ -44,14 +44,16 @@ class Publisher:
         """Where a build's `name:tag` goes in the registry."""
         return f"{self.registry}/{image_name}"
 
-    def cache_ref(self, cache_key: str) -> tuple[str, str]:
-        """(repository, tag) of the cache image for a key: a digest, so any key makes a valid tag."""
-        repository = f"{self.registry}/{CACHE_REPOSITORY}" if self.registry else CACHE_REPOSITORY
+    def cache_ref(self, namespace: str, cache_key: str) -> tuple[str, str]:
+        """(repository, tag) of a tenant's cache image for a key: a digest, so any key makes a tag."""
+        repository = f"{namespace}/{CACHE_REPOSITORY}" if namespace else CACHE_REPOSITORY
+        if self.registry:
+            repository = f"{self.registry}/{repository}"
         return repository, hashlib.sha256(cache_key.encode()).hexdigest()[:32]
 
-    async def cache_sources(self, cache_key: str, emit: Emit) -> list[str]:
+    async def cache_sources(self, namespace: str, cache_key: str, emit: Emit) -> list[str]:
         """The cache image to build from, fetched from the registry when there is one."""
-        repository, tag = self.cache_ref(cache_key)
+        repository, tag = self.cache_ref(namespace, cache_key)
         ref = f"{repository}:{tag}"
         if self.registry and (problem := await self._engine.pull(repository, tag, self._auth)):
             log.info("cache_image_not_pulled", ref=ref, reason=problem)
@@ -60,8 +62,8 @@ class Publisher:
         emit({"type": p.EVENT_STATUS, "status": "running", "phase": "cache", "cache_from": ref})
         return [ref]
 
-    async def store_cache(self, image_id: str, cache_key: str, emit: Emit) -> str:
-        repository, tag = self.cache_ref(cache_key)
+    async def store_cache(self, image_id: str, namespace: str, cache_key: str, emit: Emit) -> str:
+        repository, tag = self.cache_ref(namespace, cache_key)
         await self._engine.tag(image_id, repository, tag)
         if self.registry:
             await self._push(repository, tag, emit, phase="push-cache")

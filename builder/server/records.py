@@ -49,6 +49,8 @@ class Event(NamedTuple):
 class BuildRecord:
     build_id: str
     spec: BuildSpec
+    # The tenant whose token submitted it; "" when the daemon runs without auth.
+    namespace: str = ""
     status: BuildStatus = BuildStatus.QUEUED
     created_at: dt.datetime = dataclasses.field(default_factory=utcnow)
     started_at: dt.datetime | None = None

@@ -165,20 +165,22 @@ class BuildService:
 
     # -- queries ---------------------------------------------------------------
 
-    async def get(self, build_id: str) -> BuildRecord:
+    async def get(self, build_id: str, namespace: str = "") -> BuildRecord:
+        """A build of `namespace`; another tenant's build is exactly as unknown as no build."""
         if (build := self._active.get(build_id)) is not None:
-            build.record.last_event_id = build.log.last_id
-            return build.record
-        record = await self._store.get(build_id)
-        if record is None:
-            if await self._store.is_expired(build_id):
+            record = build.record
+            record.last_event_id = build.log.last_id
+        else:
+            record = await self._store.get(build_id)
+        if record is None or record.namespace != namespace:
+            if await self._store.is_expired(build_id, namespace):
                 raise BuildExpired(build_id)
             raise BuildNotFound(build_id)
         return record
 
-    async def list(self, *, status: BuildStatus | None, limit: int) -> list[BuildRecord]:
+    async def list(self, *, namespace: str = "", status: BuildStatus | None, limit: int) -> list[BuildRecord]:
         # Active records are saved on every state change, so the store's view is current.
-        return await self._store.list(status=status, limit=limit)
+        return await self._store.list(namespace=namespace, status=status, limit=limit)
 
     @property
     def queued_count(self) -> int:
@@ -212,8 +214,8 @@ class BuildService:
                         raise IdempotencyKeyReused(
                             "this Idempotency-Key was used for a different request in the last 24 h"
                         )
-                    return await self.get(seen[1]), False
-                record = await self.submit(spec, context)
+                    return await self.get(seen[1], namespace), False
+                record = await self.submit(spec, context, namespace=namespace)
                 await self._store.remember_idempotent(namespace, key, fingerprint, record.build_id)
                 return record, True
             finally:
@@ -231,8 +233,14 @@ class BuildService:
         if spec is not None and spec.timeout is not None and spec.timeout > self._settings.build_timeout:
             raise InvalidField(f"timeout may be at most {self._settings.build_timeout:g} seconds on this daemon")
 
-    async def submit(self, spec: BuildSpec, context: SpooledContext | None) -> BuildRecord:
-        """Queue a build of a spooled context, or of `FROM spec.base_image` when there is none."""
+    async def submit(self, spec: BuildSpec, context: SpooledContext | None, *, namespace: str = "") -> BuildRecord:
+        """Queue a build of a spooled context, or of `FROM spec.base_image` when there is none.
+
+        A tenant's images are named `<namespace>/<name>:<tag>`: the namespace comes from the
+        token, never from the request.
+        """
+        if namespace and spec.image_name:
+            spec = dataclasses.replace(spec, image_name=f"{namespace}/{spec.image_name}")
         try:
             self.check_accepting(spec)
         except BuilderError:
@@ -248,7 +256,9 @@ class BuildService:
         except BaseException:
             await self._spool.remove(context.path)
             raise
-        record = BuildRecord(build_id=secrets.token_urlsafe(16), spec=spec, nydus_status=self._nydus_plan(spec))
+        record = BuildRecord(
+            build_id=secrets.token_urlsafe(16), spec=spec, namespace=namespace, nydus_status=self._nydus_plan(spec)
+        )
         build = ActiveBuild(
             record=record,
             log=EventLog(
@@ -344,7 +354,10 @@ class BuildService:
                 build.deadline = deadline
                 if build.stop_reason is not None:
                     deadline.reschedule(asyncio.get_running_loop().time() + _CANCEL_GRACE)
-                cache_from = await self._publisher.cache_sources(spec.cache_key, build.log.append) if spec.cache_key else []
+                cache_from = (
+                    await self._publisher.cache_sources(record.namespace, spec.cache_key, build.log.append)
+                    if spec.cache_key else []
+                )
                 image_id, failure = await self._run_build(build, spec, cache_from)
                 if failure is None and image_id is not None:
                     record.image_id = await self._engine.image_id(image_id) or image_id
@@ -410,7 +423,7 @@ class BuildService:
                 if spec.nydus_convert and publisher.nydus_available:
                     await self._convert_nydus(build)
             if spec.cache_key and build.stop_reason is None:
-                await publisher.store_cache(record.image_id, spec.cache_key, build.log.append)
+                await publisher.store_cache(record.image_id, record.namespace, spec.cache_key, build.log.append)
         except PublishError as exc:
             if not self._settings.keep_local:
                 await self._remove_tags(record)
@@ -445,11 +458,12 @@ class BuildService:
 
     # -- cancel ----------------------------------------------------------------
 
-    async def cancel(self, build_id: str) -> tuple[BuildRecord, bool]:
+    async def cancel(self, build_id: str, namespace: str = "") -> tuple[BuildRecord, bool]:
         """Cancel a build; returns its record and whether teardown completed in time."""
+        record = await self.get(build_id, namespace)
         build = self._active.get(build_id)
-        if build is None or build.record.status.terminal:
-            return await self.get(build_id), True
+        if build is None or record.status.terminal:
+            return record, True
         await self._stop_build(build, BuildStatus.CANCELLED, CANCELLED_MESSAGE)
         return build.record, await self._wait_done(build, self._settings.cancel_wait)
 

@@ -28,6 +28,7 @@ _RUN_LENGTH = 1000
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS builds (
     build_id TEXT PRIMARY KEY,
+    namespace TEXT NOT NULL DEFAULT '',
     status TEXT NOT NULL,
     finished_at TEXT,
     record TEXT NOT NULL
@@ -44,9 +45,10 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
 -- Tombstones of builds removed by retention: their endpoints answer 410, not 404.
 CREATE TABLE IF NOT EXISTS expired_builds (
     build_id TEXT PRIMARY KEY,
+    namespace TEXT NOT NULL,
     expired_at TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS builds_by_status ON builds (status);
+CREATE INDEX IF NOT EXISTS builds_by_status ON builds (namespace, status);
 -- Log events in runs of consecutive ids: `data` is their JSON lines joined by newlines
 -- (a dumped event never contains one). A row per run, not per line, keeps a chatty
 -- build from costing a database row per output line.
@@ -65,7 +67,7 @@ class BuildStore(Protocol):
     async def close(self) -> None: ...
     async def save(self, record: BuildRecord) -> None: ...
     async def get(self, build_id: str) -> BuildRecord | None: ...
-    async def list(self, *, status: BuildStatus | None, limit: int) -> list[BuildRecord]: ...
+    async def list(self, *, namespace: str, status: BuildStatus | None, limit: int) -> list[BuildRecord]: ...
     async def unfinished(self) -> list[BuildRecord]: ...
     async def append_events(self, events: Sequence[tuple[str, Event]]) -> None: ...
     async def read_events(
@@ -73,7 +75,7 @@ class BuildStore(Protocol):
     ) -> list[Event]: ...
     async def last_event_id(self, build_id: str) -> int: ...
     async def expire(self, *, finished_before: str, keep: int, exclude: Set[str]) -> list[str]: ...
-    async def is_expired(self, build_id: str) -> bool: ...
+    async def is_expired(self, build_id: str, namespace: str) -> bool: ...
     async def find_idempotent(self, namespace: str, key: str, since: str) -> tuple[str, str] | None: ...
     async def remember_idempotent(self, namespace: str, key: str, fingerprint: str, build_id: str) -> None: ...
 
@@ -124,10 +126,10 @@ class SqliteBuildStore:
 
     async def save(self, record: BuildRecord) -> None:
         data = record.to_storage()
-        row = (record.build_id, record.status.value, data["finished_at"], json.dumps(data))
+        row = (record.build_id, record.namespace, record.status.value, data["finished_at"], json.dumps(data))
         await self._write(
             lambda c: c.execute(
-                "INSERT INTO builds (build_id, status, finished_at, record) VALUES (?, ?, ?, ?) "
+                "INSERT INTO builds (build_id, namespace, status, finished_at, record) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (build_id) DO UPDATE SET status = excluded.status, "
                 "finished_at = excluded.finished_at, record = excluded.record",
                 row,
@@ -140,13 +142,14 @@ class SqliteBuildStore:
         )
         return BuildRecord.from_storage(json.loads(rows[0][0])) if rows else None
 
-    async def list(self, *, status: BuildStatus | None, limit: int) -> list[BuildRecord]:
+    async def list(self, *, namespace: str, status: BuildStatus | None, limit: int) -> list[BuildRecord]:
         # rowid order is insertion order, and upserts keep the rowid: newest first.
         if status is None:
-            query, args = "SELECT record FROM builds ORDER BY rowid DESC LIMIT ?", (limit,)
+            query = "SELECT record FROM builds WHERE namespace = ? ORDER BY rowid DESC LIMIT ?"
+            args: tuple[object, ...] = (namespace, limit)
         else:
-            query = "SELECT record FROM builds WHERE status = ? ORDER BY rowid DESC LIMIT ?"
-            args = (status.value, limit)
+            query = "SELECT record FROM builds WHERE namespace = ? AND status = ? ORDER BY rowid DESC LIMIT ?"
+            args = (namespace, status.value, limit)
         rows = await self._read(lambda c: c.execute(query, args).fetchall())
         return [BuildRecord.from_storage(json.loads(r[0])) for r in rows]
 
@@ -205,23 +208,25 @@ class SqliteBuildStore:
 
         def expire(c: sqlite3.Connection) -> list[str]:
             rows = c.execute(
-                "SELECT build_id FROM builds WHERE finished_at IS NOT NULL AND (finished_at < ? OR rowid NOT IN "
-                "(SELECT rowid FROM builds ORDER BY rowid DESC LIMIT ?))",
+                "SELECT build_id, namespace FROM builds WHERE finished_at IS NOT NULL AND (finished_at < ? OR "
+                "rowid NOT IN (SELECT rowid FROM builds ORDER BY rowid DESC LIMIT ?))",
                 (finished_before, keep),
             ).fetchall()
-            ids = [r[0] for r in rows if r[0] not in exclude]
+            expired = [(build_id, namespace) for build_id, namespace in rows if build_id not in exclude]
             now = rfc3339(utcnow())
-            for build_id in ids:
+            for build_id, namespace in expired:
                 c.execute("DELETE FROM event_runs WHERE build_id = ?", (build_id,))
                 c.execute("DELETE FROM builds WHERE build_id = ?", (build_id,))
-                c.execute("INSERT OR REPLACE INTO expired_builds VALUES (?, ?)", (build_id, now))
-            return ids
+                c.execute("INSERT OR REPLACE INTO expired_builds VALUES (?, ?, ?)", (build_id, namespace, now))
+            return [build_id for build_id, _ in expired]
 
         return await self._write(expire)
 
-    async def is_expired(self, build_id: str) -> bool:
+    async def is_expired(self, build_id: str, namespace: str) -> bool:
         rows = await self._read(
-            lambda c: c.execute("SELECT 1 FROM expired_builds WHERE build_id = ?", (build_id,)).fetchall()
+            lambda c: c.execute(
+                "SELECT 1 FROM expired_builds WHERE build_id = ? AND namespace = ?", (build_id, namespace)
+            ).fetchall()
         )
         return bool(rows)
 

@@ -1,0 +1,78 @@
+"""Bearer tokens, each mapped to a namespace (tenant); reloadable on SIGHUP."""
+
+from __future__ import annotations
+
+import hmac
+import re
+from pathlib import Path
+
+import structlog
+
+from builder.server.errors import BuilderError
+
+log = structlog.get_logger(__name__)
+
+# A namespace becomes the first path component of image names: keep it a valid one.
+_NAMESPACE_RE = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?", re.ASCII)
+
+
+class Unauthorized(BuilderError):
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="builder"'})
+
+
+class TokenTable:
+    """Token -> namespace, from `--auth-tokens-file` and/or `BUILDER_AUTH_TOKENS`."""
+
+    def __init__(self, *, path: Path | None = None, env: str | None = None) -> None:
+        self._path = path
+        self._env = env
+        self._tokens: list[tuple[bytes, str]] = []
+        self.reload()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._path or self._env)
+
+    def reload(self) -> None:
+        """Read the tokens again; a broken file keeps the previous table (and says why)."""
+        pairs: list[tuple[str, str]] = []
+        if self._env:
+            for item in self._env.split(","):
+                token, sep, namespace = item.strip().partition("=")
+                if item.strip():
+                    pairs.append(_pair(token, namespace if sep else "", "BUILDER_AUTH_TOKENS"))
+        if self._path is not None:
+            for number, line in enumerate(self._path.read_text().splitlines(), start=1):
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    token, _, namespace = line.partition(" ")
+                    pairs.append(_pair(token, namespace.strip(), f"{self._path}:{number}"))
+        self._tokens = [(token.encode(), namespace) for token, namespace in pairs]
+        log.info("auth_tokens_loaded", count=len(self._tokens))
+
+    def namespace(self, authorization: str | None) -> str:
+        """The caller's namespace; Unauthorized unless the header carries a known token."""
+        if not self.enabled:
+            return ""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("this daemon needs an Authorization: Bearer <token> header")
+        offered = token.strip().encode()
+        found = None
+        # Compare with every token, in constant time each, so timing tells nothing.
+        for known, namespace in self._tokens:
+            if hmac.compare_digest(known, offered):
+                found = namespace
+        if found is None:
+            raise Unauthorized("the bearer token is not valid")
+        return found
+
+
+def _pair(token: str, namespace: str, where: str) -> tuple[str, str]:
+    if not token or not _NAMESPACE_RE.fullmatch(namespace):
+        raise ValueError(f"{where}: expected 'token namespace' with a lowercase namespace, got {namespace!r}")
+    return token, namespace
