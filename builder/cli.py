@@ -37,6 +37,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="network mode of build step containers: bridge (default), none, host")
     serve.add_argument("--auth-tokens-file", type=Path, default=defaults.auth_tokens_file,
                        help="'token namespace' per line (# comments); reloaded on SIGHUP. Also env BUILDER_AUTH_TOKENS")
+    serve.add_argument("--metrics-token", default=defaults.metrics_token,
+                       help="a token that may read /metrics only (env BUILDER_METRICS_TOKEN)")
     serve.add_argument("--insecure", action="store_true",
                        help="allow listening on a non-loopback address without any auth token")
     serve.add_argument("--log-format", choices=["json", "console", "auto"], default=defaults.log_format,
@@ -98,6 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         auth_tokens_file=args.auth_tokens_file,
         insecure=args.insecure,
+        metrics_token=args.metrics_token,
         log_level=args.log_level,
         cancel_wait=args.cancel_wait,
         shutdown_grace=args.shutdown_grace,

@@ -133,3 +133,13 @@ async def test_sighup_reloads_tokens_without_dropping_streams(
         assert (await session.get(f"{url}/builds", headers=old)).status == 401
         frames = [json.loads(line[6:]) for line in (await stream.text()).splitlines() if line.startswith("data: ")]
         assert frames[-1]["status"] == "succeeded"  # the stream opened with the old token ran to its end
+
+
+async def test_metrics_need_a_token_or_the_metrics_token(aiohttp_client: Any, settings: Settings) -> None:
+    client = await aiohttp_client(create_app(dataclasses.replace(
+        settings, auth_tokens="tok-alpha=alpha", metrics_token="scrape-me")))
+    assert (await client.get("/metrics")).status == 401
+    scraper = await client.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+    assert scraper.status == 200
+    assert (await client.get("/builds", headers={"Authorization": "Bearer scrape-me"})).status == 401
+    assert (await client.get("/metrics", headers=ALPHA)).status == 200

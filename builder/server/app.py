@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import secrets
 import signal
@@ -122,13 +123,22 @@ _PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every endpoint but the probes needs a valid token when auth is configured."""
-    if request.path in _PUBLIC_PATHS:
+    if request.path in _PUBLIC_PATHS or _is_metrics_scraper(request):
         request[NAMESPACE] = ""
     else:
         request[NAMESPACE] = request.app[TOKENS].namespace(request.headers.get("Authorization"))
         if request[NAMESPACE]:
             structlog.contextvars.bind_contextvars(namespace=request[NAMESPACE])
     return await handler(request)
+
+
+def _is_metrics_scraper(request: web.Request) -> bool:
+    """`--metrics-token` opens /metrics (and nothing else) to a scraper without a tenant token."""
+    token = request.app[SETTINGS].metrics_token
+    if request.path != "/metrics" or not token:
+        return False
+    offered = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    return hmac.compare_digest(offered.encode(), token.encode())
 
 
 @web.middleware

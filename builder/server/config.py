@@ -31,6 +31,10 @@ class Settings:
     auth_tokens: str | None = dataclasses.field(
         default_factory=lambda: os.environ.get("BUILDER_AUTH_TOKENS"), repr=False
     )
+    # A token that may read /metrics (and nothing else); tenant tokens may read it too.
+    metrics_token: str | None = dataclasses.field(
+        default_factory=lambda: os.environ.get("BUILDER_METRICS_TOKEN"), repr=False
+    )
     # Without tokens the daemon is open to anyone who reaches it: loopback only, unless this.
     insecure: bool = False
     log_format: str = "auto"  # json | console | auto (json unless stdout is a TTY)

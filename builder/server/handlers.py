@@ -63,6 +63,12 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[SERVICE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
 @routes.post("/builds")
 async def create_build(request: web.Request) -> web.Response:
     service = request.app[SERVICE]

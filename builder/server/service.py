@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import json
 import secrets
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from builder.server.errors import (
     ShuttingDown,
 )
 from builder.server.events import EventLog
+from builder.server.metrics import Metrics
 from builder.server.publish import Publisher, PublishError
 from builder.server.records import (
     NYDUS_NOT_PERFORMED,
@@ -77,6 +79,7 @@ class ActiveBuild:
     task: asyncio.Task[None] | None = None
     # Set once DELETE, the timeout or shutdown asked it to stop: how it ends then.
     stop_reason: tuple[BuildStatus, str] | None = None
+    stop_requested_at: float | None = None
     current_container: str | None = None
     deadline: asyncio.Timeout | None = None
     pushing: bool = False
@@ -92,6 +95,10 @@ class BuildService:
         self._store = store
         self._spool = spool
         self._publisher = Publisher(settings, engine)
+        self.metrics = Metrics()
+        self.metrics.observe(
+            queued=lambda: len(self._queue), running=lambda: len(self._running), streams=lambda: self.follower_count
+        )
         self._active: dict[str, ActiveBuild] = {}
         self._queue: collections.deque[ActiveBuild] = collections.deque()
         self._running: set[ActiveBuild] = set()
@@ -194,7 +201,9 @@ class BuildService:
 
     async def receive_context(self, chunks: AsyncIterable[bytes], *, digest: bool = False) -> SpooledContext:
         """Spool an uploaded context; too large or not a tar: an error, and nothing is kept."""
-        return await self._spool.receive(chunks, limit=self._settings.max_context_bytes, digest=digest)
+        context = await self._spool.receive(chunks, limit=self._settings.max_context_bytes, digest=digest)
+        self.metrics.upload_bytes.inc(context.size)
+        return context
 
     async def submit_once(
         self, spec: BuildSpec, context: SpooledContext | None, *, key: str, namespace: str = ""
@@ -472,6 +481,7 @@ class BuildService:
         if build.stop_reason is not None or build.record.status.terminal:
             return
         build.stop_reason = (status, reason)
+        build.stop_requested_at = time.monotonic()
         log.info("build_stop_requested", build_id=build.record.build_id, reason=reason)
         if build in self._queue:
             self._queue.remove(build)
@@ -532,6 +542,11 @@ class BuildService:
         await self._flush()
         await self._store.save(record)
         build.done.set()
+        self.metrics.builds.labels(status.value).inc()
+        if record.started_at is not None:
+            self.metrics.build_seconds.observe((record.finished_at - record.started_at).total_seconds())
+        if build.stop_requested_at is not None and status is BuildStatus.CANCELLED:
+            self.metrics.teardown_seconds.observe(time.monotonic() - build.stop_requested_at)
         log.info("build_finished", build_id=record.build_id, status=status.value, error=error)
 
     def _emit(self, build: ActiveBuild, payload: dict[str, Any]) -> Event:

@@ -1,0 +1,37 @@
+"""GET /metrics reflects what the daemon did, in Prometheus text format."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import dockerfile, submit, wait_for, wait_for_line
+
+
+def _sample(text: str, name: str, labels: str = "") -> float:
+    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name}{labels} missing"
+    return float(match.group(1))
+
+
+async def test_metrics_count_builds_uploads_streams_and_teardown(client: TestClient) -> None:
+    ok = await submit(client, {"Dockerfile": dockerfile("RUN true")})
+    await wait_for(client, ok["build_id"], {"succeeded"})
+    sleeper = await submit(client, {"Dockerfile": dockerfile("RUN echo started && sleep 300"), "m": str(time.time())})
+    await wait_for_line(client, sleeper["build_id"], "started")
+    stream = await client.get(f"/builds/{sleeper['build_id']}/logs", headers={"Accept": "text/event-stream"})
+    await stream.content.readline()
+    text = await (await client.get("/metrics")).text()
+    assert _sample(text, "builder_builds_running") == 1
+    assert _sample(text, "builder_queue_depth") == 0
+    assert _sample(text, "builder_log_streams") >= 1
+    assert _sample(text, "builder_upload_bytes_total") > 0
+    stream.close()
+    assert (await client.delete(f"/builds/{sleeper['build_id']}")).status == 200
+    text = await (await client.get("/metrics")).text()
+    assert _sample(text, "builder_builds_total", '{status="succeeded"}') == 1
+    assert _sample(text, "builder_builds_total", '{status="cancelled"}') == 1
+    assert _sample(text, "builder_cancel_teardown_seconds_count") == 1
+    assert _sample(text, "builder_build_duration_seconds_count") == 2
