@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from builder.server.appkeys import (
     ENGINE,
@@ -149,6 +150,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except BuilderError as exc:
         log.info("request_failed", status=exc.status, code=exc.code, error=exc.message)
         return _json_error(exc.status, exc.code, exc.message, exc.headers)
+    except HttpProcessingError as exc:
+        # A malformed body met while reading it (multipart part headers, chunk framing).
+        return _json_error(400, "bad_request", f"malformed request: {exc.message}", {})
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

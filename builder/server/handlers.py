@@ -20,6 +20,7 @@ from builder.server.errors import (
     InvalidField,
     UnsupportedMediaType,
 )
+from builder.server.openapi import openapi_document
 from builder.server.records import BuildRecord
 from builder.server.streams import (
     EventStreamResponse,
@@ -61,6 +62,11 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response(
         {"error": "the Docker engine does not answer ping", "code": "engine_unavailable"}, status=503
     )
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_document())
 
 
 @routes.get("/metrics")
