@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from builder.server.app import create_app
 from builder.server.config import Settings
-from tests.conftest import dockerfile, make_context
+from tests.conftest import dockerfile, make_context, wait_for
 
 
 async def _error(response: aiohttp.ClientResponse, status: int, code: str) -> str:
@@ -234,3 +234,37 @@ async def test_two_context_parts_are_refused(client: TestClient, settings: Setti
         form.add_field("context", make_context({"Dockerfile": dockerfile()}), filename="c.tgz")
     assert "more than one context" in await _error(await client.post("/builds", data=form), 400, "bad_request")
     assert list(settings.spool_dir.iterdir()) == []
+
+
+async def test_symlink_out_of_the_context_never_reaches_the_host(client: TestClient) -> None:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        data = dockerfile("COPY link /copied", "RUN cat /copied").encode()
+        info = _info("Dockerfile", len(data))
+        tar.addfile(info, io.BytesIO(data))
+        link = _info("link", 0)
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    response = await client.post("/builds", data=buffer.getvalue(), headers={"Content-Type": "application/gzip"},
+                                 params={"no_cache": "true"})
+    build_id = (await response.json())["build_id"]
+    status = await wait_for(client, build_id, {"succeeded", "failed"})
+    assert status["status"] == "failed" and "COPY failed" in status["error"]
+
+
+async def test_truncated_gzip_and_huge_field_are_400_and_a_good_build_follows(
+    client: TestClient, settings: Settings
+) -> None:
+    good = make_context({"Dockerfile": dockerfile("RUN true")})
+    truncated = await client.post("/builds", data=good[: len(good) // 2], headers={"Content-Type": "application/gzip"})
+    await _error(truncated, 400, "invalid_context")
+    form = aiohttp.FormData()
+    form.add_field("context", good, filename="c.tgz")
+    form.add_field("image_name", "a" * (10 << 20))
+    assert "longer than" in await _error(await client.post("/builds", data=form), 400, "invalid_field")
+    assert list(settings.spool_dir.iterdir()) == []
+    accepted = await client.post("/builds", data=good, headers={"Content-Type": "application/gzip"})
+    assert (await wait_for(client, (await accepted.json())["build_id"], {"succeeded", "failed"}))["status"] == "succeeded"
