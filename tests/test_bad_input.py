@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from builder.server.app import create_app
 from builder.server.config import Settings
-from tests.conftest import dockerfile, make_context, wait_for
+from tests.conftest import dockerfile, make_context, wait_for, wait_healthy
 
 
 async def _error(response: aiohttp.ClientResponse, status: int, code: str) -> str:
@@ -268,3 +268,17 @@ async def test_truncated_gzip_and_huge_field_are_400_and_a_good_build_follows(
     assert list(settings.spool_dir.iterdir()) == []
     accepted = await client.post("/builds", data=good, headers={"Content-Type": "application/gzip"})
     assert (await wait_for(client, (await accepted.json())["build_id"], {"succeeded", "failed"}))["status"] == "succeeded"
+
+
+async def test_huge_header_and_huge_query_are_json_errors(daemon: tuple[str, Any]) -> None:
+    # The real `builder serve`: its HTTP parser settings are part of what is tested.
+    url, _ = daemon
+    async with aiohttp.ClientSession() as session:
+        await wait_healthy(session, url)
+        async with session.get(f"{url}/builds", headers={"X-Huge": "h" * (200 << 10)}) as response:
+            assert "headers may be" in await _error(response, 431, "request_header_fields_too_large")
+        async with session.post(f"{url}/builds", params={"image_name": "a" * (100 << 10)}, data=b"",
+                                headers={"Content-Type": "application/gzip"}) as response:
+            await _error(response, 414, "uri_too_long")
+        async with session.get(f"{url}/healthz") as response:
+            assert response.status == 200

@@ -9,6 +9,7 @@ import secrets
 import signal
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -38,7 +39,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # A client that hangs up cancels its handler, so abandoned log streams release
 # their subscription at once instead of at the next ping.
-RUNNER_OPTIONS = {"handler_cancellation": True}
+# aiohttp's own parser answers oversized headers with plain text before the app sees them;
+# let it accept up to 1 MiB so the app can refuse them (431) in JSON.
+RUNNER_OPTIONS: dict[str, Any] = {
+    "handler_cancellation": True,
+    "max_line_size": 1 << 20,
+    "max_field_size": 1 << 20,
+}
+# What the app itself accepts: a header line, and all header lines together.
+_MAX_HEADER_BYTES = 16 * 1024
+_MAX_HEADERS_BYTES = 64 * 1024
 # On shutdown, how long log streams get to send what they still owe.
 _STREAM_FINISH_SECONDS = 3.0
 
@@ -106,6 +116,15 @@ def create_app(settings: Settings) -> web.Application:
 
 @web.middleware
 async def request_context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if len(request.raw_path) > _MAX_HEADER_BYTES:
+        return _json_error(414, "uri_too_long", f"the request target is longer than {_MAX_HEADER_BYTES} bytes", {})
+    sizes = [len(name) + len(value) for name, value in request.raw_headers]
+    if max(sizes, default=0) > _MAX_HEADER_BYTES or sum(sizes) > _MAX_HEADERS_BYTES:
+        return _json_error(
+            431, "request_header_fields_too_large",
+            f"request headers may be {_MAX_HEADER_BYTES} bytes each and {_MAX_HEADERS_BYTES} in all",
+            {},
+        )
     request_id = request.headers.get("X-Request-ID") or secrets.token_hex(8)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
