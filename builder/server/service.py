@@ -63,6 +63,8 @@ SHUTDOWN_MESSAGE = "daemon shut down while the build was running"
 # After a cancel, keep reading the engine's stream this long so any step container
 # that starts in the meantime is seen and removed; then drop the connection.
 _CANCEL_GRACE = 5.0
+# Queue positions up to this are announced at every move; further back, at most once a second.
+_QUEUE_FRONT = 5
 # Most events handed to one follower at a time (and read from the store per query):
 # a follower far behind must not build one huge write.
 _FOLLOW_BATCH = 1000
@@ -80,6 +82,7 @@ class ActiveBuild:
     # Set once DELETE, the timeout or shutdown asked it to stop: how it ends then.
     stop_reason: tuple[BuildStatus, str] | None = None
     stop_requested_at: float | None = None
+    queue_announced_at: float = 0.0
     current_container: str | None = None
     deadline: asyncio.Timeout | None = None
     pushing: bool = False
@@ -304,8 +307,13 @@ class BuildService:
             self._announce_queue_positions()
 
     def _announce_queue_positions(self) -> None:
+        """Tell waiting builds where they stand: the front few every time, the rest at most
+        once a second each, so a long queue does not cost a log event per build per start."""
+        now = time.monotonic()
         for position, waiting in enumerate(self._queue, start=1):
-            self._emit(waiting, _queued_payload(position))
+            if position <= _QUEUE_FRONT or now - waiting.queue_announced_at >= 1.0:
+                waiting.queue_announced_at = now
+                self._emit(waiting, _queued_payload(position))
 
     # -- running ---------------------------------------------------------------
 

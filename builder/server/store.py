@@ -102,7 +102,12 @@ class SqliteBuildStore:
 
     def _connect(self, writer: bool) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        if writer:
+            # Space freed by retention goes back to the file system (set before any table exists).
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
+        # After a checkpoint the WAL file is cut back to this size rather than kept at its peak.
+        conn.execute(f"PRAGMA journal_size_limit={8 << 20}")
         # WAL + NORMAL: a commit is durable across a process crash; one fsync per checkpoint.
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
@@ -220,7 +225,16 @@ class SqliteBuildStore:
                 c.execute("INSERT OR REPLACE INTO expired_builds VALUES (?, ?, ?)", (build_id, namespace, now))
             return [build_id for build_id, _ in expired]
 
-        return await self._write(expire)
+        expired = await self._write(expire)
+        if expired:
+            await self._on(self._writer, self._reclaim)
+        return expired
+
+    def _reclaim(self) -> None:
+        conn = self._write_conn
+        assert conn is not None
+        conn.execute("PRAGMA incremental_vacuum")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     async def is_expired(self, build_id: str, namespace: str) -> bool:
         rows = await self._read(
