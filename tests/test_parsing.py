@@ -17,6 +17,7 @@ from builder.server.engine_output import (
 )
 from builder.server.errors import InvalidField, InvalidImageReference
 from builder.server.events import EventLog
+from builder.server.hosts import is_loopback
 from builder.server.imageref import parse_image_name, validate_reference
 
 
@@ -156,3 +157,12 @@ async def test_waiting_follower_wakes_on_new_events() -> None:
     log.append({"type": "log", "line": "x"})
     await asyncio.wait_for(waiter, 1)
     await asyncio.wait_for(log.wait_for_events(0), 1)  # already there: no wait
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [("127.0.0.1", True), ("127.0.0.1:5000", True), ("localhost", True), ("localhost:80", True),
+     ("[::1]:5000", True), ("::1", True), ("0.0.0.0", False), ("10.0.0.1:5000", False), ("example.com", False)],
+)
+def test_loopback_addresses(address: str, loopback: bool) -> None:
+    assert is_loopback(address) is loopback

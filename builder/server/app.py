@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import secrets
 import signal
 import weakref
@@ -30,6 +29,7 @@ from builder.server.contexts import ContextSpool
 from builder.server.engine import BuildLimits, DockerEngine
 from builder.server.errors import BuilderError
 from builder.server.handlers import json_response, routes
+from builder.server.hosts import is_loopback
 from builder.server.service import BuildService
 from builder.server.store import SqliteBuildStore
 
@@ -86,21 +86,12 @@ def _reload_tokens(app: web.Application) -> None:
 def open_access_refusal(settings: Settings) -> str | None:
     """Why the daemon must not start as configured, if it must not."""
     tokens = TokenTable(path=settings.auth_tokens_file, env=settings.auth_tokens)
-    if tokens.enabled or settings.insecure or _is_loopback(settings.host):
+    if tokens.enabled or settings.insecure or is_loopback(settings.host):
         return None
     return (
         f"refusing to listen on {settings.host} without authentication: anyone who can reach it could "
         "run builds. Configure --auth-tokens-file or BUILDER_AUTH_TOKENS, or pass --insecure."
     )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def create_app(settings: Settings) -> web.Application:

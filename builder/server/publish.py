@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import ipaddress
 import json
 import shutil
 import time
@@ -18,6 +17,7 @@ from builder import protocol as p
 from builder.server.config import Settings
 from builder.server.engine import DockerEngine
 from builder.server.engine_output import EngineFailure, PushDigest, PushProgress
+from builder.server.hosts import is_loopback
 
 log = structlog.get_logger(__name__)
 
@@ -110,7 +110,7 @@ class Publisher:
         assert self._nydusify is not None
         target = f"{source}-nydus"
         args = [self._nydusify, "convert", "--source", source, "--target", target]
-        if _is_loopback(self.registry or ""):
+        if is_loopback(self.registry or ""):
             # Like the engine's default, a registry on loopback is spoken to over plain HTTP.
             args += ["--source-insecure", "--target-insecure"]
         process = await asyncio.create_subprocess_exec(
@@ -136,13 +136,3 @@ def _registry_auth(settings: Settings) -> str:
         auth = {"username": settings.registry_username, "password": settings.registry_password or "",
                 "serveraddress": settings.registry or ""}
     return base64.urlsafe_b64encode(json.dumps(auth).encode()).decode()
-
-
-def _is_loopback(registry: str) -> bool:
-    host = registry.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
