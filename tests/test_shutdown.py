@@ -58,3 +58,11 @@ async def test_sigterm_lets_short_builds_finish_and_tears_down_the_rest(
                                "error": "daemon shut down while the build was running"}
     leftovers = [c for c in await docker.containers.list(all=True) if "sleep 300" in str(c._container.get("Command"))]
     assert leftovers == []
+
+
+async def test_sigterm_on_an_idle_daemon_exits_0(daemon: tuple[str, subprocess.Popen[bytes]]) -> None:
+    url, proc = daemon
+    async with aiohttp.ClientSession() as session:
+        await wait_healthy(session, url)
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 20) == 0

@@ -49,6 +49,7 @@ RUNNER_OPTIONS: dict[str, Any] = {
 # What the app itself accepts: a header line, and all header lines together.
 _MAX_HEADER_BYTES = 16 * 1024
 _MAX_HEADERS_BYTES = 64 * 1024
+_LISTEN_BACKLOG = 1024
 # On shutdown, how long log streams get to send what they still owe.
 _STREAM_FINISH_SECONDS = 3.0
 
@@ -60,7 +61,8 @@ async def serve(settings: Settings) -> None:
     runner = web.AppRunner(app, access_log=None, **RUNNER_OPTIONS)
     await runner.setup()
     try:
-        await web.TCPSite(runner, settings.host, settings.port).start()
+        # A deep accept queue: a thousand followers may connect at once.
+        await web.TCPSite(runner, settings.host, settings.port, backlog=_LISTEN_BACKLOG).start()
         log.info("serving", host=settings.host, port=settings.port, data_dir=str(settings.data_dir))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -133,7 +133,11 @@ class BuildService:
         for build in list(self._queue):
             await self._stop_build(build, BuildStatus.FAILED, SHUTDOWN_MESSAGE)
         running = list(self._running)
-        await asyncio.wait([asyncio.ensure_future(b.done.wait()) for b in running] or [asyncio.sleep(0)], timeout=grace)
+        if running:
+            waiters = [asyncio.ensure_future(b.done.wait()) for b in running]
+            await asyncio.wait(waiters, timeout=grace)
+            for waiter in waiters:
+                waiter.cancel()
         for build in running:
             await self._stop_build(build, BuildStatus.FAILED, SHUTDOWN_MESSAGE)
         for build in running:
