@@ -13,6 +13,8 @@ import datetime as dt
 import io
 import json
 import os
+import random
+import resource
 import shutil
 import signal
 import socket
@@ -22,6 +24,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
@@ -36,6 +39,16 @@ TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 STARTUP_TIMEOUT = 30.0
 STOP_GRACE = 10.0
+
+# Daemons that died on their own or exited non-zero when stopped, in order: the report names them
+# under the scenario they happened in (a crash is a finding, not something to work around).
+@dataclass(frozen=True)
+class DaemonProblem:
+    what: str
+    workdir: Path  # kept, with the daemon's log
+
+
+DAEMON_PROBLEMS: list[DaemonProblem] = []
 
 
 def progress(message: str) -> None:
@@ -131,6 +144,13 @@ class Daemon:
         self.exit_code = proc.returncode
         if self.died_early or self.exit_code != 0:
             progress(f"daemon exit code {self.exit_code}; keeping {self.workdir}")
+            what = "died before the harness stopped it" if self.died_early else "exited non-zero on SIGTERM"
+            last = next((line for line in reversed(self.log_tail(40).splitlines()) if line.strip()
+                         and not line.startswith("sys:")), "")
+            DAEMON_PROBLEMS.append(DaemonProblem(
+                f"`builder serve` {what} (exit code {self.exit_code}), last log line `{last.strip()[:300]}`",
+                self.workdir,
+            ))
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -379,3 +399,195 @@ async def client_session(*, unlimited: bool = False) -> AsyncIterator[aiohttp.Cl
     connector = aiohttp.TCPConnector(limit=0) if unlimited else aiohttp.TCPConnector()
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
         yield session
+
+
+# ---------------------------------------------------------------- results for the report's headline and chart
+
+
+@dataclass(frozen=True)
+class Headline:
+    """One row of the report's headline table."""
+
+    scenario: str
+    measured: str  # "1.03 (builder / legacy docker build)" or a key number
+    target: str  # "≤ 1.05", or "—" when the issue sets none
+    met: bool | None  # None: no target, or nothing to judge
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One bar of benchmarks/ratios.png: a ratio and the target it is held to."""
+
+    label: str
+    ratio: float | None
+    target: float | None = None
+    higher_is_better: bool = False  # True: the target is a minimum (≥), else a maximum (≤)
+
+    @property
+    def met(self) -> bool | None:
+        if self.ratio is None or self.target is None:
+            return None
+        return self.ratio >= self.target if self.higher_is_better else self.ratio <= self.target
+
+
+@dataclass
+class Result:
+    """What a scenario hands back: its report section, headline rows and chart bars."""
+
+    body: str
+    headlines: list[Headline] = field(default_factory=list)
+    bars: list[Bar] = field(default_factory=list)
+
+
+def met_text(met: bool | None) -> str:
+    return {True: "met", False: "**missed**", None: "—"}[met]
+
+
+# ---------------------------------------------------------------- kernel TCP counters
+
+TCP_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPSynRetrans")
+
+
+def tcp_counters() -> dict[str, int]:
+    """Some TcpExt counters of this network namespace (machine-wide, not per process)."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return {}
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return {name: int(table[name]) for name in TCP_COUNTERS if name in table}
+    return {}
+
+
+# ---------------------------------------------------------------- process limits
+
+
+def raise_fd_limit(wanted: int = 65536) -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE (soft, and hard when we may); child processes such as the daemon inherit it.
+
+    1,000 concurrent followers need ~1,000 sockets in the harness and as many in the daemon.
+    Returns the (soft, hard) limit now in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return soft, hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
+    except (ValueError, OSError):
+        # Not root: the soft limit can still go up to the hard one.
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+# ---------------------------------------------------------------- the docker CLI and the engine's API
+
+# Debian's client, matching the engine it ships (another `docker` on PATH may be a different build).
+DOCKER_CLI = "/usr/bin/docker"
+DOCKER_SOCKET = "/var/run/docker.sock"
+ENGINE_API = "http://docker/v1.41"
+
+
+@contextlib.asynccontextmanager
+async def engine_session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A session that talks to the engine's API directly over its unix socket."""
+    connector = aiohttp.UnixConnector(path=DOCKER_SOCKET, limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+        yield session
+
+
+async def remove_images(refs: Sequence[str | None]) -> None:
+    """Remove images (tags or ids) a scenario built; tags it never got are ignored."""
+    refs = [r for r in refs if r]
+    if not refs:
+        return
+    async with aiodocker.Docker() as docker:
+        for ref in refs:
+            with contextlib.suppress(aiodocker.DockerError):
+                await docker.images.delete(ref, force=True)
+
+
+@dataclass
+class CommandRun:
+    seconds: float
+    returncode: int
+    stderr: bytes
+    stdout: bytes = b""
+
+
+async def run_command(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    capture_stdout: bool = False,
+    check: bool = True,
+) -> CommandRun:
+    """Run a command to its exit; the time is spawn → exit (and, with capture_stdout, → EOF on its stdout).
+
+    stdout goes to /dev/null unless captured; stderr is kept for error messages.
+    """
+    full_env = {**os.environ, **(env or {})}
+    started = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=full_env,
+    )
+    stdout, stderr = await proc.communicate()
+    seconds = time.perf_counter() - started
+    run = CommandRun(seconds=seconds, returncode=proc.returncode or 0, stderr=stderr or b"", stdout=stdout or b"")
+    if check and run.returncode != 0:
+        tail = run.stderr.decode(errors="replace")[-2000:]
+        raise RuntimeError(f"{' '.join(argv)} exited {run.returncode}:\n{tail}")
+    return run
+
+
+# ---------------------------------------------------------------- context content
+
+_WORDS = (
+    b"the build context holds source files configuration assets and tests; a layer copies them "
+    b"into the image where each step runs its command and the engine commits the result as a new "
+    b"layer alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho"
+).split()
+
+
+def mixed_content(rng: random.Random, size: int) -> bytes:
+    """`size` bytes: the first half random (incompressible), the second half word salad.
+
+    gzip -6 shrinks the whole to about 60% of its size: neither trivially
+    compressible (all zeros) nor incompressible (all random).
+    """
+    half = size // 2
+    random_part = rng.randbytes(half)
+    text = bytearray()
+    need = size - half
+    while len(text) < need:
+        text += b" ".join(rng.choices(_WORDS, k=max(1, (need - len(text)) // 6 + 16))) + b"\n"
+    return random_part + bytes(text[:need])
+
+
+def write_files(directory: Path, *, count: int, total_bytes: int, seed: int, subdir: str = "files") -> None:
+    """`count` files of mixed content adding up to `total_bytes`, under directory/subdir."""
+    rng = random.Random(seed)
+    target = directory / subdir
+    target.mkdir(parents=True, exist_ok=True)
+    base, extra = divmod(total_bytes, count)
+    for i in range(count):
+        (target / f"f{i:03d}.bin").write_bytes(mixed_content(rng, base + (1 if i < extra else 0)))
+
+
+def tar_gz_of_directory(directory: Path, compresslevel: int = 6) -> bytes:
+    """The directory as an in-memory tar.gz, entries relative to it (Dockerfile at the top)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=compresslevel) as tar:
+        for path in sorted(directory.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
+    return buffer.getvalue()
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
