@@ -83,6 +83,7 @@ class ActiveBuild:
     stop_reason: tuple[BuildStatus, str] | None = None
     stop_requested_at: float | None = None
     queue_announced_at: float = 0.0
+    context_sent: bool = False
     current_container: str | None = None
     deadline: asyncio.Timeout | None = None
     pushing: bool = False
@@ -405,8 +406,7 @@ class BuildService:
             build.context,
             spec,
             cache_from=cache_from,
-            # The engine has every byte: the spooled copy is not needed any more.
-            on_context_sent=lambda: self._spool.remove(build.context),
+            on_context_sent=lambda: self._context_sent(build),
         )
         async with contextlib.aclosing(engine_build) as batches:
             async for batch in batches:
@@ -427,6 +427,11 @@ class BuildService:
                             failure = message
                 build.log.extend_lines(lines)
         return image_id, failure
+
+    async def _context_sent(self, build: ActiveBuild) -> None:
+        # The engine has every byte: the spooled copy is not needed any more.
+        build.context_sent = True
+        await self._spool.remove(build.context)
 
     async def _publish(self, build: ActiveBuild) -> str | None:
         """Push (with a registry), convert (with nydusify), keep the cache image; the failure, if any."""
@@ -501,8 +506,9 @@ class BuildService:
             await self._finish(build, status, error=reason)
             return
         if build.deadline is not None:
-            # A push is simply dropped; a build stream is read on to catch late step containers.
-            grace = 0 if build.pushing else _CANCEL_GRACE
+            # A build stream is read on to catch late step containers; but no step starts before
+            # the engine has the whole context, and a push is simply dropped.
+            grace = _CANCEL_GRACE if build.context_sent and not build.pushing else 0
             build.deadline.reschedule(asyncio.get_running_loop().time() + grace)
         if build.current_container is not None:
             # Shielded: a client hanging up on its DELETE must not stop the teardown.
