@@ -6,6 +6,8 @@ import dataclasses
 import os
 from pathlib import Path
 
+from builder.protocol import DEFAULT_SSE_RETRY_MS
+
 GIB = 1 << 30
 
 
@@ -68,7 +70,7 @@ class Settings:
     keep_local: bool = True
     # The nydus conversion tool; used only when found on PATH (or at this path).
     nydusify: str = "nydusify"
-    sse_retry_ms: int = 1000
+    sse_retry_ms: int = DEFAULT_SSE_RETRY_MS
     sse_ping_interval: float = 15.0
 
     @property

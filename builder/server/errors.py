@@ -97,10 +97,3 @@ class ShuttingDown(BuilderError):
 class EngineUnavailable(BuilderError):
     status = 503
     code = "engine_unavailable"
-
-
-class EngineError(BuilderError):
-    """The Docker engine refused or failed an operation outside a build stream."""
-
-    status = 502
-    code = "engine_error"

@@ -17,6 +17,7 @@ from builder.server.contexts import SpooledContext
 from builder.server.errors import (
     BadRequest,
     ContextTooLarge,
+    EngineUnavailable,
     InvalidField,
     UnsupportedMediaType,
 )
@@ -57,11 +58,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    if await request.app[ENGINE].ping():
-        return json_response({"status": "ready"})
-    return json_response(
-        {"error": "the Docker engine does not answer ping", "code": "engine_unavailable"}, status=503
-    )
+    if not await request.app[ENGINE].ping():
+        raise EngineUnavailable("the Docker engine does not answer ping")
+    return json_response({"status": "ready"})
 
 
 @routes.get("/openapi.json")
