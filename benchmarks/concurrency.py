@@ -8,6 +8,7 @@ import asyncio
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -37,12 +38,7 @@ async def _daemon_round(session: aiohttp.ClientSession, daemon: Daemon, contexts
             raise RuntimeError(f"build {i} ({build_id}) did not succeed: {follower.error} {follower.terminal}")
         return follower.terminal
 
-    started = time.perf_counter()
-    try:
-        await asyncio.gather(*(one(i) for i in range(BUILDS)))
-        return time.perf_counter() - started
-    finally:
-        await harness.remove_images(tags)
+    return await _timed(one, tags)
 
 
 async def _docker_round(dirs: list[Path], run_no: int) -> float:
@@ -56,12 +52,7 @@ async def _docker_round(dirs: list[Path], run_no: int) -> float:
                 env={"DOCKER_BUILDKIT": "0"},
             )
 
-    started = time.perf_counter()
-    try:
-        await asyncio.gather(*(one(i) for i in range(BUILDS)))
-        return time.perf_counter() - started
-    finally:
-        await harness.remove_images(tags)
+    return await _timed(one, tags)
 
 
 async def run() -> Result:
@@ -117,3 +108,13 @@ Alternating, one warm-up round, then {PAIRS} measured rounds; all {BUILDS} image
         )],
         bars=[Bar("concurrency: builder / legacy ×2", ratio, TARGET)],
     )
+
+
+async def _timed(one: Callable[[int], Awaitable[object]], tags: list[str]) -> float:
+    """Wall time of all BUILDS builds at once (each limits its own parallelism); then clean up."""
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(i) for i in range(BUILDS)))
+        return time.perf_counter() - started
+    finally:
+        await harness.remove_images(tags)
