@@ -287,7 +287,7 @@ class BuildService:
         await self._store.save(record)
         self._active[record.build_id] = build
         self._queue.append(build)
-        self._emit(build, _queued_payload(len(self._queue)))
+        build.log.append(_queued_payload(len(self._queue)))
         log.info("build_queued", build_id=record.build_id, image_name=spec.image_name)
         self._start_queued()
         return record
@@ -318,7 +318,7 @@ class BuildService:
         for position, waiting in enumerate(self._queue, start=1):
             if position <= _QUEUE_FRONT or now - waiting.queue_announced_at >= 1.0:
                 waiting.queue_announced_at = now
-                self._emit(waiting, _queued_payload(position))
+                waiting.log.append(_queued_payload(position))
 
     # -- running ---------------------------------------------------------------
 
@@ -330,7 +330,7 @@ class BuildService:
         record.status = BuildStatus.RUNNING
         record.started_at = utcnow()
         await self._store.save(record)
-        self._emit(build, {"type": p.EVENT_STATUS, "status": BuildStatus.RUNNING.value})
+        build.log.append({"type": p.EVENT_STATUS, "status": BuildStatus.RUNNING.value})
         log.info("build_started")
         timeout = record.spec.timeout or self._settings.build_timeout
         watchdog = asyncio.get_running_loop().call_later(timeout, self._time_out, build, timeout)
@@ -547,8 +547,8 @@ class BuildService:
         if record.status.terminal:
             return
         # All in one step, with no await in between: readers never see a half-finished record.
-        terminal = self._emit(
-            build, _terminal_payload(status, error=error, image_ref=record.image_ref, image_id=record.image_id)
+        terminal = build.log.append(
+            _terminal_payload(status, error=error, image_ref=record.image_ref, image_id=record.image_id)
         )
         record.status = status
         record.error = error
@@ -566,9 +566,6 @@ class BuildService:
         if build.stop_requested_at is not None and status is BuildStatus.CANCELLED:
             self.metrics.teardown_seconds.observe(time.monotonic() - build.stop_requested_at)
         log.info("build_finished", build_id=record.build_id, status=status.value, error=error)
-
-    def _emit(self, build: ActiveBuild, payload: dict[str, Any]) -> Event:
-        return build.log.append(payload)
 
     # -- persistence of events -------------------------------------------------
 
