@@ -178,3 +178,16 @@ async def test_removed_by_retention_is_410_not_404(aiohttp_client: Any, settings
         assert (await response.json())["code"] == "build_expired"
     assert (await client.get(f"/builds/{new['build_id']}/logs", headers=SSE)).status == 200
     assert (await client.get("/builds/never-existed/logs", headers=SSE)).status == 404
+
+
+async def test_resuming_at_or_past_the_end_ends_instead_of_hanging(aiohttp_client: Any, settings: Settings) -> None:
+    # A slow flush keeps the finished build's log live in memory for a while: the window where
+    # a follower resuming at the terminal frame used to wait forever.
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, flush_interval=30)))
+    build = await client.post("/builds", json={"image": "builder-busybox:latest"})
+    build_id = (await build.json())["build_id"]
+    status = await wait_for(client, build_id, {"succeeded"})
+    async with asyncio.timeout(10):
+        assert await read_log(client, build_id, after=status["last_event_id"]) == []
+        assert await read_log(client, build_id, after=10_000) == []
+        assert (await read_log(client, build_id, after=status["last_event_id"] - 1))[-1][1]["type"] == "done"

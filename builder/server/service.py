@@ -637,7 +637,8 @@ class BuildService:
                 if events[-1].terminal:
                     return
                 continue
-            if not follow:
+            if not follow or log.terminated:
+                # Nothing more will come (a client may resume at, or past, the terminal frame).
                 return
             await log.wait_for_events(last)
 
