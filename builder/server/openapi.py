@@ -186,7 +186,11 @@ def openapi_document() -> dict[str, Any]:
                     ],
                     "responses": {
                         "200": {"description": "the log", "content": {
-                            "text/event-stream": {"schema": {"type": "string"}},
+                            # Per event: `id` counts from 1; `data` is one line of JSON (see the README).
+                            "text/event-stream": {"schema": {
+                                "type": "object", "required": ["id", "data"],
+                                "properties": {"id": {"type": "string", "pattern": "^[0-9]+$"},
+                                               "data": {"type": "string"}}}},
                             "text/plain": {"schema": {"type": "string"}}}},
                         "400": _BAD, "401": _UNAUTHORIZED, "404": _NOT_FOUND, "410": _GONE,
                     },
