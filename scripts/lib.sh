@@ -252,13 +252,18 @@ _start_dockerd() {
     _run_as_root mkdir -p "$(dirname "$BUILDER_DOCKERD_LOG")" || return 1
     # setsid + nohup: dockerd outlives this script and its process group.
     # Without --containerd, dockerd starts and supervises its own containerd.
+    # BuildKit clips a step's output at 200 KiB/s by default ("-1" clips at once on
+    # this engine): 1 GiB for both limits means a build's log is never clipped.
+    export BUILDKIT_STEP_LOG_MAX_SIZE="${BUILDKIT_STEP_LOG_MAX_SIZE:-1073741824}"
+    export BUILDKIT_STEP_LOG_MAX_SPEED="${BUILDKIT_STEP_LOG_MAX_SPEED:-1073741824}"
     if [ "$(id -u)" -eq 0 ]; then
         setsid nohup "$dockerd" >>"$BUILDER_DOCKERD_LOG" 2>&1 </dev/null &
         pid=$!
         disown "$pid" 2>/dev/null || true
     else
         # shellcheck disable=SC2016  # expanded by the inner sh
-        sudo -n sh -c 'setsid nohup "$1" >>"$2" 2>&1 </dev/null &' sh "$dockerd" "$BUILDER_DOCKERD_LOG" ||
+        sudo -n --preserve-env=BUILDKIT_STEP_LOG_MAX_SIZE,BUILDKIT_STEP_LOG_MAX_SPEED \
+            sh -c 'setsid nohup "$1" >>"$2" 2>&1 </dev/null &' sh "$dockerd" "$BUILDER_DOCKERD_LOG" ||
             { _setup_log "cannot start dockerd without root"; return 1; }
         pid=""
     fi
