@@ -21,6 +21,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="where build records, logs and spooled contexts live (default %(default)s)")
     serve.add_argument("--max-concurrent", type=int, default=defaults.max_concurrent,
                        help="builds run at once; the rest queue FIFO (default %(default)s)")
+    serve.add_argument("--builder", choices=["auto", "buildkit", "legacy"], default=defaults.builder,
+                       help="builder for builds that do not ask for one; auto = BuildKit when the engine "
+                            "supports it, else legacy (default %(default)s)")
     serve.add_argument("--max-context-bytes", type=int, default=defaults.max_context_bytes,
                        help="largest accepted build context upload (default %(default)s)")
     serve.add_argument("--max-context-unpacked-bytes", type=int, default=defaults.max_context_unpacked_bytes,
@@ -89,6 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port,
         data_dir=args.data_dir,
         max_concurrent=args.max_concurrent,
+        builder=args.builder,
         max_context_bytes=args.max_context_bytes,
         max_context_unpacked_bytes=args.max_context_unpacked_bytes,
         max_context_entries=args.max_context_entries,

@@ -48,6 +48,14 @@ FIELD_PULL = "pull"
 FIELD_NYDUS_CONVERT = "nydus_convert"
 FIELD_CACHE_KEY = "cache_key"
 FIELD_TIMEOUT = "timeout"
+FIELD_BUILDER = "builder"
+
+# The builders a request may ask for (`builder` field); the daemon picks one when it does not.
+BUILDERS = ("buildkit", "legacy")
+
+# `phase` of status events: a build step changed state, or the engine clipped a step's output.
+PHASE_STEP = "step"
+PHASE_LOG_CLIPPED = "log_clipped"
 
 DEFAULT_DOCKERFILE = "Dockerfile"
 DEFAULT_SSE_RETRY_MS = 1000
@@ -63,6 +71,12 @@ def dump_event(payload: dict[str, Any]) -> str:
 def dump_log_event(line: str) -> str:
     """`dump_event({"type": "log", "line": line})`, byte for byte, without the generic encoder."""
     return '{"type":"log","line":' + encode_basestring_ascii(line) + "}"
+
+
+def log_event_suffix(step: int, stream: str, elapsed: float | None) -> str:
+    """What follows `line` in the log events of a build step (BuildKit)."""
+    timing = "" if elapsed is None else f',"elapsed":{elapsed:.3f}'
+    return f',"step":{step},"stream":{encode_basestring_ascii(stream)}{timing}}}'
 
 
 def is_terminal_event(payload: dict[str, Any]) -> bool:

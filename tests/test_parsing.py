@@ -8,13 +8,8 @@ import json
 import pytest
 
 from builder.server.buildspec import BuildSpec, normalise_context_path
-from builder.server.engine_output import (
-    BuildOutputParser,
-    EngineFailure,
-    ImageBuilt,
-    StepContainer,
-    StepImage,
-)
+from builder.server.engines.base import EngineFailure, ImageBuilt
+from builder.server.engines.legacy import BuildOutputParser, StepContainer, StepLayer
 from builder.server.errors import InvalidField, InvalidImageReference
 from builder.server.events import EventLog
 from builder.server.hosts import is_loopback
@@ -102,10 +97,10 @@ def test_step_containers_images_and_cache_hits() -> None:
     )
     typed = [e for e in events if not isinstance(e, str)]
     assert typed == [
-        StepImage("111111111111", created=False),
-        StepContainer("abcdefabcdef"),
-        StepImage("222222222222", created=True),
-        StepImage("333333333333", created=False),
+        StepLayer("111111111111", new=False),
+        StepContainer("abcdefabcdef", "RUN make"),
+        StepLayer("222222222222", new=True),
+        StepLayer("333333333333", new=False),
         ImageBuilt("sha256:" + "3" * 64),
     ]
 
@@ -119,9 +114,9 @@ def test_in_band_error_flushes_partial_line_then_fails() -> None:
     assert events == ["half a line", EngineFailure("The command returned a non-zero code: 3")]
 
 
-def test_successfully_built_names_image_when_there_is_no_aux() -> None:
+def test_only_the_engines_aux_message_names_the_image_never_a_printed_line() -> None:
     events = _feed(BuildOutputParser(), {"stream": "Successfully built 0123456789ab\n"})
-    assert events[-1] == ImageBuilt("0123456789ab")
+    assert events == ["Successfully built 0123456789ab"]
 
 
 def test_event_log_numbers_from_one_and_escapes_control_text() -> None:

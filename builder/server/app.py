@@ -26,7 +26,7 @@ from builder.server.appkeys import (
 from builder.server.auth import TokenTable
 from builder.server.config import Settings
 from builder.server.contexts import ContextSpool
-from builder.server.engine import BuildLimits, DockerEngine
+from builder.server.engines.docker import BuildLimits, DockerEngine
 from builder.server.errors import BuilderError
 from builder.server.handlers import json_response, routes
 from builder.server.hosts import is_loopback

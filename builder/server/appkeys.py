@@ -8,7 +8,7 @@ from aiohttp import web
 
 from builder.server.auth import TokenTable
 from builder.server.config import Settings
-from builder.server.engine import DockerEngine
+from builder.server.engines.docker import DockerEngine
 from builder.server.service import BuildService
 from builder.server.store import BuildStore
 from builder.server.streams import LogStreamResponse

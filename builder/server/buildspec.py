@@ -31,6 +31,8 @@ class BuildSpec:
     timeout: float | None = None
     # Set for the synthetic `FROM <image>` build (JSON request shape).
     base_image: str | None = None
+    # "buildkit" or "legacy"; None until the daemon picks its default for the build.
+    builder: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -65,6 +67,7 @@ class BuildSpec:
             cache_key=_string(fields, p.FIELD_CACHE_KEY) or None,
             timeout=_seconds(fields, p.FIELD_TIMEOUT),
             base_image=base_image,
+            builder=_choice(fields, p.FIELD_BUILDER, p.BUILDERS),
         )
 
 
@@ -89,6 +92,13 @@ def _string(fields: Mapping[str, Any], name: str, *, required: bool = False) -> 
     if required and not value:
         raise InvalidField(f"{name} is required")
     return value
+
+
+def _choice(fields: Mapping[str, Any], name: str, allowed: tuple[str, ...]) -> str | None:
+    value = _string(fields, name)
+    if value and value not in allowed:
+        raise InvalidField(f"{name} must be one of {', '.join(allowed)}")
+    return value or None
 
 
 def _flag(fields: Mapping[str, Any], name: str) -> bool:

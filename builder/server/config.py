@@ -17,6 +17,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     max_concurrent: int = 2
+    # The builder a build gets unless it asks: buildkit | legacy | auto (BuildKit when the engine has it).
+    builder: str = "auto"
     max_context_bytes: int = 2 * GIB
     # Limits on what an upload unpacks to (a gzip bomb stops here, before the engine sees it).
     max_context_unpacked_bytes: int = 8 * GIB

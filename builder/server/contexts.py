@@ -17,6 +17,7 @@ from builder.server.errors import ContextTooLarge, DockerfileNotFound, UploadSta
 from builder.server.tarscan import TarScanner
 
 _WRITE_BATCH = 1 << 20
+_READ_CHUNK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,12 @@ class ContextSpool:
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(dockerfile))
         return await self.receive(_single(buffer.getvalue()), limit=len(buffer.getvalue()))
+
+    async def read(self, path: Path) -> AsyncIterator[bytes]:
+        """A spooled context's bytes, read in a worker thread so the event loop never blocks."""
+        with await asyncio.to_thread(path.open, "rb") as fh:
+            while chunk := await asyncio.to_thread(fh.read, _READ_CHUNK):
+                yield chunk
 
     async def remove(self, path: Path) -> None:
         await asyncio.to_thread(path.unlink, missing_ok=True)

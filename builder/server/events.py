@@ -45,6 +45,13 @@ class EventLog:
         """`extend` for build output lines, the hot path of a chatty build."""
         return self._extend([protocol.dump_log_event(line) for line in lines])
 
+    def extend_step_lines(self, lines: list[str], step: int, stream: str, elapsed: float | None) -> list[Event]:
+        """`extend_lines` for the output of one build step, with its step number and stream."""
+        suffix = protocol.log_event_suffix(step, stream, elapsed)
+        prefix = '{"type":"log","line":'
+        encode = protocol.encode_basestring_ascii
+        return self._extend([prefix + encode(line) + suffix for line in lines])
+
     def _extend(self, datas: list[str]) -> list[Event]:
         if self.terminated and datas:
             raise RuntimeError(f"event log of {self.build_id} is terminated")

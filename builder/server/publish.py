@@ -15,8 +15,9 @@ import structlog
 
 from builder import protocol as p
 from builder.server.config import Settings
-from builder.server.engine import DockerEngine
-from builder.server.engine_output import EngineFailure, PushDigest, PushProgress
+from builder.server.engines.docker import DockerEngine
+from builder.server.engines.base import EngineFailure
+from builder.server.engines.docker import PushDigest, PushProgress
 from builder.server.hosts import is_loopback
 
 log = structlog.get_logger(__name__)

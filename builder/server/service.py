@@ -25,17 +25,12 @@ from builder.protocol import BuildStatus
 from builder.server.buildspec import BuildSpec
 from builder.server.config import Settings
 from builder.server.contexts import ContextSpool, SpooledContext
-from builder.server.engine import DockerEngine
-from builder.server.engine_output import (
-    EngineFailure,
-    ImageBuilt,
-    StepContainer,
-    StepImage,
-)
+from builder.server.engines.docker import DockerEngine
 from builder.server.errors import (
     BuilderError,
     BuildExpired,
     BuildNotFound,
+    EngineUnavailable,
     IdempotencyKeyReused,
     InvalidContext,
     InvalidField,
@@ -44,7 +39,7 @@ from builder.server.errors import (
 )
 from builder.server.events import EventLog
 from builder.server.metrics import Metrics
-from builder.server.publish import Publisher, PublishError
+from builder.server.publish import Publisher
 from builder.server.records import (
     NYDUS_NOT_PERFORMED,
     BuildRecord,
@@ -52,6 +47,7 @@ from builder.server.records import (
     rfc3339,
     utcnow,
 )
+from builder.server.runner import ActiveBuild, BuildRunner
 from builder.server.store import BuildStore
 
 log = structlog.get_logger(__name__)
@@ -60,34 +56,11 @@ CANCELLED_MESSAGE = "build cancelled by request"
 IDEMPOTENCY_WINDOW = 24 * 3600
 RESTARTED_MESSAGE = "daemon restarted"
 SHUTDOWN_MESSAGE = "daemon shut down while the build was running"
-# After a cancel, keep reading the engine's stream this long so any step container
-# that starts in the meantime is seen and removed; then drop the connection.
-_CANCEL_GRACE = 5.0
 # Queue positions up to this are announced at every move; further back, at most once a second.
 _QUEUE_FRONT = 5
 # Most events handed to one follower at a time (and read from the store per query):
 # a follower far behind must not build one huge write.
 _FOLLOW_BATCH = 1000
-
-
-@dataclasses.dataclass(eq=False)
-class ActiveBuild:
-    """A build that is queued, running, or finished but not yet fully persisted."""
-
-    record: BuildRecord
-    log: EventLog
-    context: Path
-    build_dockerfile: str
-    task: asyncio.Task[None] | None = None
-    # Set once DELETE, the timeout or shutdown asked it to stop: how it ends then.
-    stop_reason: tuple[BuildStatus, str] | None = None
-    stop_requested_at: float | None = None
-    queue_announced_at: float = 0.0
-    context_sent: bool = False
-    current_container: str | None = None
-    deadline: asyncio.Timeout | None = None
-    pushing: bool = False
-    done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
 class BuildService:
@@ -99,6 +72,7 @@ class BuildService:
         self._store = store
         self._spool = spool
         self._publisher = Publisher(settings, engine)
+        self._runner = BuildRunner(engine, spool, self._publisher, save=store.save, keep_local=settings.keep_local)
         self.metrics = Metrics()
         self.metrics.observe(
             queued=lambda: len(self._queue), running=lambda: len(self._running), streams=lambda: self.follower_count
@@ -112,6 +86,8 @@ class BuildService:
         self._draining = False
         self._stoppers: set[asyncio.Task[None]] = set()  # timeouts tearing builds down
         self._idempotency_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # Settled at the first build: the engine may not answer yet when the daemon starts.
+        self._default_builder: str | None = None
         self.follower_count = 0  # open log streams
         self.lagged_followers = 0  # times a follower fell behind the window and read the store
 
@@ -258,6 +234,7 @@ class BuildService:
         """
         if namespace and spec.image_name:
             spec = dataclasses.replace(spec, image_name=f"{namespace}/{spec.image_name}")
+        spec = dataclasses.replace(spec, builder=await self._builder_for(spec))
         try:
             self.check_accepting(spec)
         except BuilderError:
@@ -291,6 +268,19 @@ class BuildService:
         log.info("build_queued", build_id=record.build_id, image_name=spec.image_name)
         self._start_queued()
         return record
+
+    async def _builder_for(self, spec: BuildSpec) -> str:
+        """The builder a build asked for, else the daemon's: with `auto`, BuildKit when the engine has it."""
+        if self._default_builder is None:
+            wanted = self._settings.builder
+            if wanted == "auto":
+                try:
+                    wanted = "buildkit" if await self._engine.supports_buildkit() else "legacy"
+                except Exception as exc:
+                    raise EngineUnavailable(f"the Docker engine does not answer: {exc}") from None
+            self._default_builder = wanted
+            log.info("default_builder", builder=wanted)
+        return spec.builder or self._default_builder
 
     def _nydus_plan(self, spec: BuildSpec) -> str | None:
         if not spec.nydus_convert:
@@ -335,12 +325,7 @@ class BuildService:
         timeout = record.spec.timeout or self._settings.build_timeout
         watchdog = asyncio.get_running_loop().call_later(timeout, self._time_out, build, timeout)
         try:
-            status, error = await self._drive_engine(build)
-            if build.stop_reason is not None:
-                await self._teardown(build)
-                status, error = build.stop_reason
-            elif status is not BuildStatus.SUCCEEDED:
-                await self._remove_containers(build)
+            status, error = await self._runner.run(build)
             await self._finish(build, status, error=error)
         except asyncio.CancelledError:
             # Daemon shutdown: leave nothing running on the engine.
@@ -362,125 +347,10 @@ class BuildService:
 
     async def _abort(self, build: ActiveBuild, error: str = SHUTDOWN_MESSAGE) -> None:
         try:
-            await self._teardown(build)
+            await self._runner.tear_down(build)
         except Exception:
             log.exception("teardown_failed")
         await self._finish(build, BuildStatus.FAILED, error=error)
-
-    async def _drive_engine(self, build: ActiveBuild) -> tuple[BuildStatus, str | None]:
-        record = build.record
-        spec = dataclasses.replace(record.spec, dockerfile=build.build_dockerfile)
-        failure: str | None = None
-        try:
-            async with asyncio.timeout(None) as deadline:
-                build.deadline = deadline
-                if build.stop_reason is not None:
-                    deadline.reschedule(asyncio.get_running_loop().time() + _CANCEL_GRACE)
-                cache_from = (
-                    await self._publisher.cache_sources(record.namespace, spec.cache_key, build.log.append)
-                    if spec.cache_key else []
-                )
-                image_id, failure = await self._run_build(build, spec, cache_from)
-                if failure is None and image_id is not None:
-                    record.image_id = await self._engine.image_id(image_id) or image_id
-                    record.image_ref = spec.image_name or record.image_id
-                    if spec.image_name:
-                        record.tags.append(spec.image_name)
-                    failure = await self._publish(build)
-                elif failure is None:
-                    failure = "the engine did not report an image"
-        except TimeoutError:
-            failure = "build stream closed after the cancel grace period"
-        finally:
-            build.deadline = None
-            build.current_container = None
-        return (BuildStatus.FAILED, failure) if failure is not None else (BuildStatus.SUCCEEDED, None)
-
-    async def _run_build(
-        self, build: ActiveBuild, spec: BuildSpec, cache_from: list[str]
-    ) -> tuple[str | None, str | None]:
-        """The engine's build step: log lines out, step containers and images recorded."""
-        image_id: str | None = None
-        failure: str | None = None
-        engine_build = self._engine.build(
-            build.context,
-            spec,
-            cache_from=cache_from,
-            on_context_sent=lambda: self._context_sent(build),
-        )
-        async with contextlib.aclosing(engine_build) as batches:
-            async for batch in batches:
-                lines: list[str] = []
-                for event in batch:
-                    match event:
-                        case str(text):
-                            lines.append(text)
-                        case StepContainer(container_id):
-                            build.log.extend_lines(lines)  # keep the log in engine order
-                            lines = []
-                            await self._step_container(build, container_id)
-                        case StepImage(image, created=True):
-                            build.record.created_images.append(image)
-                        case ImageBuilt(image):
-                            image_id = image
-                        case EngineFailure(message):
-                            failure = message
-                build.log.extend_lines(lines)
-        return image_id, failure
-
-    async def _context_sent(self, build: ActiveBuild) -> None:
-        # The engine has every byte: the spooled copy is not needed any more.
-        build.context_sent = True
-        await self._spool.remove(build.context)
-
-    async def _publish(self, build: ActiveBuild) -> str | None:
-        """Push (with a registry), convert (with nydusify), keep the cache image; the failure, if any."""
-        record, spec, publisher = build.record, build.record.spec, self._publisher
-        assert record.image_id is not None
-        try:
-            if publisher.registry and build.stop_reason is None:
-                build.pushing = True
-                # An untagged build still needs a name in the registry.
-                name = spec.image_name or f"builds:b-{record.build_id}"
-                record.tags.append(publisher.pushed_ref(name))
-                record.image_ref, record.image_digest = await publisher.push(record.image_id, name, build.log.append)
-                repository = record.image_ref.rsplit(":", 1)[0]
-                record.image_ref_digest = f"{repository}@{record.image_digest}"
-                if spec.nydus_convert and publisher.nydus_available:
-                    await self._convert_nydus(build)
-            if spec.cache_key and build.stop_reason is None:
-                await publisher.store_cache(record.image_id, record.namespace, spec.cache_key, build.log.append)
-        except PublishError as exc:
-            if not self._settings.keep_local:
-                await self._remove_tags(record)
-            return str(exc)
-        finally:
-            build.pushing = False
-        if publisher.registry and not self._settings.keep_local:
-            await self._remove_tags(record)
-        return None
-
-    async def _convert_nydus(self, build: ActiveBuild) -> None:
-        """A failed conversion is reported in nydus_status; the pushed image stands."""
-        record = build.record
-        assert record.image_ref is not None
-        try:
-            record.nydus_image_ref = await self._publisher.convert_nydus(record.image_ref)
-        except PublishError as exc:
-            record.nydus_status = f"failed: {exc}"
-            build.log.append({"type": p.EVENT_STATUS, "status": "running", "phase": "nydus", "error": str(exc)})
-        else:
-            record.nydus_status = "performed"
-            build.log.append({"type": p.EVENT_STATUS, "status": "running", "phase": "nydus",
-                              "nydus_image_ref": record.nydus_image_ref})
-
-    async def _step_container(self, build: ActiveBuild, container_id: str) -> None:
-        build.record.containers.append(container_id)
-        build.current_container = container_id
-        await self._store.save(build.record)
-        if build.stop_reason is not None:
-            # A step that started after the cancel: force-remove works even before it runs.
-            await self._engine.remove_container(container_id)
 
     # -- cancel ----------------------------------------------------------------
 
@@ -505,14 +375,8 @@ class BuildService:
             self._announce_queue_positions()
             await self._finish(build, status, error=reason)
             return
-        if build.deadline is not None:
-            # A build stream is read on to catch late step containers; but no step starts before
-            # the engine has the whole context, and a push is simply dropped.
-            grace = _CANCEL_GRACE if build.context_sent and not build.pushing else 0
-            build.deadline.reschedule(asyncio.get_running_loop().time() + grace)
-        if build.current_container is not None:
-            # Shielded: a client hanging up on its DELETE must not stop the teardown.
-            await asyncio.shield(self._engine.remove_container(build.current_container))
+        # Shielded: a client hanging up on its DELETE must not stop the teardown.
+        await asyncio.shield(self._runner.stop(build))
 
     async def _wait_done(self, build: ActiveBuild, timeout: float) -> bool:
         try:
@@ -520,25 +384,6 @@ class BuildService:
         except TimeoutError:
             return False
         return True
-
-    async def _teardown(self, build: ActiveBuild) -> None:
-        """Remove everything a cancelled build left: containers, its tag, images it created."""
-        record = build.record
-        await self._remove_containers(build)
-        await self._remove_tags(record)
-        for image in reversed(record.created_images):
-            await self._engine.remove_image(image)
-        record.image_id = record.image_ref = None
-
-    async def _remove_tags(self, record: BuildRecord) -> None:
-        """Untag what this build tagged, unless the tag has moved on to another image since."""
-        for tag in record.tags:
-            if record.image_id and await self._engine.image_id(tag) == record.image_id:
-                await self._engine.remove_image(tag)
-
-    async def _remove_containers(self, build: ActiveBuild) -> None:
-        for container_id in build.record.containers:
-            await self._engine.remove_container(container_id)
 
     # -- finishing -------------------------------------------------------------
 

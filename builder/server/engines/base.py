@@ -7,6 +7,10 @@ them without knowing which builder produced them: no isinstance checks on engine
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import Protocol
+
+from builder.server.buildspec import BuildSpec
 
 # Step states, in the order a step may pass through them.
 STEP_STARTED = "started"
@@ -64,3 +68,45 @@ class EngineFailure:
 
 
 EngineEvent = Output | StepChanged | LogClipped | ImageBuilt | EngineFailure
+
+
+@dataclasses.dataclass(eq=False)
+class BuildJob:
+    """One build, as the service hands it to a builder."""
+
+    build_id: str
+    # With `dockerfile` resolved to the path inside the context.
+    spec: BuildSpec
+    # The checked context tar, streamed to the engine as it comes.
+    context: AsyncIterable[bytes]
+    cache_from: list[str] = dataclasses.field(default_factory=list)
+    # Called once the engine has every byte of the context.
+    on_context_sent: Callable[[], Awaitable[object]] | None = None
+    # Called with ("container" | "image", id) before the builder relies on a thing it created,
+    # so that a daemon restarted after a crash can still remove it.
+    remember: Callable[[str, str], Awaitable[object]] | None = None
+
+
+class BuildRun(Protocol):
+    """A build under way on an engine."""
+
+    def events(self) -> AsyncIterator[list[EngineEvent]]:
+        """The build's events, a batch per read from the engine; ends with exactly one
+        `ImageBuilt` or `EngineFailure` (a stream that stops without naming an image fails)."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop the build now (DELETE, timeout, shutdown). Returns once no step of it runs
+        any more, as far as the engine can tell, or once it is certain none will start."""
+        ...
+
+    async def clean_up(self, *, images: bool) -> None:
+        """Remove what the build left on the engine: always its containers; with `images`,
+        the images it created (a cancelled build), else they stay as cache (a failed one)."""
+        ...
+
+
+class Builder(Protocol):
+    name: str
+
+    def start(self, job: BuildJob) -> BuildRun: ...

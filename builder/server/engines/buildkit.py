@@ -1,0 +1,186 @@
+"""BuildKit through the Engine API: `POST /build?version=2`, cancelled with `/build/cancel`.
+
+Control and output travel apart: the build's own output only ever arrives inside
+trace messages, so nothing a step prints can pass for the engine's word.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiodocker
+import aiohttp
+import structlog
+
+from builder.server.engines.base import (
+    BuildJob,
+    EngineEvent,
+    EngineFailure,
+    ImageBuilt,
+    Output,
+)
+from builder.server.engines.docker import DockerEngine, build_params, docker_message, error_message
+from builder.server.engines.trace import StepTracker, decode_status
+
+log = structlog.get_logger(__name__)
+
+# How long a stopped build's stream may take to end before the connection is dropped
+# (which cancels the build too, on the engine's side).
+STOP_WAIT = 10.0
+_CANCEL_TIMEOUT = aiohttp.ClientTimeout(total=10)
+_TRACE_PREFIX = b'{"id":"moby.buildkit.trace","aux":"'
+_SESSION_FEATURES = re.compile(r"--mount=[^ ]*type=(secret|ssh)")
+
+
+class BuildKitBuilder:
+    name = "buildkit"
+
+    def __init__(self, engine: DockerEngine) -> None:
+        self._engine = engine
+
+    def start(self, job: BuildJob) -> BuildKitRun:
+        return BuildKitRun(self._engine, job)
+
+
+class BuildKitRun:
+    def __init__(self, engine: DockerEngine, job: BuildJob) -> None:
+        self._engine = engine
+        self._job = job
+        self._stopped = False
+        self._context_sent = False
+        self._deadline: asyncio.Timeout | None = None
+        self._ended = asyncio.Event()
+        self._image_id: str | None = None
+        self._tracker = StepTracker()
+
+    async def events(self) -> AsyncIterator[list[EngineEvent]]:
+        failure: EngineFailure | None = None
+        try:
+            async with asyncio.timeout(None) as deadline:
+                self._deadline = deadline
+                if self._stopped:
+                    deadline.reschedule(asyncio.get_running_loop().time())
+                async with self._engine.request(
+                    "build", "POST",
+                    params=self._params(),
+                    headers={"Content-Type": "application/x-tar"},
+                    data=self._send_context(),
+                ) as response:
+                    buffer = b""
+                    async for data in response.content.iter_any():
+                        *lines, buffer = (buffer + data).split(b"\n")
+                        batch = self._batch(lines)
+                        if batch:
+                            yield batch
+                            if isinstance(batch[-1], EngineFailure):
+                                return
+                    if buffer.strip() and (batch := self._batch([buffer])):
+                        yield batch
+                        if isinstance(batch[-1], EngineFailure):
+                            return
+            if self._image_id is None:
+                failure = EngineFailure("the Docker engine ended the build stream without naming an image")
+        except TimeoutError:
+            failure = EngineFailure("build stream closed after the stop grace period")
+        except aiodocker.DockerError as exc:
+            failure = EngineFailure(docker_message(exc))
+        except (aiohttp.ClientError, OSError) as exc:
+            failure = EngineFailure(f"lost the connection to the Docker engine: {exc}")
+        finally:
+            self._deadline = None
+            self._ended.set()
+        yield self._tracker.finish() + ([failure] if failure is not None else [])
+
+    def _params(self) -> dict[str, Any]:
+        params = build_params(self._job.spec, self._job.cache_from)
+        # BuildKit removes its own step containers; rm/forcerm are the legacy builder's.
+        del params["rm"], params["forcerm"]
+        params |= {"version": "2", "buildid": self._job.build_id}
+        # BuildKit knows "default" (the bridge), "host" and "none".
+        if self._engine.limits.network != "bridge":
+            params["networkmode"] = self._engine.limits.network
+        return params
+
+    async def _send_context(self) -> AsyncIterator[bytes]:
+        async for chunk in self._job.context:
+            yield chunk
+        self._context_sent = True
+        if self._job.on_context_sent is not None:
+            await self._job.on_context_sent()
+
+    def _batch(self, lines: list[bytes]) -> list[EngineEvent]:
+        events: list[EngineEvent] = []
+        for raw in lines:
+            if raw.startswith(_TRACE_PREFIX):
+                # The bulk of the stream: base64 of a protobuf, decoded without the JSON parser.
+                end = raw.index(b'"', len(_TRACE_PREFIX))
+                events.extend(self._tracker.feed(decode_status(base64.b64decode(raw[len(_TRACE_PREFIX) : end]))))
+                continue
+            if not raw.strip():
+                continue
+            try:
+                message = json.loads(raw)
+            except ValueError:
+                events.append(Output([raw.decode("utf-8", "replace")]))
+                continue
+            if not isinstance(message, dict):
+                continue
+            if (error := error_message(message, "the engine reported an unknown build error")) is not None:
+                events.extend(self._tracker.finish())
+                events.append(EngineFailure(self._explain(error)))
+                return events
+            aux = message.get("aux")
+            if message.get("id") == "moby.image.id" and isinstance(aux, dict) and isinstance(aux.get("ID"), str):
+                self._image_id = aux["ID"]
+                events.append(ImageBuilt(aux["ID"]))
+            elif message.get("id") == "moby.buildkit.trace" and isinstance(aux, str):
+                events.extend(self._tracker.feed(decode_status(base64.b64decode(aux))))
+            elif isinstance(stream := message.get("stream"), str) and stream.strip():
+                events.append(Output(stream.rstrip("\n").split("\n")))
+        return events
+
+    def _explain(self, error: str) -> str:
+        """The engine's error, made plain where it is cryptic."""
+        if "no active sessions" in error or "no active session" in error:
+            features = sorted(set(_SESSION_FEATURES.findall(self._tracker.failed_step_name or "")))
+            what = " and ".join(f"RUN --mount=type={f}" for f in features) or "this build"
+            return (
+                f"{what} needs a BuildKit session (secrets or SSH forwarding), which this daemon "
+                f"does not provide for this build ({error})"
+            )
+        return error
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._deadline is None:
+            return  # not started, or already over
+        if not self._context_sent:
+            # No step can run before the engine has the whole context: drop the upload.
+            self._deadline.reschedule(asyncio.get_running_loop().time())
+            return
+        self._deadline.reschedule(asyncio.get_running_loop().time() + STOP_WAIT)
+        try:
+            async with self._engine.request(
+                "build/cancel", "POST", params={"id": self._job.build_id}, timeout=_CANCEL_TIMEOUT
+            ) as response:
+                await response.read()
+        except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            # Dropping the connection cancels the build too.
+            log.warning("buildkit_cancel_failed", error=str(exc))
+            if self._deadline is not None:
+                self._deadline.reschedule(asyncio.get_running_loop().time())
+        # The stream ends once the engine has stopped the build's steps.
+        await asyncio.shield(self._ended.wait())
+
+    async def clean_up(self, *, images: bool) -> None:
+        # BuildKit removes its own step containers; the image is all a build can leave.
+        if images and self._image_id is not None:
+            info = await self._engine.image_info(self._image_id)
+            # Only once no tag names it any more: the service removed the build's own tags first.
+            if info is not None and not info.get("RepoTags"):
+                await self._engine.remove_image(self._image_id)

@@ -1,0 +1,228 @@
+"""Drives one build: context -> engine -> events -> publish -> outcome.
+
+The runner knows builds, events and outcomes, never which builder runs them: it
+asks the build's builder to start, to stop, and to clean up after itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from builder import protocol as p
+from builder.protocol import BuildStatus
+from builder.server.contexts import ContextSpool
+from builder.server.engines.base import (
+    BuildJob,
+    BuildRun,
+    EngineFailure,
+    ImageBuilt,
+    LogClipped,
+    Output,
+    StepChanged,
+)
+from builder.server.engines.docker import DockerEngine
+from builder.server.events import EventLog
+from builder.server.publish import Publisher, PublishError
+from builder.server.records import BuildRecord
+
+log = structlog.get_logger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class ActiveBuild:
+    """A build that is queued, running, or finished but not yet fully persisted."""
+
+    record: BuildRecord
+    log: EventLog
+    context: Path
+    build_dockerfile: str
+    task: asyncio.Task[None] | None = None
+    # Set once DELETE, the timeout or shutdown asked it to stop: how it ends then.
+    stop_reason: tuple[BuildStatus, str] | None = None
+    stop_requested_at: float | None = None
+    queue_announced_at: float = 0.0
+    # The engine's side of the build, while the engine runs it.
+    run: BuildRun | None = None
+    # Bounds the phases around the engine build (cache pull, push): a stop ends them at once.
+    deadline: asyncio.Timeout | None = None
+    log_clipped: bool = False
+    done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+class BuildRunner:
+    def __init__(
+        self,
+        engine: DockerEngine,
+        spool: ContextSpool,
+        publisher: Publisher,
+        *,
+        save: Callable[[BuildRecord], Awaitable[None]],
+        keep_local: bool,
+    ) -> None:
+        self._engine = engine
+        self._spool = spool
+        self._publisher = publisher
+        self._save = save
+        self._keep_local = keep_local
+
+    async def run(self, build: ActiveBuild) -> tuple[BuildStatus, str | None]:
+        """Build and publish; the outcome, once whatever must go is gone."""
+        status, error = await self._drive(build)
+        if build.stop_reason is not None:
+            await self.tear_down(build)
+            return build.stop_reason
+        if status is not BuildStatus.SUCCEEDED and build.run is not None:
+            # A failed build keeps its layers (cache, as with `docker build`), not its containers.
+            await build.run.clean_up(images=False)
+        return status, error
+
+    async def stop(self, build: ActiveBuild) -> None:
+        """Stop a running build now; returns once the engine runs nothing of it."""
+        if build.deadline is not None:
+            build.deadline.reschedule(asyncio.get_running_loop().time())
+        elif build.run is not None:
+            await build.run.stop()
+
+    async def tear_down(self, build: ActiveBuild) -> None:
+        """Remove everything a stopped build left: its tags, containers, and images it created."""
+        record = build.record
+        await self._remove_tags(record)
+        if build.run is not None:
+            await build.run.clean_up(images=True)
+        record.image_id = record.image_ref = None
+
+    async def _drive(self, build: ActiveBuild) -> tuple[BuildStatus, str | None]:
+        record = build.record
+        spec = dataclasses.replace(record.spec, dockerfile=build.build_dockerfile)
+        failure: str | None = None
+        try:
+            cache_from = await self._bounded(
+                build, self._publisher.cache_sources(record.namespace, spec.cache_key, build.log.append)
+            ) if spec.cache_key else []
+            job = BuildJob(
+                build_id=record.build_id,
+                spec=spec,
+                context=self._spool.read(build.context),
+                cache_from=cache_from,
+                on_context_sent=lambda: self._spool.remove(build.context),
+                remember=lambda kind, ident: self._remember(record, kind, ident),
+            )
+            builder = self._engine.builders[spec.builder or "buildkit"]
+            build.run = builder.start(job)
+            if build.stop_reason is not None:
+                await build.run.stop()
+            image_id, failure = await self._follow_engine(build, build.run)
+            if failure is None and image_id is not None and build.stop_reason is None:
+                record.image_id = await self._engine.image_id(image_id) or image_id
+                record.image_ref = spec.image_name or record.image_id
+                if spec.image_name:
+                    record.tags.append(spec.image_name)
+                failure = await self._bounded(build, self._publish(build))
+            elif failure is None and image_id is None:
+                failure = "the engine did not report an image"
+        except TimeoutError:
+            failure = "stopped"
+        return (BuildStatus.FAILED, failure) if failure is not None else (BuildStatus.SUCCEEDED, None)
+
+    async def _bounded(self, build: ActiveBuild, work: Awaitable[Any]) -> Any:
+        """Run a phase around the engine build (cache pull, push) that a stop ends at once."""
+        async with asyncio.timeout(None) as deadline:
+            build.deadline = deadline
+            if build.stop_reason is not None:
+                deadline.reschedule(asyncio.get_running_loop().time())
+            try:
+                return await work
+            finally:
+                build.deadline = None
+
+    async def _follow_engine(self, build: ActiveBuild, run: BuildRun) -> tuple[str | None, str | None]:
+        """The engine's events into the build's log; the image id or the failure."""
+        image_id: str | None = None
+        failure: str | None = None
+        log_ = build.log
+        async with contextlib.aclosing(run.events()) as batches:
+            async for batch in batches:
+                for event in batch:
+                    match event:
+                        case Output(lines, None):
+                            log_.extend_lines(lines)
+                        case Output(lines, step, stream, elapsed):
+                            log_.extend_step_lines(lines, step, stream, elapsed)
+                        case StepChanged():
+                            log_.append(_step_payload(event))
+                        case LogClipped(step, message):
+                            if not build.log_clipped:
+                                build.log_clipped = True
+                                log_.append({"type": p.EVENT_STATUS, "status": "running",
+                                             "phase": p.PHASE_LOG_CLIPPED, "step": step, "message": message})
+                        case ImageBuilt(image):
+                            image_id = image
+                        case EngineFailure(message):
+                            failure = message
+        return image_id, failure
+
+    async def _remember(self, record: BuildRecord, kind: str, ident: str) -> None:
+        # Saved before the builder relies on it: a restart after a crash can still remove it.
+        (record.containers if kind == "container" else record.created_images).append(ident)
+        await self._save(record)
+
+    async def _publish(self, build: ActiveBuild) -> str | None:
+        """Push (with a registry), convert (with nydusify), keep the cache image; the failure, if any."""
+        record, spec, publisher = build.record, build.record.spec, self._publisher
+        assert record.image_id is not None
+        try:
+            if publisher.registry:
+                # An untagged build still needs a name in the registry.
+                name = spec.image_name or f"builds:b-{record.build_id}"
+                record.tags.append(publisher.pushed_ref(name))
+                record.image_ref, record.image_digest = await publisher.push(record.image_id, name, build.log.append)
+                repository = record.image_ref.rsplit(":", 1)[0]
+                record.image_ref_digest = f"{repository}@{record.image_digest}"
+                if spec.nydus_convert and publisher.nydus_available:
+                    await self._convert_nydus(build)
+            if spec.cache_key:
+                await publisher.store_cache(record.image_id, record.namespace, spec.cache_key, build.log.append)
+        except PublishError as exc:
+            if not self._keep_local:
+                await self._remove_tags(record)
+            return str(exc)
+        if publisher.registry and not self._keep_local:
+            await self._remove_tags(record)
+        return None
+
+    async def _convert_nydus(self, build: ActiveBuild) -> None:
+        """A failed conversion is reported in nydus_status; the pushed image stands."""
+        record = build.record
+        assert record.image_ref is not None
+        try:
+            record.nydus_image_ref = await self._publisher.convert_nydus(record.image_ref)
+        except PublishError as exc:
+            record.nydus_status = f"failed: {exc}"
+            build.log.append({"type": p.EVENT_STATUS, "status": "running", "phase": "nydus", "error": str(exc)})
+        else:
+            record.nydus_status = "performed"
+            build.log.append({"type": p.EVENT_STATUS, "status": "running", "phase": "nydus",
+                              "nydus_image_ref": record.nydus_image_ref})
+
+    async def _remove_tags(self, record: BuildRecord) -> None:
+        """Untag what this build tagged, unless the tag has moved on to another image since."""
+        for tag in record.tags:
+            if record.image_id and await self._engine.image_id(tag) == record.image_id:
+                await self._engine.remove_image(tag)
+
+
+def _step_payload(event: StepChanged) -> dict[str, Any]:
+    payload: dict[str, Any] = {"type": p.EVENT_STATUS, "status": "running", "phase": p.PHASE_STEP,
+                               "step": event.step, "name": event.name, "state": event.state}
+    if event.duration is not None:
+        payload["duration"] = event.duration
+    if event.error is not None:
+        payload["error"] = event.error
+    return payload
