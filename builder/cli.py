@@ -87,6 +87,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.max_concurrent < 1:
         print("builder serve: --max-concurrent must be at least 1", file=sys.stderr)
         return 2
+    if args.builder == "buildkit" and (args.build_memory or args.build_cpus):
+        print("builder serve: BuildKit through the Engine API cannot enforce --build-memory/--build-cpus; "
+              "use --builder legacy (or auto, which picks it)", file=sys.stderr)
+        return 2
     settings = Settings(
         host=args.host,
         port=args.port,

@@ -123,6 +123,18 @@ def log_lines(frames: list[tuple[int, dict[str, Any]]]) -> list[str]:
     return [data["line"] for _, data in frames if data["type"] == "log"]
 
 
+def step_events(frames: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """BuildKit's step status events, in order."""
+    return [data for _, data in frames if data["type"] == "status" and data.get("phase") == "step"]
+
+
+def build_text(frames: list[tuple[int, dict[str, Any]]]) -> list[str]:
+    """What either builder says about a build, as lines: output lines and step names (a legacy
+    `Step 1/1 : FROM x` is a log line, a BuildKit `[1/1] FROM x` a step event)."""
+    return [data["line"] if data["type"] == "log" else data["name"]
+            for _, data in frames if data["type"] == "log" or data.get("phase") == "step"]
+
+
 async def wait_for_line(client: TestClient, build_id: str, text: str, timeout: float = 30) -> None:
     """Follow the live log until the build prints exactly the line `text`."""
     async with asyncio.timeout(timeout):
@@ -206,6 +218,8 @@ def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[str
     port = free_port()
     marker = request.node.get_closest_marker("daemon_args")
     extra = [arg.format(tmp_path=tmp_path) for arg in marker.args] if marker else []
+    if "builder" in request.fixturenames:
+        extra += ["--builder", request.getfixturevalue("builder")]
     proc = subprocess.Popen(
         [sys.executable, "-m", "builder", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data"),
          "--log-format", "json", *extra],

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from builder.server.app import create_app
 from builder.server.config import Settings
-from tests.conftest import dockerfile, make_context, wait_for, wait_healthy
+from tests.conftest import dockerfile, log_lines, make_context, read_log, wait_for, wait_healthy
 
 
 async def _error(response: aiohttp.ClientResponse, status: int, code: str) -> str:
@@ -252,7 +252,9 @@ async def test_symlink_out_of_the_context_never_reaches_the_host(client: TestCli
                                  params={"no_cache": "true"})
     build_id = (await response.json())["build_id"]
     status = await wait_for(client, build_id, {"succeeded", "failed"})
-    assert status["status"] == "failed" and "COPY failed" in status["error"]
+    # "COPY failed: ... /etc/passwd" (legacy), '"/etc/passwd" not found' (BuildKit): never the host's file.
+    assert status["status"] == "failed" and "/etc/passwd" in status["error"], status["error"]
+    assert not [line for line in log_lines(await read_log(client, build_id)) if line.startswith("root:")]
 
 
 async def test_truncated_gzip_and_huge_field_are_400_and_a_good_build_follows(

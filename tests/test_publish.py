@@ -16,7 +16,9 @@ from aiohttp.test_utils import TestClient
 
 from builder.server.app import create_app
 from builder.server.config import Settings
-from tests.conftest import dockerfile, free_port, log_lines, read_log, submit, wait_for
+from tests.conftest import dockerfile, free_port, log_lines, read_log, step_events, submit, wait_for
+
+pytestmark = pytest.mark.usefixtures("builder")
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 
@@ -114,7 +116,7 @@ async def test_delete_during_push_stops_it_and_cancels(
 
 
 async def test_cache_key_reuses_layers_through_the_registry(
-    aiohttp_client: Any, settings: Settings, registry: str, docker: aiodocker.Docker
+    aiohttp_client: Any, settings: Settings, registry: str, docker: aiodocker.Docker, builder: str
 ) -> None:
     client = await _app(aiohttp_client, settings, registry=registry)
     files = {"Dockerfile": dockerfile(f"RUN echo {uuid.uuid4()} && sleep 2", "RUN echo second-step")}
@@ -128,10 +130,15 @@ async def test_cache_key_reuses_layers_through_the_registry(
     second = await submit(client, files, image_name="publish-test/cached", cache_key=key, no_cache="false")
     second_status = await wait_for(client, second["build_id"], {"succeeded", "failed"})
     assert second_status["status"] == "succeeded", second_status
-    lines = log_lines(await read_log(client, second["build_id"]))
-    assert lines.count(" ---> Using cache") == 2
-    assert not [line for line in lines if line.startswith(" ---> Running in")]
-    assert _push_events(await read_log(client, second["build_id"]), phase="cache")
+    frames = await read_log(client, second["build_id"])
+    if builder == "legacy":
+        lines = log_lines(frames)
+        assert lines.count(" ---> Using cache") == 2
+        assert not [line for line in lines if line.startswith(" ---> Running in")]
+    else:
+        runs = [step for step in step_events(frames) if " RUN " in step["name"]]
+        assert {step["state"] for step in runs} == {"cached"} and len(runs) == 2, runs
+    assert _push_events(frames, phase="cache")
     wall = [
         (_parse(s["finished_at"]) - _parse(s["started_at"])) for s in (first_status, second_status)
     ]

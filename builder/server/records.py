@@ -93,6 +93,7 @@ class BuildRecord:
             "cache_key": spec.cache_key,
             "timeout": spec.timeout,
             "image": spec.base_image,
+            "builder": spec.builder,
             "nydus_convert": spec.nydus_convert,
             "nydus_image_ref": self.nydus_image_ref,
             "nydus_status": self.nydus_status,

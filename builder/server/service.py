@@ -270,14 +270,23 @@ class BuildService:
         return record
 
     async def _builder_for(self, spec: BuildSpec) -> str:
-        """The builder a build asked for, else the daemon's: with `auto`, BuildKit when the engine has it."""
+        """The builder a build asked for, else the daemon's: with `auto`, BuildKit when the engine
+        has it and no per-build memory or CPU limit is set (BuildKit through the Engine API
+        ignores those, so only the legacy builder can enforce them)."""
+        limited = bool(self._settings.build_memory or self._settings.build_cpus)
+        if spec.builder == "buildkit" and limited:
+            raise InvalidField(
+                "this daemon limits the memory or CPU of build steps (--build-memory/--build-cpus), which "
+                "BuildKit through the Engine API cannot enforce: use the legacy builder"
+            )
         if self._default_builder is None:
             wanted = self._settings.builder
             if wanted == "auto":
                 try:
-                    wanted = "buildkit" if await self._engine.supports_buildkit() else "legacy"
+                    buildkit = not limited and await self._engine.supports_buildkit()
                 except Exception as exc:
                     raise EngineUnavailable(f"the Docker engine does not answer: {exc}") from None
+                wanted = "buildkit" if buildkit else "legacy"
             self._default_builder = wanted
             log.info("default_builder", builder=wanted)
         return spec.builder or self._default_builder

@@ -101,6 +101,10 @@ class BuildKitRun:
         # BuildKit removes its own step containers; rm/forcerm are the legacy builder's.
         del params["rm"], params["forcerm"]
         params |= {"version": "2", "buildid": self._job.build_id}
+        if self._job.spec.cache_key:
+            # The image carries its own cache metadata, so a later build can use it from a registry
+            # (`cachefrom`) with no local layer left.
+            params["buildargs"] = json.dumps(self._job.spec.build_args | {"BUILDKIT_INLINE_CACHE": "1"})
         # BuildKit knows "default" (the bridge), "host" and "none".
         if self._engine.limits.network != "bridge":
             params["networkmode"] = self._engine.limits.network
