@@ -94,20 +94,20 @@ def decode_status(data: bytes) -> TraceStatus:
             pos = skip(data, pos, key & 7)
             continue
         start, pos = _span(data, pos, end)
-        if key == _STATUS_LOG:
+        if key == _RESPONSE_LOG:
             logs.append(_log(data, start, pos))
-        elif key == _STATUS_VERTEX:
+        elif key == _RESPONSE_VERTEX:
             vertexes.append(_vertex(data, start, pos))
-        elif key == _STATUS_STATUS:
+        elif key == _RESPONSE_STATUS:
             statuses.append(_vertex_status(data, start, pos))
     _check_end(pos, end)
     return TraceStatus(vertexes, statuses, logs)
 
 
 # The keys on the wire of the fields read: a message's loop dispatches on them.
-_STATUS_VERTEX = tag(1, LENGTH)
-_STATUS_STATUS = tag(2, LENGTH)
-_STATUS_LOG = tag(3, LENGTH)
+_RESPONSE_VERTEX = tag(1, LENGTH)
+_RESPONSE_STATUS = tag(2, LENGTH)
+_RESPONSE_LOG = tag(3, LENGTH)
 
 _VERTEX_DIGEST = tag(1, LENGTH)
 _VERTEX_NAME = tag(3, LENGTH)
