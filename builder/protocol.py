@@ -35,6 +35,17 @@ EVENT_DONE = "done"
 EVENT_ERROR = "error"
 TERMINAL_EVENT_TYPES = frozenset({EVENT_DONE, EVENT_ERROR})
 
+# A build step's states (a BuildKit vertex): it starts, unless cached, then ends once as
+# done, cached, error or cancelled. And the streams its output comes from.
+STEP_STARTED = "started"
+STEP_DONE = "done"
+STEP_CACHED = "cached"
+STEP_ERROR = "error"
+STEP_CANCELLED = "cancelled"
+
+STDOUT = "stdout"
+STDERR = "stderr"
+
 # Multipart / query / JSON field names of POST /builds.
 FIELD_CONTEXT = "context"
 FIELD_IMAGE = "image"

@@ -12,15 +12,32 @@ from typing import Protocol
 
 from builder.server.buildspec import BuildSpec
 
-# Step states, in the order a step may pass through them.
-STEP_STARTED = "started"
-STEP_DONE = "done"
-STEP_CACHED = "cached"
-STEP_ERROR = "error"
-STEP_CANCELLED = "cancelled"
+# Step states and stream names are part of the wire contract: clients read them too.
+from builder.protocol import (
+    STDERR,
+    STDOUT,
+    STEP_CACHED,
+    STEP_CANCELLED,
+    STEP_DONE,
+    STEP_ERROR,
+    STEP_STARTED,
+)
 
-STDOUT = "stdout"
-STDERR = "stderr"
+__all__ = [
+    "STDERR",
+    "STDOUT",
+    "STEP_CACHED",
+    "STEP_CANCELLED",
+    "STEP_DONE",
+    "STEP_ERROR",
+    "STEP_STARTED",
+    "EngineEvent",
+    "EngineFailure",
+    "ImageBuilt",
+    "LogClipped",
+    "Output",
+    "StepChanged",
+]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

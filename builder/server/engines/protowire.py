@@ -20,19 +20,45 @@ class WireError(ValueError):
 
 def read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
     """The varint at `pos` and the position after it."""
-    result = shift = 0
+    try:
+        byte = data[pos]
+    except IndexError:
+        raise WireError("truncated varint") from None
+    if byte < 0x80:
+        return byte, pos + 1  # most keys and small values: one byte
+    result = byte & 0x7F
+    shift = 7
     while True:
+        pos += 1
         try:
             byte = data[pos]
         except IndexError:
             raise WireError("truncated varint") from None
-        pos += 1
         result |= (byte & 0x7F) << shift
         if byte < 0x80:
-            return result, pos
+            return result, pos + 1
         shift += 7
         if shift >= 64:
             raise WireError("varint longer than 64 bits")
+
+
+def tag(number: int, wire_type: int) -> int:
+    """A field's key as it appears on the wire (read as a varint): decoders dispatch on it."""
+    return number << 3 | wire_type
+
+
+def skip(data: bytes | memoryview, pos: int, wire_type: int) -> int:
+    """The position after a field's value: a field this reader does not know."""
+    if wire_type == VARINT:
+        return read_varint(data, pos)[1]
+    if wire_type == LENGTH:
+        length, pos = read_varint(data, pos)
+        return pos + length
+    if wire_type == FIXED64:
+        return pos + 8
+    if wire_type == FIXED32:
+        return pos + 4
+    raise WireError(f"unsupported wire type {wire_type}")
 
 
 def fields(data: bytes | memoryview) -> Iterator[tuple[int, int, int | memoryview]]:

