@@ -12,7 +12,14 @@ server's event classes. The format, as BuildKit's plain printer writes it:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from builder.protocol import (
+    EVENT_LOG,
+    EVENT_STATUS,
+    PHASE_LOG_CLIPPED,
+    PHASE_STEP,
     STEP_CACHED,
     STEP_CANCELLED,
     STEP_DONE,
@@ -61,3 +68,20 @@ def clipped_line(step: int | None, message: str) -> str:
     """The engine dropped some of a step's output: its notice, e.g.
     `#5 [output clipped, log limit 200KiB/s reached]`."""
     return message if step is None else f"#{step} {message}"
+
+
+def event_lines(payload: Mapping[str, Any]) -> list[str]:
+    """The plain lines of one log event payload (`type` log or status); terminal events and
+    other status events print nothing here."""
+    kind = payload.get("type")
+    if kind == EVENT_LOG:
+        return [output_line(payload.get("step"), payload["line"], payload.get("elapsed"))]
+    if kind != EVENT_STATUS:
+        return []
+    phase = payload.get("phase")
+    if phase == PHASE_STEP:
+        return step_lines(payload["step"], payload["name"], payload["state"], payload.get("duration"),
+                          payload.get("error"))
+    if phase == PHASE_LOG_CLIPPED:
+        return [clipped_line(payload.get("step"), f"[the engine clipped this log: {payload.get('message')}]")]
+    return []

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -121,6 +122,11 @@ async def read_log(client: TestClient, build_id: str, **params: Any) -> list[tup
 
 def log_lines(frames: list[tuple[int, dict[str, Any]]]) -> list[str]:
     return [data["line"] for _, data in frames if data["type"] == "log"]
+
+
+def plain_output(text: str) -> list[str]:
+    """The lines of a plain-text log without BuildKit's `#N 0.123 ` prefix on output lines."""
+    return [re.sub(r"^#\d+ \d+\.\d+ ", "", line) for line in text.splitlines()]
 
 
 def step_events(frames: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:

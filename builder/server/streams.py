@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from builder import plainlog
 from builder import protocol as p
 from builder.server.records import Event
 
@@ -89,7 +90,7 @@ class EventStreamResponse(LogStreamResponse):
 
 
 class PlainLogResponse(LogStreamResponse):
-    """The build's output lines as printed, then one line with the outcome."""
+    """The build's output as `docker build --progress=plain` prints it, then one line with the outcome."""
 
     def __init__(self) -> None:
         super().__init__(content_type="text/plain")
@@ -100,8 +101,8 @@ class PlainLogResponse(LogStreamResponse):
         for event in events:
             payload = json.loads(event.data)
             kind = payload.get("type")
-            if kind == p.EVENT_LOG:
-                lines.append(payload["line"] + "\n")
+            if kind == p.EVENT_LOG or kind == p.EVENT_STATUS:
+                lines.extend(line + "\n" for line in plainlog.event_lines(payload))
             elif kind == p.EVENT_DONE:
                 lines.append(f"--- {payload['status']}: {payload['image_ref']}\n")
             elif kind == p.EVENT_ERROR:

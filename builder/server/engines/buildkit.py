@@ -18,11 +18,13 @@ import aiohttp
 import structlog
 
 from builder.server.engines.base import (
+    STEP_ERROR,
     BuildJob,
     EngineEvent,
     EngineFailure,
     ImageBuilt,
     Output,
+    StepChanged,
 )
 from builder.server.engines.docker import DockerEngine, build_params, docker_message, error_message
 from builder.server.engines.trace import StepTracker, decode_status
@@ -57,6 +59,7 @@ class BuildKitRun:
         self._ended = asyncio.Event()
         self._image_id: str | None = None
         self._tracker = StepTracker()
+        self._failed_step: str | None = None
 
     async def events(self) -> AsyncIterator[list[EngineEvent]]:
         failure: EngineFailure | None = None
@@ -123,7 +126,7 @@ class BuildKitRun:
             if raw.startswith(_TRACE_PREFIX):
                 # The bulk of the stream: base64 of a protobuf, decoded without the JSON parser.
                 end = raw.index(b'"', len(_TRACE_PREFIX))
-                events.extend(self._tracker.feed(decode_status(base64.b64decode(raw[len(_TRACE_PREFIX) : end]))))
+                self._trace(base64.b64decode(raw[len(_TRACE_PREFIX) : end]), events)
                 continue
             if not raw.strip():
                 continue
@@ -143,15 +146,22 @@ class BuildKitRun:
                 self._image_id = aux["ID"]
                 events.append(ImageBuilt(aux["ID"]))
             elif message.get("id") == "moby.buildkit.trace" and isinstance(aux, str):
-                events.extend(self._tracker.feed(decode_status(base64.b64decode(aux))))
+                self._trace(base64.b64decode(aux), events)
             elif isinstance(stream := message.get("stream"), str) and stream.strip():
                 events.append(Output(stream.rstrip("\n").split("\n")))
         return events
 
+    def _trace(self, status: bytes, events: list[EngineEvent]) -> None:
+        new = self._tracker.feed(decode_status(status))
+        for event in new:
+            if isinstance(event, StepChanged) and event.state == STEP_ERROR:
+                self._failed_step = event.name
+        events.extend(new)
+
     def _explain(self, error: str) -> str:
         """The engine's error, made plain where it is cryptic."""
-        if "no active sessions" in error or "no active session" in error:
-            features = sorted(set(_SESSION_FEATURES.findall(self._tracker.failed_step_name or "")))
+        if "no active session" in error:
+            features = sorted(set(_SESSION_FEATURES.findall(self._failed_step or "")))
             what = " and ".join(f"RUN --mount=type={f}" for f in features) or "this build"
             return (
                 f"{what} needs a BuildKit session (secrets or SSH forwarding), which this daemon "
