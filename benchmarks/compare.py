@@ -27,9 +27,14 @@ class Comparison:
     samples: dict[str, list[float]] = field(default_factory=dict)  # measured rounds, in order
     warmups: dict[str, list[float]] = field(default_factory=dict)
 
-    def ratios(self, name: str) -> list[float]:
-        """name / reference, round by round."""
-        return [a / b for a, b in zip(self.samples[name], self.samples[self.reference], strict=True) if b]
+    def ratios(self, name: str, reference: str | None = None) -> list[float]:
+        """name / reference (the comparison's own by default), round by round."""
+        against = self.samples[reference or self.reference]
+        return [a / b for a, b in zip(self.samples[name], against, strict=True) if b]
+
+    def median_ratio_to(self, name: str, reference: str) -> float:
+        """The median of per-round name / reference, for a second pair within the same rounds."""
+        return harness.median(self.ratios(name, reference))
 
     def median_ratio(self, name: str) -> float | None:
         ratios = self.ratios(name)

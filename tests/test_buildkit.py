@@ -10,14 +10,12 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import (
     BASE_IMAGE,
     log_lines,
-    processes_running,
     read_log,
     step_events,
     submit,
-    unique_sleep,
     wait_for,
-    wait_for_process,
 )
+from tests.steps import processes_running, unique_sleep, wait_for_process
 
 
 def _states(steps: list[dict], name_part: str) -> list[str]:

@@ -17,14 +17,12 @@ from builder.server.config import Settings
 from tests.conftest import (
     dockerfile,
     log_lines,
-    processes_running,
     read_log,
     submit,
-    unique_sleep,
     wait_for,
     wait_for_line,
-    wait_for_process,
 )
+from tests.steps import processes_running, unique_sleep, wait_for_process
 
 pytestmark = pytest.mark.usefixtures("builder")
 

@@ -25,13 +25,11 @@ from tests.conftest import (
     log_lines,
     parse_sse,
     post_context,
-    processes_running,
     read_log,
-    unique_sleep,
     wait_for,
-    wait_for_process,
     wait_healthy,
 )
+from tests.steps import processes_running, unique_sleep, wait_for_process
 
 
 def _committed_lines(database: Path, build_id: str) -> list[str]:
