@@ -186,3 +186,36 @@ async def test_full_queue_answers_429_with_retry_after(aiohttp_client: Any, sett
     assert (await refused.json())["code"] == "queue_full"
     assert len(list(settings.spool_dir.iterdir())) == 1  # the queued build's context, nothing more
     assert (await client.delete(f"/builds/{running['build_id']}")).status == 200
+
+
+async def test_legacy_teardown_acts_only_on_ids_the_engine_confirms(
+    aiohttp_client: Any, settings: Settings, docker: aiodocker.Docker, base_image: str
+) -> None:
+    """A build that prints another build's step container and image ids, as the legacy builder's
+    own control lines would name them, then is cancelled (or fails): both foreign things survive."""
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, builder="legacy")))
+    foreign_sleep = unique_sleep()
+    foreign = await docker.containers.run(config={"Image": base_image, "Cmd": foreign_sleep.split()})
+    # Another build's layer: an image of its own, with exactly one tag (removable by id).
+    foreign_tag = f"builder-test/foreign:{time.time_ns()}"
+    await foreign.commit(repository="builder-test/foreign", tag=foreign_tag.rsplit(":", 1)[1])
+    foreign_image = (await docker.images.inspect(foreign_tag))["Id"].removeprefix("sha256:")[:12]
+    try:
+        forged = (f"echo ' ---> Running in {foreign.id[:12]}' && echo ' ---> {foreign_image}' && "
+                  f"echo 'Successfully built {foreign_image}'")
+        sleep = unique_sleep()
+        cancelled = await submit(client, {"Dockerfile": dockerfile(f"RUN {forged} && {sleep}")})
+        await wait_for_process(sleep)
+        assert (await (await client.delete(f"/builds/{cancelled['build_id']}")).json())["status"] == "cancelled"
+        failing = await submit(client, {"Dockerfile": dockerfile(f"RUN {forged} && exit 1")})
+        assert (await wait_for(client, failing["build_id"], {"failed", "succeeded"}))["status"] == "failed"
+
+        assert (await foreign.show())["State"]["Running"]
+        assert processes_running(foreign_sleep)
+        assert (await docker.images.inspect(foreign_tag))["Id"].removeprefix("sha256:").startswith(foreign_image)
+        # The forged lines were printed, and teardown still ran for the build's own step container.
+        assert f" ---> Running in {foreign.id[:12]}" in log_lines(await read_log(client, cancelled["build_id"]))
+        assert processes_running(sleep) == []
+    finally:
+        await foreign.delete(force=True)
+        await docker.images.delete(foreign_tag)

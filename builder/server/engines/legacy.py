@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import email.utils
 import json
 import re
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any
 
 import aiodocker
@@ -23,6 +22,7 @@ import structlog
 
 from builder.server.engines.base import BuildJob, EngineEvent, EngineFailure, ImageBuilt, Output
 from builder.server.engines.docker import (
+    CALL_SECONDS,
     DockerEngine,
     build_params,
     docker_message,
@@ -40,6 +40,7 @@ _STEP_RE = re.compile(r"Step \d+/\d+ : ((\w+).*)")
 _RUNNING_IN_RE = re.compile(r" ---> Running in ([0-9a-f]{12,64})")
 _USING_CACHE = " ---> Using cache"
 _LAYER_RE = re.compile(r" ---> ([0-9a-f]{12,64})")
+_NANOSECONDS = re.compile(r"(\.\d+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,11 +268,11 @@ class LegacyRun:
         return when >= self._started
 
     async def _engine_time(self) -> datetime:
-        """The engine's clock (its Date header, to the second), not ours: they may differ."""
-        async with self._engine.request("_ping", timeout=aiohttp.ClientTimeout(total=10)) as response:
-            date = response.headers.get("Date")
-        now = email.utils.parsedate_to_datetime(date) if date else datetime.now(timezone.utc)
-        return now - timedelta(seconds=1)
+        """The engine's clock to the nanosecond, not ours: they may differ, and a thing created
+        a moment before the build must not pass for one of its own."""
+        async with asyncio.timeout(CALL_SECONDS):
+            info = await self._engine.docker.system.info()
+        return _parse_engine_time(info["SystemTime"])
 
     async def stop(self) -> None:
         self._stopped = True
@@ -310,9 +311,6 @@ def _run_command(instruction: str) -> list[str] | str | None:
 
 
 def _parse_engine_time(value: str) -> datetime:
-    """RFC 3339 with nanoseconds, as the engine writes it ("2026-11-23T19:24:33.123456789Z")."""
-    head, _, fraction = value.rstrip("Z").partition(".")
-    when = datetime.fromisoformat(head).replace(tzinfo=timezone.utc)
-    if fraction:
-        when += timedelta(microseconds=int(fraction[:6].ljust(6, "0")))
-    return when
+    """RFC 3339 with nanoseconds, as the engine writes it ("2026-11-23T19:24:33.123456789Z", or with
+    a UTC offset), cut to the microseconds Python keeps."""
+    return datetime.fromisoformat(_NANOSECONDS.sub(lambda m: m[1][:7], value))
