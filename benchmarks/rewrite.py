@@ -122,7 +122,7 @@ def main() -> None:
     measure("(a) plain tar, one 1 GiB file", one_big_file, copy_once, "one copy")
     measure("(b) plain tar, 10,000 small files", small_files, copy_once, "one copy")
     measure("(c) gzip -1 of (a)", lambda: gzipped(one_big_file), inflate, "zlib alone")
-    size, spent = rewrite(small_files())
+    _, spent = rewrite(small_files())
     print(f"(b) {10_001 / spent:,.0f} entries/s")
 
 

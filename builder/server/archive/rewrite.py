@@ -13,7 +13,14 @@ from collections.abc import Iterator
 
 from builder.protocol import DEFAULT_DOCKERFILE
 from builder.server.archive.decompress import Decompressor
-from builder.server.archive.headers import BLOCK, ZERO_BLOCK, Header, read_header, read_pax, write_header
+from builder.server.archive.headers import (
+    BLOCK,
+    ZERO_BLOCK,
+    Header,
+    read_header,
+    read_pax,
+    write_header,
+)
 from builder.server.errors import (
     BuilderError,
     ContextTooLarge,
