@@ -157,6 +157,8 @@ class ContextRewriter:
                     yield chunk
                 else:
                     self._out += chunk
+                    if len(self._out) >= _FLUSH:
+                        yield self._take()
                 if not self._data_left:
                     self._end_of_data()
             elif self._skip:
