@@ -4,6 +4,17 @@ What the engine reads is what the daemon checked, by construction. Every header 
 is parsed here and checked on its resolved values (pax and GNU long names and links, pax sizes),
 then written again by us; member data is passed through and padded by us; our two zero blocks
 end the archive. Nothing else of the upload, compressed or not, ever reaches the output.
+
+The canonical form: ustar headers (a pax header only for a name or link over 100 bytes or a
+size over 8 GiB); normalised names ("./a//b" -> "a/b", directories "a/", the context "./");
+permission bits kept (mode & 0o7777) and mtime kept (whole seconds, clamped to ustar's range);
+uid and gid 0 and no user or group names (COPY makes files root's anyway, and the build cache
+should not depend on who packed the context); xattrs, atimes and comments dropped.
+
+Refused besides what is outside the context: devices and FIFOs, sparse files (in every GNU
+dialect), unknown entry types, an entry written under a non-directory entry or replacing
+another, a hard link to anything but a file archived before it, and any byte left unread:
+data after the end-of-archive blocks (zeros aside) or after the last compressed stream.
 """
 
 from __future__ import annotations
@@ -52,8 +63,9 @@ _PAX_TIME = re.compile(rb"-?[0-9]+(\.[0-9]*)?")
 class ContextRewriter:
     """Fed the raw upload, produces the tar the engine will read, checking it on the way.
 
-    `feed(data)` returns an iterator over output pieces (memoryviews over immutable bytes:
-    member data passed through uncopied, headers and small files in pieces of about 256 KiB);
+    `feed(data)` returns an iterator over output pieces, memoryviews the rewriter never writes
+    to again: member data passed through uncopied (from a plain tar, slices of `data` itself),
+    headers and small files gathered in pieces of about 256 KiB. The iterator does the work:
     read it to the end before the next `feed`, so memory stays bounded whatever the input.
     `finish()` checks the upload is complete and returns the end-of-archive blocks. Both
     raise InvalidContext (400), ContextTooLarge (413), DockerfileNotFound (400),
