@@ -39,6 +39,13 @@ class DockerfileNotFound(BadRequest):
     code = "dockerfile_not_found"
 
 
+class InvalidDockerfile(BadRequest):
+    """The Dockerfile is in the context but is not one the daemon will build: not a regular
+    file, or a line over the limit."""
+
+    code = "invalid_dockerfile"
+
+
 class IdempotencyKeyReused(BuilderError):
     status = 422
     code = "idempotency_key_reused"
@@ -47,6 +54,11 @@ class IdempotencyKeyReused(BuilderError):
 class ContextTooLarge(BuilderError):
     status = 413
     code = "context_too_large"
+
+
+class DockerfileTooLarge(BuilderError):
+    status = 413
+    code = "dockerfile_too_large"
 
 
 class UploadStalled(BuilderError):
