@@ -200,12 +200,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    spool = ContextSpool(
-        settings.spool_dir,
-        max_entries=settings.max_context_entries,
-        max_unpacked=settings.max_context_unpacked_bytes,
-        idle_timeout=settings.upload_idle_timeout,
-    )
+    spool = ContextSpool(settings.spool_dir)
     service = BuildService(settings, app[ENGINE], app[STORE], spool)
     await service.start()
     app[SERVICE] = service

@@ -1,4 +1,10 @@
-"""Spooled build contexts on disk: receive an upload, check it, hand the file to the engine."""
+"""Build contexts on their way: an upload is checked and rewritten as it arrives (`archive/`),
+and the canonical tar flows on to the engine (a `ContextPipe`) or to disk (the spool).
+
+What the engine reads is only ever what the rewriter wrote, and its last bytes (the
+end-of-archive blocks) only go out once every check has passed: a context refused at the
+end never reaches the engine whole.
+"""
 
 from __future__ import annotations
 
@@ -8,41 +14,97 @@ import hashlib
 import io
 import secrets
 import tarfile
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from builder.protocol import DEFAULT_DOCKERFILE
-from builder.server.errors import ContextTooLarge, DockerfileNotFound, UploadStalled
-from builder.server.tarscan import TarScanner
+from builder.server.archive.rewrite import ContextRewriter
+from builder.server.errors import ContextTooLarge, UploadStalled
 
-_WRITE_BATCH = 1 << 20
+# Upload bytes handed to the rewriter at once: one worker-thread hop per batch.
+_BATCH = 1 << 20
 _READ_CHUNK = 1 << 20
+# Pieces of canonical tar a pipe holds while the engine reads slower than the upload comes.
+_PIPE_DEPTH = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextLimits:
+    max_bytes: int  # the upload as sent (compressed or not)
+    max_unpacked: int  # the tar the engine reads
+    max_entries: int
+    idle_timeout: float  # seconds an upload may send nothing
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedContext:
+    """What the checks learnt of a context, once all of it has arrived."""
+
+    dockerfile: str  # its path inside the context
+    dockerfile_text: str
+    size: int  # bytes uploaded
+    unpacked: int  # bytes of the canonical tar
+    # sha256 of the uploaded bytes, when asked for (idempotent submits compare it).
+    digest: str | None = None
+
+
+class ContextAborted(ConnectionAbortedError):
+    """The upload feeding an engine request failed: the engine must not get the rest.
+
+    An OSError, because to the engine's client it is one: the request body broke off.
+    """
+
+
+class ContextPipe:
+    """Canonical tar handed from the upload (the request's task) to the engine (the build's task),
+    a few pieces at a time: a slow engine slows the upload down instead of filling memory."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[bytes | memoryview | BaseException | None] = asyncio.Queue(_PIPE_DEPTH)
+        self._reader_gone = False
+
+    async def put(self, pieces: list[memoryview] | list[bytes]) -> None:
+        for piece in pieces:
+            if self._reader_gone:
+                raise ContextAborted("the engine stopped reading the build context")
+            await self._queue.put(piece)
+
+    async def close(self) -> None:
+        await self._queue.put(None)
+
+    def fail(self, exc: BaseException) -> None:
+        """The upload failed: the engine's read ends with an error, never with a whole tar."""
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(exc)
+
+    async def pieces(self) -> AsyncIterator[bytes | memoryview]:
+        try:
+            while (piece := await self._queue.get()) is not None:
+                if isinstance(piece, BaseException):
+                    raise ContextAborted(f"the build context upload failed: {piece}")
+                yield piece
+        finally:
+            self._reader_gone = True
+            # Unblock an upload waiting for room, so it notices.
+            while not self._queue.empty():
+                self._queue.get_nowait()
 
 
 @dataclasses.dataclass(frozen=True)
 class SpooledContext:
-    path: Path
-    size: int
-    # Regular files and symlinks in the archive, by normalised path.
-    files: frozenset[str]
-    # sha256 of the uploaded bytes, when asked for (idempotent submits compare it).
-    digest: str | None = None
+    """A checked context on disk (a multipart upload, read whole before its fields are known)."""
 
-    def dockerfile(self, wanted: str) -> str:
-        """The path to build with; like `docker build`, the default falls back to `dockerfile`."""
-        candidates = [wanted] + (["dockerfile"] if wanted == DEFAULT_DOCKERFILE else [])
-        for name in candidates:
-            if name in self.files:
-                return name
-        raise DockerfileNotFound(f"Dockerfile {wanted!r} not found in the build context")
+    path: Path
+    checked: CheckedContext
 
 
 class ContextSpool:
-    def __init__(self, directory: Path, *, max_entries: int, max_unpacked: int, idle_timeout: float) -> None:
+    """Checked contexts waiting on disk for their build to start (canonical, uncompressed tar)."""
+
+    def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._limits = {"max_members": max_entries, "max_unpacked": max_unpacked}
-        self._idle_timeout = idle_timeout
 
     def reset(self) -> None:
         """Start-up: nothing is building yet, so any spooled file is a leftover."""
@@ -50,46 +112,9 @@ class ContextSpool:
         for leftover in self.directory.iterdir():
             leftover.unlink(missing_ok=True)
 
-    async def receive(self, chunks: AsyncIterable[bytes], *, limit: int, digest: bool = False) -> SpooledContext:
-        """Stream an upload to a new file, reading its tar headers on the way.
-
-        Over `limit` bytes, not a tar, or any other failure: the file is removed.
-        """
-        path = self.directory / f"{secrets.token_hex(16)}.ctx"
-        fh = await asyncio.to_thread(path.open, "wb")
-        scanner = TarScanner(**self._limits)
-        hasher = hashlib.sha256() if digest else None
-        size = 0
-        pending: list[bytes] = []
-        pending_size = 0
-        try:
-            async for chunk in _stall_guarded(chunks, self._idle_timeout):
-                size += len(chunk)
-                if size > limit:
-                    raise ContextTooLarge(f"build context is larger than the limit of {limit} bytes")
-                pending.append(chunk)
-                pending_size += len(chunk)
-                if pending_size >= _WRITE_BATCH:
-                    await asyncio.to_thread(_absorb, fh, scanner, hasher, b"".join(pending))
-                    pending, pending_size = [], 0
-            await asyncio.to_thread(_absorb, fh, scanner, hasher, b"".join(pending))
-            scanner.finish()
-        except BaseException:
-            await asyncio.to_thread(_close_and_remove, fh, path)
-            raise
-        await asyncio.to_thread(fh.close)
-        return SpooledContext(path, size, frozenset(scanner.files), hasher.hexdigest() if hasher else None)
-
-    async def write_synthetic(self, base_image: str) -> SpooledContext:
-        """A context whose Dockerfile is exactly `FROM <base_image>` (already validated)."""
-        dockerfile = f"FROM {base_image}\n".encode()
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            info = tarfile.TarInfo(DEFAULT_DOCKERFILE)
-            info.size = len(dockerfile)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(dockerfile))
-        return await self.receive(_single(buffer.getvalue()), limit=len(buffer.getvalue()))
+    async def create(self) -> SpoolWriter:
+        path = self.directory / f"{secrets.token_hex(16)}.tar"
+        return SpoolWriter(path, await asyncio.to_thread(path.open, "wb"))
 
     async def read(self, path: Path) -> AsyncIterator[bytes]:
         """A spooled context's bytes, read in a worker thread so the event loop never blocks."""
@@ -99,6 +124,105 @@ class ContextSpool:
 
     async def remove(self, path: Path) -> None:
         await asyncio.to_thread(path.unlink, missing_ok=True)
+
+
+class SpoolWriter:
+    def __init__(self, path: Path, fh: BinaryIO) -> None:
+        self.path = path
+        self._fh = fh
+
+    async def put(self, pieces: list[memoryview] | list[bytes]) -> None:
+        await asyncio.to_thread(self._fh.writelines, pieces)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._fh.close)
+
+    async def discard(self) -> None:
+        def close_and_remove() -> None:
+            self._fh.close()
+            self.path.unlink(missing_ok=True)
+
+        await asyncio.to_thread(close_and_remove)
+
+
+Sink = Callable[[list[memoryview] | list[bytes]], Awaitable[None]]
+
+
+async def receive(
+    chunks: AsyncIterable[bytes],
+    sink: Sink,
+    *,
+    limits: ContextLimits,
+    dockerfile: str = DEFAULT_DOCKERFILE,
+    dockerfile_required: bool = True,
+    digest: bool = False,
+    before_end: Callable[[CheckedContext], Awaitable[None]] | None = None,
+) -> CheckedContext:
+    """Check and rewrite an upload as it arrives, handing the canonical tar to `sink` piece by piece.
+
+    Raises a BuilderError (400, 408, 413) as soon as the upload shows it is bad. `before_end`
+    runs the checks that need the whole context (the Dockerfile, say) before the
+    end-of-archive blocks go to `sink`: until then the engine cannot act on the context.
+    Without `dockerfile_required`, a context lacking that Dockerfile passes (its name may
+    still change), with `dockerfile` "" in the result.
+    """
+    rewriter = ContextRewriter(
+        max_entries=limits.max_entries, max_unpacked=limits.max_unpacked, dockerfile=dockerfile,
+        require_dockerfile=dockerfile_required,
+    )
+    hasher = hashlib.sha256() if digest else None
+    size = 0
+    batch: list[bytes] = []
+    batch_size = 0
+    async for chunk in _stall_guarded(chunks, limits.idle_timeout):
+        size += len(chunk)
+        if size > limits.max_bytes:
+            raise ContextTooLarge(f"build context is larger than the limit of {limits.max_bytes} bytes")
+        batch.append(chunk)
+        batch_size += len(chunk)
+        if batch_size >= _BATCH:
+            await sink(await asyncio.to_thread(_rewrite, rewriter, hasher, b"".join(batch)))
+            batch, batch_size = [], 0
+    if batch:
+        await sink(await asyncio.to_thread(_rewrite, rewriter, hasher, b"".join(batch)))
+    end = rewriter.finish()
+    context = CheckedContext(
+        dockerfile=rewriter.dockerfile_path,
+        dockerfile_text=rewriter.dockerfile_text,
+        size=size,
+        unpacked=rewriter.unpacked,
+        digest=hasher.hexdigest() if hasher is not None else None,
+    )
+    if before_end is not None:
+        await before_end(context)
+    await sink([end])
+    return context
+
+
+def _rewrite(rewriter: ContextRewriter, hasher: Any, data: bytes) -> list[memoryview]:
+    # One worker-thread hop does it all: decompression, the header checks, the digest.
+    if hasher is not None:
+        hasher.update(data)
+    return list(rewriter.feed(data))
+
+
+async def recheck_dockerfile(path: Path, dockerfile: str, limits: ContextLimits) -> CheckedContext:
+    """Check a spooled (canonical) context again for a Dockerfile named after it arrived
+    (a multipart field that came after the context part)."""
+    context = await receive(_read_file(path), _discard, limits=_unbounded(limits), dockerfile=dockerfile)
+    return dataclasses.replace(context, size=path.stat().st_size)
+
+
+async def synthetic(base_image: str) -> AsyncIterator[bytes]:
+    """The upload of a context whose Dockerfile is exactly `FROM <base_image>` (already validated)."""
+    dockerfile = f"FROM {base_image}\n".encode()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo(DEFAULT_DOCKERFILE)
+        info.size = len(dockerfile)
+        info.mode = 0o644
+        tar.addfile(info, io.BytesIO(dockerfile))
+    yield buffer.getvalue()
 
 
 async def _stall_guarded(chunks: AsyncIterable[bytes], idle_timeout: float) -> AsyncIterator[bytes]:
@@ -115,18 +239,17 @@ async def _stall_guarded(chunks: AsyncIterable[bytes], idle_timeout: float) -> A
         yield chunk
 
 
-async def _single(data: bytes) -> AsyncIterator[bytes]:
-    yield data
+async def _read_file(path: Path) -> AsyncIterator[bytes]:
+    with await asyncio.to_thread(path.open, "rb") as fh:
+        while chunk := await asyncio.to_thread(fh.read, _READ_CHUNK):
+            yield chunk
 
 
-def _absorb(fh: io.BufferedWriter, scanner: TarScanner, hasher: Any, data: bytes) -> None:
-    # One worker-thread hop per batch does it all: the header scan, the digest, the disk write.
-    scanner.feed(data)
-    if hasher is not None:
-        hasher.update(data)
-    fh.write(data)
+async def _discard(pieces: list[memoryview] | list[bytes]) -> None:
+    return None
 
 
-def _close_and_remove(fh: io.BufferedWriter, path: Path) -> None:
-    fh.close()
-    path.unlink(missing_ok=True)
+def _unbounded(limits: ContextLimits) -> ContextLimits:
+    # The spooled copy was checked against the limits already; only the Dockerfile is new.
+    return dataclasses.replace(limits, max_bytes=1 << 62, idle_timeout=3600.0)
+

@@ -12,7 +12,7 @@ from aiohttp import BodyPartReader, web
 from builder import protocol as p
 from builder.protocol import BuildStatus
 from builder.server.appkeys import ENGINE, NAMESPACE, SERVICE, SETTINGS, STREAMS
-from builder.server.buildspec import BuildSpec, parse_flag
+from builder.server.buildspec import BuildSpec, normalise_context_path, parse_flag
 from builder.server.contexts import SpooledContext
 from builder.server.errors import (
     BadRequest,
@@ -36,7 +36,10 @@ def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | Non
     # The trailing newline keeps an operator's shell prompt off the end of `curl` output.
     return web.json_response(data, status=status, headers=headers, dumps=lambda obj: json.dumps(obj) + "\n")
 
-_TAR_TYPES = frozenset({"application/x-tar", "application/tar", "application/gzip", "application/x-gzip"})
+_TAR_TYPES = frozenset({
+    "application/x-tar", "application/tar", "application/gzip", "application/x-gzip", "application/zstd",
+    "application/x-bzip2", "application/x-xz", "application/octet-stream",
+})
 _MAX_FIELD_BYTES = 64 * 1024
 _READ_CHUNK = 256 * 1024
 _DEFAULT_LIMIT = 50
@@ -85,9 +88,10 @@ async def create_build(request: web.Request) -> web.Response:
         _reject_oversized(request, limit + _MULTIPART_OVERHEAD)
         spec, context = await _read_multipart(request, digest=key is not None)
     elif content_type in _TAR_TYPES:
+        # The streaming shape: the fields come first (in the query), so the build can start
+        # while the body is still arriving.
         _reject_oversized(request, limit)
-        spec = BuildSpec.from_fields(request.query)
-        context = await service.receive_context(request.content.iter_chunked(_READ_CHUNK), digest=key is not None)
+        spec, context = BuildSpec.from_fields(request.query), request.content.iter_chunked(_READ_CHUNK)
     elif content_type == "application/json":
         spec, context = BuildSpec.from_fields(await _read_json(request), synthetic=True), None
     else:
@@ -95,11 +99,7 @@ async def create_build(request: web.Request) -> web.Response:
             f"unsupported Content-Type {content_type!r}: send multipart/form-data, "
             "application/x-tar, application/gzip or application/json"
         )
-    namespace = request[NAMESPACE]
-    if key is None:
-        record, created = await service.submit(spec, context, namespace=namespace), True
-    else:
-        record, created = await service.submit_once(spec, context, key=key, namespace=namespace)
+    record, created = await service.submit(spec, context, namespace=request[NAMESPACE], key=key)
     body = _accepted_body(record, request)
     # A repeat of an earlier submit (same Idempotency-Key and request) answers 200, not 202.
     return json_response(body, status=202 if created else 200, headers={"Location": body["links"]["self"]})
@@ -200,7 +200,12 @@ async def _read_multipart(request: web.Request, *, digest: bool) -> tuple[BuildS
             if part.name == p.FIELD_CONTEXT:
                 if context is not None:
                     raise BadRequest("more than one context part")
-                context = await service.receive_context(_part_chunks(part), digest=digest)
+                # Fields may still follow: the context waits on the spool, checked.
+                dockerfile = fields.get(p.FIELD_DOCKERFILE) or p.DEFAULT_DOCKERFILE
+                context = await service.receive_context(
+                    _part_chunks(part), dockerfile=normalise_context_path(dockerfile, p.FIELD_DOCKERFILE),
+                    digest=digest,
+                )
             else:
                 fields[part.name] = await _read_text_part(part)
         if context is None:

@@ -17,7 +17,7 @@ import structlog
 
 from builder import protocol as p
 from builder.protocol import BuildStatus
-from builder.server.contexts import ContextSpool
+from builder.server.contexts import ContextPipe, ContextSpool
 from builder.server.engines.base import (
     BuildJob,
     BuildRun,
@@ -41,8 +41,11 @@ class ActiveBuild:
 
     record: BuildRecord
     log: EventLog
-    context: Path
-    build_dockerfile: str
+    # Where its checked context comes from: a pipe from the upload still arriving, or the spool.
+    pipe: ContextPipe | None = None
+    spool: Path | None = None
+    # Once its upload has passed every check: until then nothing of it is saved or shown.
+    accepted: bool = False
     task: asyncio.Task[None] | None = None
     # Set once DELETE, the timeout or shutdown asked it to stop: how it ends then.
     stop_reason: tuple[BuildStatus, str] | None = None
@@ -100,7 +103,7 @@ class BuildRunner:
 
     async def _drive(self, build: ActiveBuild) -> tuple[BuildStatus, str | None]:
         record = build.record
-        spec = dataclasses.replace(record.spec, dockerfile=build.build_dockerfile)
+        spec = record.spec
         failure: str | None = None
         try:
             cache_from = await self._bounded(
@@ -109,9 +112,9 @@ class BuildRunner:
             job = BuildJob(
                 build_id=record.build_id,
                 spec=spec,
-                context=self._spool.read(build.context),
+                context=build.pipe.pieces() if build.pipe is not None else self._spool.read(build.spool),
                 cache_from=cache_from,
-                on_context_sent=lambda: self._spool.remove(build.context),
+                on_context_sent=lambda: self._context_sent(build),
                 remember=lambda kind, ident: self._remember(record, kind, ident),
             )
             builder = self._engine.builders[spec.builder or "buildkit"]
@@ -167,6 +170,11 @@ class BuildRunner:
                         case EngineFailure(message):
                             failure = message
         return image_id, failure
+
+    async def _context_sent(self, build: ActiveBuild) -> None:
+        # The engine has every byte: a spooled copy is not needed any more.
+        if build.spool is not None:
+            await self._spool.remove(build.spool)
 
     async def _remember(self, record: BuildRecord, kind: str, ident: str) -> None:
         # Saved before the builder relies on it: a restart after a crash can still remove it.

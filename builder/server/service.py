@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -15,7 +14,6 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -24,10 +22,10 @@ from builder import protocol as p
 from builder.protocol import BuildStatus
 from builder.server.buildspec import BuildSpec
 from builder.server.config import Settings
-from builder.server.contexts import ContextSpool, SpooledContext
+from builder.server import contexts
+from builder.server.contexts import CheckedContext, ContextLimits, ContextPipe, ContextSpool, SpooledContext
 from builder.server.engines.docker import DockerEngine
 from builder.server.errors import (
-    BuilderError,
     BuildExpired,
     BuildNotFound,
     EngineUnavailable,
@@ -183,36 +181,33 @@ class BuildService:
 
     # -- submit ----------------------------------------------------------------
 
-    async def receive_context(self, chunks: AsyncIterable[bytes], *, digest: bool = False) -> SpooledContext:
-        """Spool an uploaded context; too large or not a tar: an error, and nothing is kept."""
-        context = await self._spool.receive(chunks, limit=self._settings.max_context_bytes, digest=digest)
-        self.metrics.upload_bytes.inc(context.size)
-        return context
+    @property
+    def context_limits(self) -> ContextLimits:
+        settings = self._settings
+        return ContextLimits(
+            max_bytes=settings.max_context_bytes,
+            max_unpacked=settings.max_context_unpacked_bytes,
+            max_entries=settings.max_context_entries,
+            idle_timeout=settings.upload_idle_timeout,
+        )
 
-    async def submit_once(
-        self, spec: BuildSpec, context: SpooledContext | None, *, key: str, namespace: str = ""
-    ) -> tuple[BuildRecord, bool]:
-        """`submit` under an Idempotency-Key: a repeat within 24 h gets the original build
-        (and False); the same key with a different request is refused."""
-        request = json.dumps(spec.to_dict(), sort_keys=True) + "\n" + (context.digest or "" if context else "")
-        fingerprint = hashlib.sha256(request.encode()).hexdigest()
-        since = rfc3339(utcnow() - datetime.timedelta(seconds=IDEMPOTENCY_WINDOW))
-        # One submit per key at a time, so two racing retries cannot both start a build.
-        async with self._idempotency_locks.setdefault((namespace, key), asyncio.Lock()):
-            try:
-                if (seen := await self._store.find_idempotent(namespace, key, since)) is not None:
-                    if context is not None:
-                        await self._spool.remove(context.path)
-                    if seen[0] != fingerprint:
-                        raise IdempotencyKeyReused(
-                            "this Idempotency-Key was used for a different request in the last 24 h"
-                        )
-                    return await self.get(seen[1], namespace), False
-                record = await self.submit(spec, context, namespace=namespace)
-                await self._store.remember_idempotent(namespace, key, fingerprint, record.build_id)
-                return record, True
-            finally:
-                self._idempotency_locks.pop((namespace, key), None)
+    async def receive_context(
+        self, chunks: AsyncIterable[bytes], *, dockerfile: str, digest: bool = False
+    ) -> SpooledContext:
+        """Check an upload onto the spool, for a request whose build fields may follow it (multipart):
+        `dockerfile` is the name known so far, checked again once the fields are all in."""
+        writer = await self._spool.create()
+        try:
+            checked = await contexts.receive(
+                chunks, writer.put, limits=self.context_limits, dockerfile=dockerfile, dockerfile_required=False,
+                digest=digest,
+            )
+            await writer.close()
+        except BaseException:
+            await asyncio.shield(writer.discard())
+            raise
+        self.metrics.upload_bytes.inc(checked.size)
+        return SpooledContext(writer.path, checked)
 
     async def discard_context(self, context: SpooledContext) -> None:
         await self._spool.remove(context.path)
@@ -226,48 +221,161 @@ class BuildService:
         if spec is not None and spec.timeout is not None and spec.timeout > self._settings.build_timeout:
             raise InvalidField(f"timeout may be at most {self._settings.build_timeout:g} seconds on this daemon")
 
-    async def submit(self, spec: BuildSpec, context: SpooledContext | None, *, namespace: str = "") -> BuildRecord:
-        """Queue a build of a spooled context, or of `FROM spec.base_image` when there is none.
+    async def submit(
+        self,
+        spec: BuildSpec,
+        context: AsyncIterable[bytes] | SpooledContext | None,
+        *,
+        namespace: str = "",
+        key: str | None = None,
+    ) -> tuple[BuildRecord, bool]:
+        """Accept a build of an upload (streamed into the engine while it arrives when a build slot
+        is free, else checked onto the spool to wait its turn), of a spooled context, or, with
+        none, of `FROM spec.base_image`. Returns the record and whether it is a new build.
 
-        A tenant's images are named `<namespace>/<name>:<tag>`: the namespace comes from the
-        token, never from the request.
+        Under an Idempotency-Key, a repeat within 24 h gets the original build (and False); the
+        same key with a different request is refused. A tenant's images are named
+        `<namespace>/<name>:<tag>`: the namespace comes from the token, never from the request.
         """
-        if namespace and spec.image_name:
-            spec = dataclasses.replace(spec, image_name=f"{namespace}/{spec.image_name}")
-        spec = dataclasses.replace(spec, builder=await self._builder_for(spec))
         try:
+            if namespace and spec.image_name:
+                spec = dataclasses.replace(spec, image_name=f"{namespace}/{spec.image_name}")
+            spec = dataclasses.replace(spec, builder=await self._builder_for(spec))
             self.check_accepting(spec)
-        except BuilderError:
-            if context is not None:
-                await self._spool.remove(context.path)
-            raise
-        if context is None:
-            if spec.base_image is None:
-                raise InvalidContext("a build needs a context or an image")
-            context = await self._spool.write_synthetic(spec.base_image)
-        try:
-            build_dockerfile = context.dockerfile(spec.dockerfile)
+            if context is None:
+                if spec.base_image is None:
+                    raise InvalidContext("a build needs a context or an image")
+                context = contexts.synthetic(spec.base_image)
         except BaseException:
-            await self._spool.remove(context.path)
+            if isinstance(context, SpooledContext):
+                await self.discard_context(context)
             raise
+        if key is None:
+            build, _ = await self._accept(spec, context, namespace, digest=False)
+            return build.record, True
+        # One submit per key at a time, so two racing retries cannot both start a build.
+        async with self._idempotency_locks.setdefault((namespace, key), asyncio.Lock()):
+            try:
+                since = rfc3339(utcnow() - datetime.timedelta(seconds=IDEMPOTENCY_WINDOW))
+                if (seen := await self._store.find_idempotent(namespace, key, since)) is not None:
+                    # A repeat: its upload is read to compare it, never built.
+                    checked = await self._read_repeat(spec, context)
+                    if seen[0] != _fingerprint(spec, checked.digest):
+                        raise IdempotencyKeyReused(
+                            "this Idempotency-Key was used for a different request in the last 24 h"
+                        )
+                    return await self.get(seen[1], namespace), False
+                build, checked = await self._accept(spec, context, namespace, digest=True)
+                await self._store.remember_idempotent(
+                    namespace, key, _fingerprint(spec, checked.digest), build.record.build_id
+                )
+                return build.record, True
+            finally:
+                self._idempotency_locks.pop((namespace, key), None)
+
+    async def _read_repeat(self, spec: BuildSpec, context: AsyncIterable[bytes] | SpooledContext) -> CheckedContext:
+        if isinstance(context, SpooledContext):
+            await self.discard_context(context)
+            return context.checked
+        return await contexts.receive(
+            context, _discard, limits=self.context_limits, dockerfile=spec.dockerfile, digest=True
+        )
+
+    async def _accept(
+        self, spec: BuildSpec, context: AsyncIterable[bytes] | SpooledContext, namespace: str, *, digest: bool
+    ) -> tuple[ActiveBuild, CheckedContext]:
         record = BuildRecord(
             build_id=secrets.token_urlsafe(16), spec=spec, namespace=namespace, nydus_status=self._nydus_plan(spec)
         )
         build = ActiveBuild(
             record=record,
-            log=EventLog(
-                record.build_id, window=self._settings.log_window, coalesce=self._settings.follower_coalesce
-            ),
-            context=context.path,
-            build_dockerfile=build_dockerfile,
+            log=EventLog(record.build_id, window=self._settings.log_window, coalesce=self._settings.follower_coalesce),
         )
-        await self._store.save(record)
+        if isinstance(context, SpooledContext):
+            checked = await self._adopt_spooled(build, context)
+        elif self._slot_free():
+            checked = await self._stream(build, context, digest=digest)
+        else:
+            checked = await self._spool_upload(build, context, digest=digest)
+        await self._admit(build)
+        return build, checked
+
+    async def _adopt_spooled(self, build: ActiveBuild, context: SpooledContext) -> CheckedContext:
+        build.spool = context.path
+        checked = context.checked
+        try:
+            if build.record.spec.dockerfile != checked.dockerfile:
+                # Named by a field that came after the context: check that Dockerfile now.
+                checked = await contexts.recheck_dockerfile(context.path, build.record.spec.dockerfile,
+                                                            self.context_limits)
+            await self._check_context(build, checked)
+        except BaseException:
+            await self.discard_context(context)
+            raise
+        return checked
+
+    async def _spool_upload(self, build: ActiveBuild, upload: AsyncIterable[bytes], *, digest: bool) -> CheckedContext:
+        """Every build slot is taken: check the upload onto the spool, where it waits its turn."""
+        writer = await self._spool.create()
+        try:
+            checked = await contexts.receive(
+                upload, writer.put, limits=self.context_limits, dockerfile=build.record.spec.dockerfile,
+                digest=digest, before_end=lambda checked: self._check_context(build, checked),
+            )
+            await writer.close()
+        except BaseException:
+            await asyncio.shield(writer.discard())
+            raise
+        build.spool = writer.path
+        self.metrics.upload_bytes.inc(checked.size)
+        return checked
+
+    async def _stream(self, build: ActiveBuild, upload: AsyncIterable[bytes], *, digest: bool) -> CheckedContext:
+        """A build slot is free: the build starts now, and the engine reads the checked context
+        while the upload is still arriving. A check that fails ends the engine's read before it
+        has the whole context, and the build is dropped as if it never was."""
+        build.pipe = ContextPipe()
+        self._running.add(build)
+        build.task = asyncio.create_task(self._run(build), name=f"build-{build.record.build_id}")
+        try:
+            checked = await contexts.receive(
+                upload, build.pipe.put, limits=self.context_limits, dockerfile=build.record.spec.dockerfile,
+                digest=digest, before_end=lambda checked: self._check_context(build, checked),
+            )
+            await build.pipe.close()
+        except BaseException as exc:
+            build.pipe.fail(exc)
+            await asyncio.shield(self._drop(build))
+            raise
+        self.metrics.upload_bytes.inc(checked.size)
+        return checked
+
+    async def _drop(self, build: ActiveBuild) -> None:
+        """A build whose upload was refused: stop the engine's side, leave no trace of it."""
+        build.stop_reason = (BuildStatus.FAILED, "the build context was refused")
+        await self._runner.stop(build)
+        if build.task is not None:
+            await asyncio.wait([build.task])
+
+    async def _check_context(self, build: ActiveBuild, checked: CheckedContext) -> None:
+        """Checks that need the whole context, before the engine may have all of it."""
+
+    def _slot_free(self) -> bool:
+        return not self._queue and len(self._running) < self._settings.max_concurrent and not self._stopping
+
+    async def _admit(self, build: ActiveBuild) -> None:
+        """The build's context passed every check: it exists from now on."""
+        record = build.record
+        build.accepted = True
         self._active[record.build_id] = build
-        self._queue.append(build)
-        build.log.append(_queued_payload(len(self._queue)))
-        log.info("build_queued", build_id=record.build_id, image_name=spec.image_name)
-        self._start_queued()
-        return record
+        await self._store.save(record)
+        if build.task is None:
+            self._queue.append(build)
+            build.log.append(_queued_payload(len(self._queue)))
+            log.info("build_queued", build_id=record.build_id, image_name=record.spec.image_name)
+            self._start_queued()
+        else:
+            log.info("build_accepted", build_id=record.build_id, image_name=record.spec.image_name)
 
     async def _builder_for(self, spec: BuildSpec) -> str:
         """The builder a build asked for, else the daemon's: with `auto`, BuildKit when the engine
@@ -328,7 +436,8 @@ class BuildService:
         structlog.contextvars.bind_contextvars(build_id=record.build_id)
         record.status = BuildStatus.RUNNING
         record.started_at = utcnow()
-        await self._store.save(record)
+        if build.accepted:  # a streamed build is saved once its upload passed the checks
+            await self._store.save(record)
         build.log.append({"type": p.EVENT_STATUS, "status": BuildStatus.RUNNING.value})
         log.info("build_started")
         timeout = record.spec.timeout or self._settings.build_timeout
@@ -408,7 +517,11 @@ class BuildService:
         record.error = error
         record.finished_at = utcnow()
         record.last_event_id = terminal.id
-        await self._spool.remove(build.context)
+        if build.spool is not None:
+            await self._spool.remove(build.spool)
+        if not build.accepted:
+            build.done.set()  # a refused upload's build: never shown, nothing to keep
+            return
         # The final record is saved only once its log is durable: a restart never
         # finds a finished build whose terminal frame was lost.
         await self._flush()
@@ -503,6 +616,16 @@ class BuildService:
                 return
             yield events
             after = events[-1].id
+
+
+def _fingerprint(spec: BuildSpec, digest: str | None) -> str:
+    """What makes two submits the same request: their fields and their context's bytes."""
+    request = json.dumps(spec.to_dict(), sort_keys=True) + "\n" + (digest or "")
+    return hashlib.sha256(request.encode()).hexdigest()
+
+
+async def _discard(pieces: object) -> None:
+    return None
 
 
 def _queued_payload(position: int) -> dict[str, Any]:

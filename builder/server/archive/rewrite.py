@@ -81,6 +81,7 @@ class ContextRewriter:
         max_dockerfile: int = 1 << 20,
         max_dockerfile_line: int = 64 << 10,
         max_header_record: int = 1 << 20,
+        require_dockerfile: bool = True,
     ) -> None:
         self.max_entries = max_entries
         self.max_unpacked = max_unpacked
@@ -91,6 +92,9 @@ class ContextRewriter:
         self.dockerfile_path = ""  # set by finish()
         self.dockerfile_text = ""
         self._dockerfile = _DockerfileCapture(dockerfile, max_dockerfile, max_dockerfile_line)
+        # False while the Dockerfile's name may still change (a field after the context): then an
+        # archive without it is no error yet, and `dockerfile_path` stays "".
+        self._require_dockerfile = require_dockerfile
         self._source = Decompressor()
         self._read = 0  # tar bytes read from the upload (decompressed)
         self._feeding = False
@@ -132,7 +136,11 @@ class ContextRewriter:
             raise InvalidContext(f"{_NOT_A_TAR}: it is empty")
         if self._pending_records():
             raise InvalidContext(f"{_NOT_A_TAR}: it ends with a pax or GNU header but no entry")
-        self.dockerfile_path, self.dockerfile_text = self._dockerfile.result()
+        try:
+            self.dockerfile_path, self.dockerfile_text = self._dockerfile.result()
+        except DockerfileNotFound:
+            if self._require_dockerfile:
+                raise
         self.unpacked += 2 * BLOCK
         return ZERO_BLOCK * 2
 

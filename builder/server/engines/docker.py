@@ -17,6 +17,7 @@ import aiodocker
 import aiohttp
 import structlog
 
+from builder.protocol import DEFAULT_DOCKERFILE
 from builder.server.buildspec import BuildSpec
 from builder.server.engines.base import Builder, EngineFailure
 
@@ -299,13 +300,15 @@ def parse_push_chunk(chunk: dict[str, Any]) -> PushProgress | PushDigest | Engin
 def build_params(spec: BuildSpec, cache_from: list[str]) -> dict[str, Any]:
     """The engine's build parameters both builders share."""
     params: dict[str, Any] = {
-        "dockerfile": spec.dockerfile,
         # Intermediate containers go away whatever the outcome.
         "rm": "1",
         "forcerm": "1",
         "nocache": "1" if spec.no_cache else "0",
         "pull": "1" if spec.pull else "0",
     }
+    if spec.dockerfile != DEFAULT_DOCKERFILE:
+        # Left out by default: the engine then falls back to `dockerfile` as the checks did.
+        params["dockerfile"] = spec.dockerfile
     if spec.image_name:
         params["t"] = spec.image_name
     if spec.build_args:
