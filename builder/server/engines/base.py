@@ -127,3 +127,7 @@ class Builder(Protocol):
     name: str
 
     def start(self, job: BuildJob) -> BuildRun: ...
+
+    async def aclose(self) -> None:
+        """Stop the builder's own background work (the engine is closing)."""
+        ...

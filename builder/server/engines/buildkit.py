@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiodocker
@@ -44,15 +45,40 @@ class BuildKitBuilder:
 
     def __init__(self, engine: DockerEngine) -> None:
         self._engine = engine
+        self._sweeper: asyncio.Task[None] | None = None
+        self._sweep_wanted = False
 
     def start(self, job: BuildJob) -> BuildKitRun:
-        return BuildKitRun(self._engine, job)
+        return BuildKitRun(self._engine, job, on_end=self._sweep_soon)
+
+    async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    def _sweep_soon(self) -> None:
+        """A build's stream ended: its context, whole or broken off, is dead weight in the engine's
+        build cache. One sweep at a time; builds that end meanwhile get one more after it."""
+        self._sweep_wanted = True
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep(), name="buildkit-context-sweeper")
+
+    async def _sweep(self) -> None:
+        while self._sweep_wanted:
+            self._sweep_wanted = False
+            try:
+                if reclaimed := await self._engine.prune_build_contexts():
+                    log.debug("build_contexts_pruned", bytes=reclaimed)
+            except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                log.warning("build_context_prune_failed", error=str(exc))
 
 
 class BuildKitRun:
-    def __init__(self, engine: DockerEngine, job: BuildJob) -> None:
+    def __init__(self, engine: DockerEngine, job: BuildJob, *, on_end: Callable[[], None]) -> None:
         self._engine = engine
         self._job = job
+        self._on_end = on_end
         self._stopped = False
         self._context_sent = False
         self._deadline: asyncio.Timeout | None = None
@@ -97,6 +123,7 @@ class BuildKitRun:
         finally:
             self._deadline = None
             self._ended.set()
+            self._on_end()
         yield self._tracker.finish() + ([failure] if failure is not None else [])
 
     def _params(self) -> dict[str, Any]:

@@ -34,6 +34,8 @@ _CONFLICT_RETRIES = 25
 _GONE = (404, 409)  # not found, or already being removed
 # BuildKit through the API (`version=2`, `/build/cancel`) since API 1.39 (Docker 18.09), Linux only.
 _BUILDKIT_API = (1, 39)
+# How BuildKit describes the cache record of a context uploaded with a build (`http url http://build-context-<id>`).
+_CONTEXT_RECORD = "http url http://build-context-"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,8 @@ class DockerEngine:
         return engine
 
     async def close(self) -> None:
+        for builder in self.builders.values():
+            await builder.aclose()
         await self.docker.close()
 
     async def ping(self) -> bool:
@@ -188,6 +192,27 @@ class DockerEngine:
     async def tag(self, image: str, repository: str, tag: str) -> None:
         async with asyncio.timeout(CALL_SECONDS):
             await self.docker.images.tag(image, repository, tag=tag)
+
+    async def prune_build_contexts(self) -> int:
+        """Remove the contexts BuildKit keeps in its build cache after their builds ended.
+
+        BuildKit stores each uploaded context (and each partial one, when an upload broke off)
+        as a cache record under a URL of its own, so none is ever used again: they only fill
+        the engine's disk. Records still in use belong to running builds and stay. Returns the
+        bytes reclaimed.
+        """
+        async with asyncio.timeout(CALL_SECONDS):
+            async with self.request("system/df") as response:
+                usage = await response.json()
+            reclaimed = 0
+            for record in usage.get("BuildCache") or []:
+                if record.get("InUse") or not str(record.get("Description", "")).startswith(_CONTEXT_RECORD):
+                    continue
+                async with self.request(
+                    "build/prune", "POST", params={"filters": json.dumps({"id": [record["ID"]]})}
+                ) as response:
+                    reclaimed += int((await response.json()).get("SpaceReclaimed") or 0)
+        return reclaimed
 
     # -- registry ------------------------------------------------------------------------
 

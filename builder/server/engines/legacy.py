@@ -130,6 +130,9 @@ class LegacyBuilder:
     def start(self, job: BuildJob) -> LegacyRun:
         return LegacyRun(self._engine, job)
 
+    async def aclose(self) -> None:
+        return None
+
 
 class LegacyRun:
     def __init__(self, engine: DockerEngine, job: BuildJob) -> None:
