@@ -31,12 +31,25 @@ class InvalidImageReference(BadRequest):
     code = "invalid_image_reference"
 
 
+class UnresolvableImageReference(BadRequest):
+    """A Dockerfile whose images the daemon cannot resolve as the engine would, so cannot check."""
+
+    code = "unresolvable_image_reference"
+
+
 class InvalidContext(BadRequest):
     code = "invalid_context"
 
 
 class DockerfileNotFound(BadRequest):
     code = "dockerfile_not_found"
+
+
+class ImageNotAllowed(BuilderError):
+    """A build would reach an image outside what the caller's namespace may use."""
+
+    status = 403
+    code = "image_not_allowed"
 
 
 class IdempotencyKeyReused(BuilderError):
