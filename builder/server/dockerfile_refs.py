@@ -107,12 +107,12 @@ def image_references(dockerfile_text: str, build_args: Mapping[str, str]) -> lis
             meta.append(inst)
         else:
             stages[-1].commands.append(inst)
-    environments = _meta_environments(meta, build_args, escape)
+    environments, declared = _meta_environments(meta, build_args, escape)
     all_names = {stage.name for stage in stages if stage.name}
     earlier: set[str] = set()
     for stage in stages:
         # A previous stage's name (exactly: BuildKit compares case-sensitively) is no image.
-        bases = [base for base in _expand_from(stage, environments, escape) if base not in earlier]
+        bases = [base for base in _expand_from(stage, environments, declared, escape) if base not in earlier]
         found.extend(_base_references(bases, stage.line))
         for inst in stage.commands:
             # The legacy builder knows only earlier stages; BuildKit any stage, later ones too.
@@ -534,8 +534,10 @@ class _TooLong(_Unresolvable):
     """More than the expansion budget: longer than any reference, so not followed."""
 
 
-def _meta_environments(meta: Sequence[_Instruction], build_args: Mapping[str, str], escape: str) -> list[_Environment]:
-    """The variables FROM sees: BuildKit's, then the legacy builder's.
+def _meta_environments(
+    meta: Sequence[_Instruction], build_args: Mapping[str, str], escape: str
+) -> tuple[list[_Environment], set[str]]:
+    """The variables FROM sees, BuildKit's then the legacy builder's, and the ARG names.
 
     BuildKit: TARGETARCH & co. are predefined (their values depend on the engine's platform),
     each ARG is expanded with those before it, a build arg replaces a declared ARG's value, and
@@ -548,8 +550,10 @@ def _meta_environments(meta: Sequence[_Instruction], build_args: Mapping[str, st
         for name in _PLATFORM_ARGS
     }
     legacy: _Environment = {name: build_args[name] for name in _PROXY_ARGS if name in build_args}
+    declared: set[str] = set()
     for inst in meta:
         pairs = _arg_pairs(inst, escape)
+        declared.update(key for key, _ in pairs)
         for key, value in pairs:
             buildkit[key] = build_args[key] if key in build_args else _meta_value(key, value, buildkit, escape, inst)
         # The legacy builder expands a whole ARG line with the variables from before it.
@@ -562,7 +566,7 @@ def _meta_environments(meta: Sequence[_Instruction], build_args: Mapping[str, st
                 legacy.pop(key, None)
             else:
                 legacy[key] = line_value
-    return [buildkit, legacy]
+    return [buildkit, legacy], declared
 
 
 def _arg_pairs(inst: _Instruction, escape: str) -> list[tuple[str, str | None]]:
@@ -593,13 +597,15 @@ def _meta_value(key: str, value: str | None, env: _Environment, escape: str, ins
         return _Unknown(f"uses ARG {key} (line {inst.line}), whose value this check cannot expand: {exc.args[0]}")
 
 
-def _expand_from(stage: _Stage, environments: list[_Environment], escape: str) -> list[str]:
+def _expand_from(stage: _Stage, environments: list[_Environment], declared: set[str], escape: str) -> list[str]:
+    """FROM's word as each builder expands it; a variable no global ARG declares is refused
+    (the engine would take it for empty, or for a value only one builder predefines)."""
     if len(stage.base) > _MAX_WORD:
         raise _refuse(stage.line, "FROM word longer than any image reference")
     names = []
     for env in environments:
         try:
-            name = _expand(stage.base, env, escape)
+            name = _expand(stage.base, env, escape, declared)
         except _TooLong:
             raise _refuse(stage.line, f"FROM {stage.base[:64]} expands to more than any image reference") from None
         except _Unresolvable as exc:
@@ -612,10 +618,10 @@ def _expand_from(stage: _Stage, environments: list[_Environment], escape: str) -
     return names
 
 
-def _expand(word: str, env: _Environment, escape: str) -> str:
+def _expand(word: str, env: _Environment, escape: str, declared: set[str] | None = None) -> str:
     if not any(ch in word for ch in ("$", "'", '"', escape)) and not word.startswith("\ufeff"):
         return word  # nothing to substitute: the common case, without the character loop
-    return _Lexer(word, env, escape).expand()
+    return _Lexer(word, env, escape, declared).expand()
 
 
 class _Lexer:
@@ -624,11 +630,12 @@ class _Lexer:
     No `${x-w}` or `${x+w}`: this engine rejects them (missing ':' in substitution).
     """
 
-    def __init__(self, word: str, env: _Environment, escape: str) -> None:
+    def __init__(self, word: str, env: _Environment, escape: str, declared: set[str] | None) -> None:
         # text/scanner skips a byte order mark at the start.
         self._text = word.removeprefix("\ufeff")
         self._pos = 0
         self._env = env
+        self._declared = declared
         self._escape = escape
         self._budget = _EXPANSION_BUDGET
 
@@ -771,6 +778,8 @@ class _Lexer:
         return self._text[start : self._pos]
 
     def _value(self, name: str) -> str:
+        if self._declared is not None and name not in self._declared:
+            raise _Unresolvable(_Unknown(f"${name} is not declared by an ARG before the first FROM"))
         value = self._env.get(name, "")
         if isinstance(value, _Unknown):
             raise _Unresolvable(value)
