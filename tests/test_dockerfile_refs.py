@@ -366,3 +366,7 @@ def test_onbuild_triggers_the_engine_rejects_are_refused(trigger: str) -> None:
 def test_a_base_images_triggers_are_resolved_too() -> None:
     found = onbuild_references(["COPY --from=tenant-b/x /a /b", "RUN echo hi"])
     assert [(ref.reference, ref.origin) for ref in found] == [("tenant-b/x", "ONBUILD COPY --from")]
+
+
+def test_absurdly_many_instructions_are_refused_not_followed() -> None:
+    assert "more than 10000 instructions" in refused("FROM scratch\n" + "RUN x\n" * 10000)

@@ -45,17 +45,35 @@ _ASCII_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ
 _ASCII_ALNUM = _ASCII_LETTERS | frozenset("0123456789")
 _STAGE_NAME = re.compile(r"[a-z][a-z0-9\-_.]*", re.ASCII)
 _INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+# The lexer's work is mostly runs of ordinary characters: matched at once (single character
+# classes, so no backtracking), keyed by escape token and by whether `}` ends the word.
+_LEXER_SPECIAL = re.compile("[$'\"\\\\`\ufeff]")
+_PLAIN_RUN = {
+    (escape, stop): re.compile(f"[^$'\"{re.escape(escape)}{re.escape(stop)}]+")
+    for escape in ("\\", "`") for stop in ("", "}")
+}
+_QUOTED_RUN = {escape: re.compile(f'[^$"{re.escape(escape)}]+') for escape in ("\\", "`")}
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+", re.ASCII)
+_GO_BLANKS = re.compile(f"[{_GO_SPACE}]+")
+# Blanks to extractBuilderFlags, which reads bytes as characters (0x85 and 0xA0 included).
+_FLAG_BLANKS = " \t\n\v\f\r\udc85\udca0"
+_FLAG_GAP = re.compile(f"[{_FLAG_BLANKS}]*")
+_SIMPLE_FLAG = re.compile(r"--[!#-&(-\[\]-~]*")  # printable ASCII but quotes and backslash
 
 _MAX_LINE_BYTES = 65535  # bufio.Scanner's limit: the engine fails on a longer line
 _MAX_WORD = 4096  # a FROM word longer than this cannot expand to a valid reference
 _EXPANSION_BUDGET = 8192  # characters one expansion may produce; bounds the work per word
 _MAX_NESTING = 64
 _MAX_TRIGGER_DEPTH = 8
+_MAX_GLOBAL_ARGS = 1000  # each is expanded for both builders; Dockerfiles have a handful
+_MAX_INSTRUCTIONS = 10000  # bounds the work on hostile input; real Dockerfiles have dozens
 
 _INSTRUCTIONS = frozenset({
     "add", "arg", "cmd", "copy", "entrypoint", "env", "expose", "from", "healthcheck", "label",
     "maintainer", "onbuild", "run", "shell", "stopsignal", "user", "volume", "workdir",
 })
+# The instructions whose arguments can reach an image (ARG: through FROM).
+_REACHING = frozenset({"add", "arg", "copy", "from", "onbuild", "run"})
 _PLATFORM_ARGS = ("TARGETPLATFORM", "TARGETOS", "TARGETARCH", "TARGETVARIANT",
                   "BUILDPLATFORM", "BUILDOS", "BUILDARCH", "BUILDVARIANT")
 _PROXY_ARGS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy",
@@ -139,7 +157,7 @@ def onbuild_references(triggers: Iterable[str]) -> list[ImageReference]:
 # --- Parsing: github.com/moby/buildkit frontend/dockerfile/parser (v0.8) ---
 
 
-@dataclass
+@dataclass(slots=True)
 class _Instruction:
     line: int
     cmd: str  # lowercased
@@ -161,15 +179,15 @@ class _Directives:
 
     def __init__(self) -> None:
         self.escape = "\\"
-        self._done = False
+        self.done = False
         self._seen: set[str] = set()
 
     def observe(self, line: str, number: int, where: str | None) -> None:
-        if self._done:
+        if self.done:
             return
         found = _directive(line)
         if found is None or found[0].lower() not in ("escape", "syntax"):
-            self._done = True
+            self.done = True
             return
         name, value = found[0].lower(), found[1]
         if name in self._seen:
@@ -216,10 +234,11 @@ def _physical_lines(text: str, where: str | None) -> list[str]:
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()
-    for number, line in enumerate(lines, start=1):
-        if len(line) * 4 > _MAX_LINE_BYTES and len(line.encode("utf-8", "surrogateescape")) > _MAX_LINE_BYTES:
-            raise _refuse(number, f"longer than the engine's {_MAX_LINE_BYTES}-byte line limit", where)
-    return [line.removesuffix("\r") for line in lines]
+    if max(map(len, lines), default=0) * 4 > _MAX_LINE_BYTES:  # UTF-8 takes up to 4 bytes a character
+        for number, line in enumerate(lines, start=1):
+            if len(line.encode("utf-8", "surrogateescape")) > _MAX_LINE_BYTES:
+                raise _refuse(number, f"longer than the engine's {_MAX_LINE_BYTES}-byte line limit", where)
+    return [line.removesuffix("\r") for line in lines] if "\r" in text else lines
 
 
 def _parse(text: str, where: str | None) -> tuple[list[_Instruction], str]:
@@ -229,20 +248,23 @@ def _parse(text: str, where: str | None) -> tuple[list[_Instruction], str]:
     instructions: list[_Instruction] = []
     heredoc = False
     number = 0
+    if lines:
+        lines[0] = lines[0].removeprefix("\ufeff")
     while number < len(lines):
-        raw = lines[number].removeprefix("\ufeff") if number == 0 else lines[number]
+        token = lines[number].lstrip(_GO_SPACE)
         number += 1
         start = number
-        token = raw.lstrip(_GO_SPACE)
-        directives.observe(token, number, where)
-        first, continued = _trim_continuation("" if token.startswith("#") else token, directives.escape)
-        if not continued and not first:
+        if not directives.done:
+            directives.observe(token, number, where)
+        if not token or token[0] == "#":
             continue
+        first, continued = _trim_continuation(token, directives.escape)
         pieces = [first]
         while continued and number < len(lines):
             raw = lines[number]
             number += 1
-            directives.observe(raw, number, where)
+            if not directives.done:
+                directives.observe(raw, number, where)
             stripped = raw.lstrip(_GO_SPACE)
             if stripped.startswith("#") or not stripped:
                 continue  # comment lines and blank lines do not end a continuation
@@ -252,8 +274,10 @@ def _parse(text: str, where: str | None) -> tuple[list[_Instruction], str]:
         if inst.cmd not in _INSTRUCTIONS:
             hint = " (this engine has no heredocs: the lines after `<<EOF` are instructions)" if heredoc else ""
             raise _refuse(start, f"unknown instruction {inst.cmd!r}{hint} (the engine rejects this)", where)
-        heredoc = heredoc or "<<" in inst.rest
+        heredoc = heredoc or "<<" in inst.original
         instructions.append(inst)
+        if len(instructions) > _MAX_INSTRUCTIONS:
+            raise _refuse(start, f"more than {_MAX_INSTRUCTIONS} instructions (not followed)", where)
     return instructions, directives.escape
 
 
@@ -271,7 +295,9 @@ def _split_command(line: str, number: int, where: str | None) -> _Instruction:
         # Go lowercases İ to i and the Kelvin sign to k: refuse rather than model it.
         raise _refuse(number, f"instruction {words[0]!r} is not ASCII", where)
     cmd = words[0].lower()
-    flags, rest = _extract_flags(words[1], number, where) if len(words) == 2 else ([], "")
+    if cmd not in _REACHING or len(words) == 1:
+        return _Instruction(number, cmd, [], "", line)  # its arguments reach no image
+    flags, rest = _extract_flags(words[1], number, where)
     return _Instruction(number, cmd, flags, rest.strip(_GO_SPACE), line)
 
 
@@ -283,45 +309,41 @@ def _extract_flags(text: str, number: int, where: str | None) -> tuple[list[str]
     flag would be mangled by the engine: refused.
     """
     flags: list[str] = []
-    word: list[str] = []
-    in_word = blank_ok = False
-    quote = ""
     pos, end = 0, len(text)
+    while True:
+        gap = _FLAG_GAP.match(text, pos)
+        pos = gap.end() if gap else pos
+        if pos == end:
+            return flags, ""
+        if text[pos] == "\ufffd":
+            raise _refuse(number, "a replacement character where the engine reads bytes", where)
+        if not text.startswith("--", pos):
+            return flags, text[pos:]
+        simple = _SIMPLE_FLAG.match(text, pos)
+        if simple and (simple.end() == end or text[simple.end()] in _FLAG_BLANKS):
+            flag, pos = simple.group(), simple.end()
+        else:
+            flag, pos = _quoted_flag(text, pos, number, where)
+        if flag == "--":
+            return flags, text[pos:]
+        flags.append(flag)
+
+
+def _quoted_flag(text: str, pos: int, number: int, where: str | None) -> tuple[str, int]:
+    """One flag word with quotes or backslashes, up to the blank after it."""
+    word: list[str] = []
+    quote = ""
+    end = len(text)
     while pos < end:
         ch = text[pos]
-        if not in_word:
-            if ch in " \t\n\v\f\r" or ch in ("\udc85", "\udca0"):
-                pos += 1
-                continue
-            if ch == "\ufffd":
-                raise _refuse(number, "a replacement character where the engine reads bytes", where)
-            if ch != "-" or pos + 1 == end or text[pos + 1] != "-":
-                return flags, text[pos:]
-            in_word = True
-        blank = ch in " \t\n\v\f\r" or ch in ("\udc85", "\udca0")
-        if not ch.isascii() and not (blank and not quote):
+        if not quote and ch in _FLAG_BLANKS:
+            break
+        if not ch.isascii():
             raise _refuse(number, f"non-ASCII character in the flag {''.join(word)}... (the engine mangles it)", where)
-        if quote:
-            if ch == quote or (ch == "\\" and pos + 1 == end):
-                quote = ""
-            else:
-                if ch == "\\":
-                    pos += 1
-                    ch = text[pos]
-                    if not ch.isascii():
-                        raise _refuse(number, "non-ASCII character in a flag (the engine mangles it)", where)
-                word.append(ch)
-            pos += 1
-            continue
-        if blank:
-            flag = "".join(word)
-            if flag == "--":
-                return flags, text[pos:]
-            if blank_ok or flag:
-                flags.append(flag)
-            word, in_word, blank_ok = [], False, False
-        elif ch in "'\"":
-            quote, blank_ok = ch, True
+        if quote and (ch == quote or (ch == "\\" and pos + 1 == end)):
+            quote = ""
+        elif not quote and ch in "'\"":
+            quote = ch
         elif ch == "\\":
             if pos + 1 < end:
                 pos += 1
@@ -331,14 +353,13 @@ def _extract_flags(text: str, number: int, where: str | None) -> tuple[list[str]
         else:
             word.append(ch)
         pos += 1
-    flag = "".join(word)
-    if in_word and flag != "--" and (blank_ok or flag):
-        flags.append(flag)
-    return flags, ""
+    return "".join(word), pos
 
 
 def _parse_words(rest: str, escape: str) -> list[str]:
     """parseWords: blank-separated words; quotes and escapes are kept, but bind blanks."""
+    if not any(ch in rest for ch in ("'", '"', escape)):
+        return [word for word in _GO_BLANKS.split(rest) if word]
     words: list[str] = []
     word: list[str] = []
     in_word = blank_ok = False
@@ -403,7 +424,7 @@ def _syntax_directive(text: str) -> tuple[int, str] | None:
 
 
 def _stage(inst: _Instruction) -> _Stage:
-    if any(not ch.isascii() for ch in inst.original):
+    if not inst.original.isascii():
         raise _refuse(inst.line, "non-ASCII character in a FROM line")
     _parse_flags(inst, {"platform"})
     args = _WORD_GAP.split(inst.rest) if inst.rest else []
@@ -551,8 +572,12 @@ def _meta_environments(
     }
     legacy: _Environment = {name: build_args[name] for name in _PROXY_ARGS if name in build_args}
     declared: set[str] = set()
+    count = 0
     for inst in meta:
         pairs = _arg_pairs(inst, escape)
+        count += len(pairs)
+        if count > _MAX_GLOBAL_ARGS:
+            raise _refuse(inst.line, f"more than {_MAX_GLOBAL_ARGS} ARGs before the first FROM (not followed)")
         declared.update(key for key, _ in pairs)
         for key, value in pairs:
             buildkit[key] = build_args[key] if key in build_args else _meta_value(key, value, buildkit, escape, inst)
@@ -619,8 +644,8 @@ def _expand_from(stage: _Stage, environments: list[_Environment], declared: set[
 
 
 def _expand(word: str, env: _Environment, escape: str, declared: set[str] | None = None) -> str:
-    if not any(ch in word for ch in ("$", "'", '"', escape)) and not word.startswith("\ufeff"):
-        return word  # nothing to substitute: the common case, without the character loop
+    if not _LEXER_SPECIAL.search(word):
+        return word  # nothing to substitute: the common case, without the lexer
     return _Lexer(word, env, escape, declared).expand()
 
 
@@ -638,6 +663,8 @@ class _Lexer:
         self._declared = declared
         self._escape = escape
         self._budget = _EXPANSION_BUDGET
+        self._plain = {stop: _PLAIN_RUN[escape, stop] for stop in ("", "}")}
+        self._quoted = _QUOTED_RUN[escape]
 
     def expand(self) -> str:
         return self._until("", 0)
@@ -653,7 +680,12 @@ class _Lexer:
 
     def _until(self, stop: str, depth: int) -> str:
         out: list[str] = []
+        plain = self._plain[stop]
         while ch := self._peek():
+            if run := plain.match(self._text, self._pos):
+                self._take(run.group(), out)
+                self._pos = run.end()
+                continue
             if stop and ch == stop:
                 self._pos += 1
                 return "".join(out)
@@ -695,6 +727,10 @@ class _Lexer:
                 return "".join(out)
             if ch == "$":
                 self._take(self._dollar(depth), out)
+                continue
+            if run := self._quoted.match(self._text, self._pos):
+                self._take(run.group(), out)
+                self._pos = run.end()
                 continue
             self._pos += 1
             if ch == self._escape:
@@ -756,26 +792,18 @@ class _Lexer:
             raise
 
     def _name(self) -> str:
-        start = self._pos
+        """Digits, a special parameter, or a letter or _ then letters, digits and _ (Unicode to
+        the engine: a non-ASCII character in or next to a name is refused, not modelled)."""
         ch = self._peek()
-        if ch and not ch.isascii():
-            raise _Unresolvable(f"non-ASCII character {ch!r} after $ (not modelled here)")
-        if ch.isdigit():
-            while self._peek().isascii() and self._peek().isdigit():
-                self._pos += 1
-            if not self._peek().isascii():
-                raise _Unresolvable("non-ASCII character in a variable name (not modelled here)")
-            return self._text[start : self._pos]
         if ch and ch in "@*#?-$!":
             self._pos += 1
             return ch
-        while ch := self._peek():
-            if not ch.isascii():
-                raise _Unresolvable(f"non-ASCII character {ch!r} in a variable name (not modelled here)")
-            if not (ch.isalnum() or ch == "_"):
-                break
-            self._pos += 1
-        return self._text[start : self._pos]
+        match = _NAME.match(self._text, self._pos)
+        end = match.end() if match else self._pos
+        if end < len(self._text) and not self._text[end].isascii():
+            raise _Unresolvable(f"non-ASCII character {self._text[end]!r} in or after a variable name")
+        self._pos = end
+        return match.group() if match else ""
 
     def _value(self, name: str) -> str:
         if self._declared is not None and name not in self._declared:
