@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 
 from builder.server.dockerfile_refs import image_references
-from builder.server.errors import ImageNotAllowed, UnresolvableImageReference
+from builder.server.errors import (
+    ImageNotAllowed,
+    InvalidImageReference,
+    UnresolvableImageReference,
+)
 from builder.server.imagepolicy import ImagePolicy
+from builder.server.imageref import normalise_reference
 
 TENANTS = ("tenant-a", "tenant-b", "acme.io")
 REGISTRY = "127.0.0.1:5000"
@@ -142,3 +147,25 @@ def test_the_callers_namespace_counts_even_if_not_listed() -> None:
 def test_open_mode_has_no_policy() -> None:
     with pytest.raises(ValueError, match="open mode"):
         ImagePolicy("", TENANTS)
+
+
+# --- Normalisation (distribution v2.8's ParseNormalizedNamed + TagNameOnly) ---
+
+
+@pytest.mark.parametrize(("ref", "normalised", "familiar"), [
+    ("busybox", "docker.io/library/busybox:latest", "busybox:latest"),
+    ("index.docker.io/library/busybox:1", "docker.io/library/busybox:1", "busybox:1"),
+    ("docker.io/tenant/app", "docker.io/tenant/app:latest", "tenant/app:latest"),
+    ("library/busybox", "docker.io/library/busybox:latest", "busybox:latest"),
+    ("localhost/app", "localhost/app:latest", "localhost/app:latest"),
+    (f"127.0.0.1:5000/t/app@{DIGEST}", f"127.0.0.1:5000/t/app@{DIGEST}", f"127.0.0.1:5000/t/app@{DIGEST}"),
+    (f"app:1@{DIGEST}", f"docker.io/library/app:1@{DIGEST}", f"app:1@{DIGEST}"),
+])
+def test_normalisation(ref: str, normalised: str, familiar: str) -> None:
+    assert (str(normalise_reference(ref)), normalise_reference(ref).familiar) == (normalised, familiar)
+
+
+@pytest.mark.parametrize("ref", ["Tenant/app", "a" * 64, "app:", "-app", "a/../b", "x" * 2000])
+def test_what_the_engine_cannot_parse_is_invalid(ref: str) -> None:
+    with pytest.raises(InvalidImageReference):
+        normalise_reference(ref)

@@ -25,6 +25,7 @@ Stages are not pruned by `--target`: every stage's images are returned (conserva
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -41,8 +42,8 @@ _GO_SPACE = "\t\n\v\f\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)
 _REGEXP_SPACE = "\t\n\f\r "
 # The parser's reWhitespace, between an instruction's words.
 _WORD_GAP = re.compile(r"[\t\v\f\r ]+")
-_ASCII_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_ASCII_ALNUM = _ASCII_LETTERS | frozenset("0123456789")
+_ASCII_LETTERS = frozenset(string.ascii_letters)
+_ASCII_ALNUM = _ASCII_LETTERS | frozenset(string.digits)
 _STAGE_NAME = re.compile(r"[a-z][a-z0-9\-_.]*", re.ASCII)
 _INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
 # The lexer's work is mostly runs of ordinary characters: matched at once (single character

@@ -46,7 +46,7 @@ class ImagePolicy:
         if not namespace:
             raise ValueError("open mode (namespace '') has one tenant: it needs no image policy")
         self.namespace = namespace
-        self._tenants = frozenset(tenant_namespaces) | {namespace}
+        self._tenants = frozenset(tenant for tenant in tenant_namespaces if tenant) | {namespace}
         self._allowed = tuple(allowed)
         self._registry = registry.lower() if registry else None
 
