@@ -14,12 +14,14 @@ What the engine does, found in its source and checked against it:
 - FROM is expanded with the ARGs before the first FROM (build args override declared ones
   only; BuildKit also predefines TARGETARCH & co., the legacy builder the *_PROXY build args);
   `COPY --from` and `RUN --mount=from=` are not expanded at all;
+- leading `--flags` are read byte by byte, so a byte 0x85 or 0xA0 before `--mount` is a blank;
 - the legacy builder resolves image IDs and ID prefixes (`FROM a48443`, `sha256:a48`),
   and runs a base image's ONBUILD triggers, `COPY --from=<image>` included;
 - `# syntax=` (and the BUILDKIT_SYNTAX build arg) hand the whole Dockerfile to a frontend
   image, which may reach any image: refused, as nothing here could vouch for it.
 
 Stages are not pruned by `--target`: every stage's images are returned (conservative).
+Hostile input is bounded: at most 10,000 instructions and 1,000 global ARGs are followed.
 """
 
 from __future__ import annotations
