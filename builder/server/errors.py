@@ -31,6 +31,12 @@ class InvalidImageReference(BadRequest):
     code = "invalid_image_reference"
 
 
+class UnresolvableImageReference(BadRequest):
+    """A Dockerfile whose images the daemon cannot resolve as the engine would, so cannot check."""
+
+    code = "unresolvable_image_reference"
+
+
 class InvalidContext(BadRequest):
     code = "invalid_context"
 
@@ -44,6 +50,13 @@ class InvalidDockerfile(BadRequest):
     file, or a line over the limit."""
 
     code = "invalid_dockerfile"
+
+
+class ImageNotAllowed(BuilderError):
+    """A build would reach an image outside what the caller's namespace may use."""
+
+    status = 403
+    code = "image_not_allowed"
 
 
 class IdempotencyKeyReused(BuilderError):
