@@ -37,6 +37,9 @@ log = structlog.get_logger(__name__)
 STOP_WAIT = 10.0
 _CANCEL_TIMEOUT = aiohttp.ClientTimeout(total=10)
 _TRACE_PREFIX = b'{"id":"moby.buildkit.trace","aux":"'
+_SWEEP_TRIES = 5
+_SWEEP_RETRY_SECONDS = 1.0
+_SWEEP_SETTLE_SECONDS = 3.0
 _SESSION_FEATURES = re.compile(r"--mount=[^ ]*type=(secret|ssh)")
 
 
@@ -67,11 +70,24 @@ class BuildKitBuilder:
     async def _sweep(self) -> None:
         while self._sweep_wanted:
             self._sweep_wanted = False
+            await self._prune()
+            if not self._sweep_wanted:
+                # The engine lets go of a broken-off upload's record a moment after the stream ends.
+                await asyncio.sleep(_SWEEP_SETTLE_SECONDS)
+                await self._prune()
+
+    async def _prune(self) -> None:
+        for attempt in range(_SWEEP_TRIES):
             try:
                 if reclaimed := await self._engine.prune_build_contexts():
                     log.debug("build_contexts_pruned", bytes=reclaimed)
+                return
             except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-                log.warning("build_context_prune_failed", error=str(exc))
+                # E.g. "a disk usage operation is already running": someone else asked the engine.
+                if attempt == _SWEEP_TRIES - 1:
+                    log.warning("build_context_prune_failed", error=str(exc))
+                else:
+                    await asyncio.sleep(_SWEEP_RETRY_SECONDS)
 
 
 class BuildKitRun:
