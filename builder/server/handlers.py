@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -44,6 +45,7 @@ _MAX_FIELD_BYTES = 64 * 1024
 _READ_CHUNK = 256 * 1024
 _DEFAULT_LIMIT = 50
 _MAX_LIMIT = 500
+_MAX_ID_DIGITS = 19
 # Multipart framing and the text fields ride in the same body as the context.
 _MULTIPART_OVERHEAD = 1 << 20
 
@@ -149,6 +151,9 @@ async def stream_logs(request: web.Request) -> web.StreamResponse:
     response = _log_response(request)
     # Unknown (404) or expired (410) builds are answered before any byte of the stream.
     await service.get(build_id, request[NAMESPACE])
+    if request.method == "HEAD":
+        # Headers only: a body would be read as the start of the next response on this connection.
+        return web.Response(headers=response.headers)
     await response.start(request)
     request.app[STREAMS].add(response)
     try:
@@ -235,9 +240,12 @@ async def _read_text_part(part: BodyPartReader) -> str:
 
 
 async def _read_json(request: web.Request) -> dict[str, Any]:
-    body = await request.content.read(_MAX_FIELD_BYTES + 1)
-    if len(body) > _MAX_FIELD_BYTES:
-        raise BadRequest(f"JSON body is longer than {_MAX_FIELD_BYTES} bytes")
+    # The whole body, however the network cut it, and not a byte over the limit.
+    body = bytearray()
+    while chunk := await request.content.read(_MAX_FIELD_BYTES + 1 - len(body)):
+        body += chunk
+        if len(body) > _MAX_FIELD_BYTES:
+            raise BadRequest(f"JSON body is longer than {_MAX_FIELD_BYTES} bytes")
     try:
         data = json.loads(body)
     except ValueError:
@@ -248,25 +256,36 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
 
 
 def _resume_after(request: web.Request) -> int:
-    """`?after=N` or the `Last-Event-ID` header (what EventSource sends on reconnect)."""
-    if "after" in request.query:
-        return _int_query(request, "after", 0, minimum=0)
+    """The `Last-Event-ID` header (what EventSource sends on reconnect), else `?after=N`.
+
+    The header wins: an EventSource opened on `?after=N` sends both when it reconnects, and
+    the header is where it has got to since.
+    """
     header = request.headers.get("Last-Event-ID", "").strip()
-    if not header:
-        return 0
-    if not header.isdigit():
-        raise InvalidField("Last-Event-ID must be a non-negative integer")
-    return int(header)
+    if header:
+        return _event_id(header, "Last-Event-ID")
+    return _int_query(request, "after", 0, minimum=0)
+
+
+def _event_id(raw: str, name: str) -> int:
+    # ASCII digits only: str.isdigit() also admits "²", which int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > _MAX_ID_DIGITS:
+        raise InvalidField(f"{name} must be an event id: a non-negative integer below 2^63")
+    value = int(raw)
+    if value >= 2**63:
+        raise InvalidField(f"{name} must be an event id: a non-negative integer below 2^63")
+    return value
 
 
 def _int_query(request: web.Request, name: str, default: int, *, minimum: int) -> int:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidField(f"{name} must be an integer") from None
+    if not re.fullmatch(r"-?[0-9]{1,19}", raw):
+        raise InvalidField(f"{name} must be an integer")
+    value = int(raw)
     if value < minimum:
         raise InvalidField(f"{name} must be at least {minimum}")
+    if value >= 2**63:
+        raise InvalidField(f"{name} must be below 2^63")
     return value

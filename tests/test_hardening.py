@@ -1,0 +1,71 @@
+"""Hostile clients and awkward inputs at the HTTP edge: each gets a clear answer, and the
+connection or the daemon is left as it should be."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import SSE, dockerfile, parse_sse, submit, wait_for
+
+
+async def _raw(client: TestClient, request: bytes) -> bytes:
+    """Send raw bytes on a fresh connection; everything the server answers until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(request)
+    await writer.drain()
+    try:
+        async with asyncio.timeout(10):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_head_on_a_log_sends_headers_only_and_keeps_the_connection_usable(client: TestClient) -> None:
+    accepted = await submit(client, {"Dockerfile": dockerfile("RUN echo hi")})
+    await wait_for(client, accepted["build_id"], {"succeeded"})
+    path = f"/builds/{accepted['build_id']}/logs"
+    # Two requests on one keep-alive connection: a HEAD body would be read as the second answer.
+    answer = await _raw(client, (
+        f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n"
+        f"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    ).encode())
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"text/plain" in head
+    assert rest.startswith(b"HTTP/1.1 200"), rest[:200]
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["status"] == "ok"
+
+
+async def test_odd_last_event_ids_are_400_not_500(client: TestClient) -> None:
+    accepted = await submit(client, {"Dockerfile": dockerfile()})
+    for value in ("²", "١٢", str(2**63), "9" * 40, "-1", "1e3"):
+        response = await client.get(f"/builds/{accepted['build_id']}/logs", headers={**SSE, "Last-Event-ID": value})
+        body = await response.json()
+        assert response.status == 400 and body["code"] == "invalid_field", (value, body)
+    response = await client.get(f"/builds/{accepted['build_id']}/logs", params={"after": str(2**63)})
+    assert response.status == 400
+
+
+async def test_last_event_id_wins_over_after(client: TestClient) -> None:
+    accepted = await submit(client, {"Dockerfile": dockerfile("RUN seq 1 5")})
+    await wait_for(client, accepted["build_id"], {"succeeded"})
+    # An EventSource opened on ?after=1 reconnects with its own Last-Event-ID: no repeats.
+    response = await client.get(f"/builds/{accepted['build_id']}/logs", params={"after": "1"},
+                                headers={**SSE, "Last-Event-ID": "4"})
+    frames = parse_sse(await response.text())
+    assert frames[0][0] == 5
+
+
+async def test_a_json_body_split_across_segments_is_read_whole(client: TestClient) -> None:
+    body = json.dumps({"image": "builder-busybox:latest", "image_name": "split-json"}).encode()
+
+    async def in_two_pieces() -> Any:
+        yield body[:10]
+        await asyncio.sleep(0.2)
+        yield body[10:]
+
+    response = await client.post("/builds", data=in_two_pieces(), headers={"Content-Type": "application/json"})
+    assert response.status == 202, await response.text()
