@@ -66,3 +66,27 @@ async def test_sigterm_on_an_idle_daemon_exits_0(daemon: tuple[str, subprocess.P
         await wait_healthy(session, url)
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(proc.wait, 20) == 0
+
+
+async def test_sigterm_ends_an_upload_in_flight_with_503_at_once(daemon: tuple[str, subprocess.Popen[bytes]]) -> None:
+    url, proc = daemon
+    sent_some = asyncio.Event()
+
+    async def slow_upload() -> Any:
+        yield make_context({"Dockerfile": dockerfile()})[:100]  # then nothing: an upload still arriving
+        sent_some.set()
+        await asyncio.sleep(60)
+
+    async with aiohttp.ClientSession() as session:
+        await wait_healthy(session, url)
+        post = asyncio.create_task(session.post(f"{url}/builds", data=slow_upload(),
+                                                headers={"Content-Type": "application/gzip"}))
+        await sent_some.wait()
+        while (await (await session.get(f"{url}/healthz")).json())["uploads"] == 0:
+            await asyncio.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            response = await post
+            assert response.status == 503
+            assert (await response.json())["code"] == "shutting_down"
+    assert await asyncio.to_thread(proc.wait, 20) == 0

@@ -9,6 +9,7 @@ end never reaches the engine whole.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -20,7 +21,7 @@ from typing import Any, BinaryIO
 
 from builder.protocol import DEFAULT_DOCKERFILE
 from builder.server.archive.rewrite import ContextRewriter
-from builder.server.errors import ContextTooLarge, UploadStalled
+from builder.server.errors import ContextTooLarge, ShuttingDown, UploadStalled
 
 # Upload bytes handed to the rewriter at once: one worker-thread hop per batch.
 _BATCH = 1 << 20
@@ -157,6 +158,7 @@ async def receive(
     dockerfile_required: bool = True,
     digest: bool = False,
     before_end: Callable[[CheckedContext], Awaitable[None]] | None = None,
+    interrupted: asyncio.Event | None = None,
 ) -> CheckedContext:
     """Check and rewrite an upload as it arrives, handing the canonical tar to `sink` piece by piece.
 
@@ -164,7 +166,8 @@ async def receive(
     runs the checks that need the whole context (the Dockerfile, say) before the
     end-of-archive blocks go to `sink`: until then the engine cannot act on the context.
     Without `dockerfile_required`, a context lacking that Dockerfile passes (its name may
-    still change), with `dockerfile` "" in the result.
+    still change), with `dockerfile` "" in the result. When `interrupted` is set (the daemon
+    shuts down), the upload ends at once with a 503.
     """
     rewriter = ContextRewriter(
         max_entries=limits.max_entries, max_unpacked=limits.max_unpacked, dockerfile=dockerfile,
@@ -174,7 +177,7 @@ async def receive(
     size = 0
     batch: list[bytes] = []
     batch_size = 0
-    async for chunk in _stall_guarded(chunks, limits.idle_timeout):
+    async for chunk in _guarded(chunks, limits.idle_timeout, interrupted):
         size += len(chunk)
         if size > limits.max_bytes:
             raise ContextTooLarge(f"build context is larger than the limit of {limits.max_bytes} bytes")
@@ -225,18 +228,41 @@ async def synthetic(base_image: str) -> AsyncIterator[bytes]:
     yield buffer.getvalue()
 
 
-async def _stall_guarded(chunks: AsyncIterable[bytes], idle_timeout: float) -> AsyncIterator[bytes]:
-    """The upload's chunks; one that takes longer than `idle_timeout` to come ends it (slow loris)."""
+async def _guarded(
+    chunks: AsyncIterable[bytes], idle_timeout: float, interrupted: asyncio.Event | None
+) -> AsyncIterator[bytes]:
+    """The upload's chunks; one that takes longer than `idle_timeout` to come ends it (slow loris),
+    and so does `interrupted`."""
     iterator = aiter(chunks)
-    while True:
-        try:
-            async with asyncio.timeout(idle_timeout):
-                chunk = await anext(iterator)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise UploadStalled(f"the upload sent nothing for {idle_timeout:g} seconds") from None
-        yield chunk
+    stop = asyncio.ensure_future(interrupted.wait()) if interrupted is not None else None
+    try:
+        while True:
+            if stop is None:
+                try:
+                    async with asyncio.timeout(idle_timeout):
+                        chunk = await anext(iterator)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise UploadStalled(f"the upload sent nothing for {idle_timeout:g} seconds") from None
+            else:
+                read = asyncio.ensure_future(anext(iterator))
+                done, _ = await asyncio.wait({read, stop}, timeout=idle_timeout, return_when=asyncio.FIRST_COMPLETED)
+                if read not in done:
+                    read.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await read
+                    if stop in done:
+                        raise ShuttingDown("the daemon is shutting down; send the build to another instance or later")
+                    raise UploadStalled(f"the upload sent nothing for {idle_timeout:g} seconds")
+                try:
+                    chunk = read.result()
+                except StopAsyncIteration:
+                    return
+            yield chunk
+    finally:
+        if stop is not None:
+            stop.cancel()
 
 
 async def _read_file(path: Path) -> AsyncIterator[bytes]:

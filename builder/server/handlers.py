@@ -58,6 +58,7 @@ async def healthz(request: web.Request) -> web.Response:
         "builds_running": service.running_count,
         "builds_queued": service.queued_count,
         "log_followers": service.follower_count,
+        "uploads": service.uploads,
     })
 
 

@@ -82,11 +82,14 @@ class BuildService:
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
         self._draining = False
+        # Set when a shutdown begins: uploads still arriving end at once (503).
+        self._drain_started = asyncio.Event()
         self._stoppers: set[asyncio.Task[None]] = set()  # timeouts tearing builds down
         self._idempotency_locks: dict[tuple[str, str], asyncio.Lock] = {}
         # Settled at the first build: the engine may not answer yet when the daemon starts.
         self._default_builder: str | None = None
         self.follower_count = 0  # open log streams
+        self.uploads = 0  # contexts being received
         self.lagged_followers = 0  # times a follower fell behind the window and read the store
 
     # -- lifecycle -------------------------------------------------------------
@@ -104,6 +107,7 @@ class BuildService:
         Every build ends with a terminal frame, so its followers' streams end cleanly.
         """
         self._draining = True
+        self._drain_started.set()
         log.info("draining", running=len(self._running), queued=len(self._queue), grace=grace)
         for build in list(self._queue):
             await self._stop_build(build, BuildStatus.FAILED, SHUTDOWN_MESSAGE)
@@ -198,9 +202,8 @@ class BuildService:
         `dockerfile` is the name known so far, checked again once the fields are all in."""
         writer = await self._spool.create()
         try:
-            checked = await contexts.receive(
-                chunks, writer.put, limits=self.context_limits, dockerfile=dockerfile, dockerfile_required=False,
-                digest=digest,
+            checked = await self._receive(
+                chunks, writer.put, dockerfile=dockerfile, dockerfile_required=False, digest=digest
             )
             await writer.close()
         except BaseException:
@@ -208,6 +211,16 @@ class BuildService:
             raise
         self.metrics.upload_bytes.inc(checked.size)
         return SpooledContext(writer.path, checked)
+
+    async def _receive(self, chunks: AsyncIterable[bytes], sink: contexts.Sink, **options: Any) -> CheckedContext:
+        """An upload checked into `sink`, with this daemon's limits; ended with a 503 by a shutdown."""
+        self.uploads += 1
+        try:
+            return await contexts.receive(
+                chunks, sink, limits=self.context_limits, interrupted=self._drain_started, **options
+            )
+        finally:
+            self.uploads -= 1
 
     async def discard_context(self, context: SpooledContext) -> None:
         await self._spool.remove(context.path)
@@ -277,9 +290,7 @@ class BuildService:
         if isinstance(context, SpooledContext):
             await self.discard_context(context)
             return context.checked
-        return await contexts.receive(
-            context, _discard, limits=self.context_limits, dockerfile=spec.dockerfile, digest=True
-        )
+        return await self._receive(context, _discard, dockerfile=spec.dockerfile, digest=True)
 
     async def _accept(
         self, spec: BuildSpec, context: AsyncIterable[bytes] | SpooledContext, namespace: str, *, digest: bool
@@ -318,9 +329,9 @@ class BuildService:
         """Every build slot is taken: check the upload onto the spool, where it waits its turn."""
         writer = await self._spool.create()
         try:
-            checked = await contexts.receive(
-                upload, writer.put, limits=self.context_limits, dockerfile=build.record.spec.dockerfile,
-                digest=digest, before_end=lambda checked: self._check_context(build, checked),
+            checked = await self._receive(
+                upload, writer.put, dockerfile=build.record.spec.dockerfile, digest=digest,
+                before_end=lambda checked: self._check_context(build, checked),
             )
             await writer.close()
         except BaseException:
@@ -338,9 +349,9 @@ class BuildService:
         self._running.add(build)
         build.task = asyncio.create_task(self._run(build), name=f"build-{build.record.build_id}")
         try:
-            checked = await contexts.receive(
-                upload, build.pipe.put, limits=self.context_limits, dockerfile=build.record.spec.dockerfile,
-                digest=digest, before_end=lambda checked: self._check_context(build, checked),
+            checked = await self._receive(
+                upload, build.pipe.put, dockerfile=build.record.spec.dockerfile, digest=digest,
+                before_end=lambda checked: self._check_context(build, checked),
             )
             await build.pipe.close()
         except BaseException as exc:
