@@ -291,7 +291,8 @@ class BuilderClient:
                         async for chunk in response.content.iter_any():
                             batch = []
                             for sse in decoder.feed(chunk):
-                                if sse.id is None or not sse.id.isdigit() or int(sse.id) <= last:
+                                # Our frames carry decimal ids; anything else is no event of ours.
+                                if not (sse.id.isascii() and sse.id.isdigit()) or int(sse.id) <= last:
                                     continue
                                 event = decode_event(int(sse.id), sse.data)
                                 last = event.id
