@@ -137,6 +137,8 @@ def _client_parsers(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE", help="build argument")
     build.add_argument("--target", help="build stage to stop at")
     build.add_argument("--no-cache", action="store_true", help="do not use the build cache")
+    build.add_argument("--compress", choices=["auto", "zstd", "gzip", "none"], default="auto",
+                       help="context compression; auto = zstd if the daemon takes it, else gzip (default auto)")
     build.add_argument("--image", metavar="REF", help="build `FROM REF` instead of a context")
     build.add_argument("--detach", action="store_true", help="print the build id once accepted and exit")
     build.add_argument("-q", "--quiet", action="store_true", help="print only the image reference")

@@ -106,6 +106,14 @@ async def test_build_prints_log_and_upload_progress_when_not_a_tty(client: TestC
     assert "built cli-test/loud:latest" in err
 
 
+async def test_compress_option_reaches_the_upload(client: TestClient, tmp_path: Path) -> None:
+    code, out, err = await run_cli(client, "build", "-q", "--compress", "none", "-t", "cli-test/plain:v1",
+                                   str(context(tmp_path, "RUN true")))
+    assert (code, out) == (0, "cli-test/plain:v1\n"), err
+    code, _, err = await run_cli(client, "build", "--compress", "brotli", str(tmp_path / "ctx"))
+    assert code == 2 and "--compress" in err
+
+
 async def test_failed_build_exits_1_with_message(client: TestClient, tmp_path: Path) -> None:
     code, _, err = await run_cli(client, "build", "--no-cache", str(context(tmp_path, "RUN exit 5")))
     assert code == 1

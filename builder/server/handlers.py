@@ -53,7 +53,7 @@ async def healthz(request: web.Request) -> web.Response:
         "builds_running": service.running_count,
         "builds_queued": service.queued_count,
         "log_followers": service.follower_count,
-    })
+    }, headers={"X-Builder-Context-Encodings": "zstd, gzip, bzip2, xz, identity"})
 
 
 @routes.get("/readyz")
