@@ -60,7 +60,7 @@ async def test_build_honours_dockerignore(sdk: BuilderClient, tmp_path: Path, do
 @pytest.mark.parametrize("compress", ["auto", "zstd", "gzip", "none"])
 async def test_every_context_compression_builds(sdk: BuilderClient, tmp_path: Path, compress: Any) -> None:
     context = write_tree(tmp_path, {"Dockerfile": dockerfile("COPY . /ctx", "RUN cat /ctx/app.txt"),
-                                    "app.txt": f"sent as {compress}"})
+                                    "app.txt": f"sent as {compress}\n"})
     lines: list[str] = []
     result = await sdk.build(context, image_name="sdk-test/compress", no_cache=True, compress=compress,
                              on_log=lines.append)
