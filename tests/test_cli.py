@@ -148,3 +148,14 @@ async def test_errors_map_to_exit_codes(client: TestClient, tmp_path: Path) -> N
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     await proc.communicate()
     assert proc.returncode == 2
+
+
+async def test_client_commands_load_neither_the_daemon_nor_tls_over_http() -> None:
+    probe = (
+        "import sys; from builder.cli import main; code = main(['--url', 'http://127.0.0.1:9', 'ls']); "
+        "print(code, sorted(m for m in sys.modules if m.startswith('builder.server')), sys.modules['ssl'])"
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", probe, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert out.decode().split() == ["3", "[]", "None"]
