@@ -9,13 +9,11 @@ A frame without `data` is not an event, and neither is one the stream ends insid
 from __future__ import annotations
 
 import codecs
-import re
 from typing import NamedTuple
 
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # The frame our daemon sends for every event, `id: N\ndata: …\n\n`: field names as parsed.
 _ID_DATA = ("id", "data")
-# An LF-only tail up to this long stays unparsed until its frame is complete.
+# A tail (the frame in progress) up to this long stays unparsed until the frame is complete.
 _TAIL_KEPT = 4096
 
 
@@ -37,7 +35,7 @@ class SSEDecoder:
         self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._at_start = True  # a BOM is dropped only before the first character
         self._after_cr = False  # the last chunk ended with CR: an LF opening the next one is the same break
-        self._partial = ""  # the unterminated line at the end of what was fed
+        self._partial = ""  # what follows the last complete frame, kept as text (see _TAIL_KEPT)
         # The frame being read: its data lines, event type, and field names (all empty between frames).
         self._data: list[str] = []
         self._event = ""
@@ -60,15 +58,18 @@ class SSEDecoder:
         if self._after_cr:
             self._after_cr = False
             text = text.removeprefix("\n")
-        text = self._partial + text
         if "\r" in text:
-            return self._feed_lines(text)
+            # CRLF and a lone CR end lines as LF does: as LFs, one way of splitting serves all.
+            # A CR that ends the chunk has ended its line: an LF opening the next chunk belongs to it.
+            self._after_cr = text.endswith("\r")
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = self._partial + text
         events: list[ServerSentEvent] = []
         if text.startswith("\n"):
             # Text starts at a line start, where a lone LF is the blank line (more are no-ops).
             self._dispatch(events)
             text = text.lstrip("\n")
-        # Fast path for LF-only streams: split into frames on the blank line between them.
+        # Split into frames on the blank line between them.
         *blocks, tail = text.split("\n\n")
         plain_ids = "\x00" not in text
         for block in blocks:
@@ -91,15 +92,6 @@ class SSEDecoder:
             *lines, self._partial = tail.split("\n")
             for line in lines:
                 self._line(line, events)
-        return events
-
-    def _feed_lines(self, text: str) -> list[ServerSentEvent]:
-        *lines, self._partial = _LINE_BREAK.split(text)
-        # A CR ends its line now; if an LF comes next, in a later chunk, it belongs to that CR.
-        self._after_cr = text.endswith("\r")
-        events: list[ServerSentEvent] = []
-        for line in lines:
-            self._line(line, events)
         return events
 
     def _line(self, line: str, events: list[ServerSentEvent]) -> None:
