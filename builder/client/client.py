@@ -125,7 +125,6 @@ class BuilderClient:
             await self._session.close()
         self._session = None
 
-
     # -- builds ----------------------------------------------------------------
 
     async def build(
@@ -368,7 +367,8 @@ class BuilderClient:
                 failed = True
             if failed:
                 failing_since = failing_since or time.monotonic()
-            if failing_since is not None and failure is not None and time.monotonic() - failing_since > self._retry.budget:
+            out_of_budget = failing_since is not None and time.monotonic() - failing_since > self._retry.budget
+            if out_of_budget and failure is not None:
                 failure.add_note(f"gave up on the log of build {build_id}: attempts kept failing "
                                  f"for {self._retry.budget:g} s")
                 raise failure
