@@ -33,9 +33,11 @@ from builder.client.dockerignore import DockerIgnore, escape
 from builder.client.errors import ContextError
 from builder.protocol import DEFAULT_DOCKERFILE
 
-DEFAULT_CHUNK_SIZE = 256 * 1024
+# Also the size of each compress call: the compressing thread takes the GIL back after each
+# call, and fewer, larger calls wait for it less while the event loop thread is sending.
+DEFAULT_CHUNK_SIZE = 1 << 20
 # Chunks the producer may run ahead of the upload.
-DEFAULT_QUEUE_CHUNKS = 8
+DEFAULT_QUEUE_CHUNKS = 4
 DOCKERIGNORE = ".dockerignore"
 GZIP_LEVEL = 1
 ZSTD_LEVEL = 1
