@@ -158,6 +158,20 @@ async def test_close_leaves_an_injected_session_open_but_the_client_unusable(aio
             await sdk.status("b1")
 
 
+async def test_redirects_are_not_followed_but_named(aiohttp_server: Any, tmp_path: Path) -> None:
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPPermanentRedirect(f"https://elsewhere.example{request.path}")
+
+    (tmp_path / "Dockerfile").write_text("FROM scratch\n")
+    server = await serve(aiohttp_server, {"/{tail:.*}": moved})
+    async with BuilderClient(str(server.make_url("/"))) as sdk:
+        for request in (sdk.status("b1"), sdk.submit(tmp_path, image_name="x"), sdk.logs("b1").__anext__()):
+            with pytest.raises(BuilderHTTPError) as raised:
+                await request
+            assert (raised.value.status, raised.value.code) == (308, "redirect")
+            assert "https://elsewhere.example/builds" in raised.value.message
+
+
 # --- context compression --------------------------------------------------------
 
 

@@ -203,7 +203,7 @@ class BuilderClient:
         if self._context_encodings is None:
             try:
                 async with self._open("GET", "healthz") as response:
-                    advertised = response.headers.get(CONTEXT_ENCODINGS_HEADER, "") if response.ok else ""
+                    advertised = response.headers.get(CONTEXT_ENCODINGS_HEADER, "") if response.status == 200 else ""
             except (aiohttp.ClientError, TimeoutError, OSError):
                 return "gzip"  # not cached: the upload's own retries deal with an unreachable daemon
             self._context_encodings = frozenset(e.strip().lower() for e in advertised.split(","))
@@ -392,16 +392,19 @@ class BuilderClient:
     async def _open(
         self, method: str, *segments: str, headers: Mapping[str, str] | None = None, **kwargs: Any
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        # The token goes on every request, also through a session the caller injected.
+        # The token goes on every request, also through a session the caller injected. Redirects
+        # are not followed (as httpx): a streamed upload cannot be sent twice, and a daemon that
+        # moved is better named by its new URL, which the error gives.
         async with self.session.request(
-            method, self.url.joinpath(*segments), headers={**self._headers, **(headers or {})}, **kwargs
+            method, self.url.joinpath(*segments), headers={**self._headers, **(headers or {})},
+            allow_redirects=False, **kwargs,
         ) as response:
             yield response
 
     async def _request(self, method: str, *segments: str, **kwargs: Any) -> Any:
         try:
             async with self._open(method, *segments, **kwargs) as response:
-                if response.status >= 400:
+                if response.status >= 300:
                     raise await _http_error(response)
                 return await response.json()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -429,6 +432,8 @@ def _retry_after(response: aiohttp.ClientResponse) -> float | None:
 
 
 async def _http_error(response: aiohttp.ClientResponse) -> BuilderHTTPError:
+    if 300 <= response.status < 400 and (location := response.headers.get("Location")):
+        return BuilderHTTPError(response.status, "redirect", f"the daemon redirects to {location}: use that URL")
     try:
         body = await response.json(content_type=None)
         code, message = str(body["code"]), str(body["error"])
