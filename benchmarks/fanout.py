@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from benchmarks import harness
 from benchmarks.harness import Bar, Daemon, Headline, LogFollower, Result
+from builder.client.sse import ServerSentEvent
 
 FOLLOWER_COUNTS = (1, 100, 1000)
 LINES = 100_000
@@ -100,34 +101,39 @@ class NumberedFollower(LogFollower):
             and len(self.lags_ms) == STAMPS
         )
 
-    def consume(self, block: bytes) -> None:
+    def consume(self, chunk: bytes) -> None:
         # One clock reading per network read: every frame in it arrived together.
         self._received_at = time.time()
-        while block:
-            if self._segment is not None:
+        while chunk:
+            if self._segment is not None and not self.decoder.incomplete:
                 segment = self._expected.segments[self._segment]
-                size = min(len(block), len(segment) - self._offset)
-                # Blocks and the offset both sit on frame boundaries, and no frame
-                # contains a blank line, so an equal prefix is a run of whole, correct frames.
-                if block[:size] == segment[self._offset : self._offset + size]:
-                    frames = block.count(b"\n\n", 0, size)
+                size = min(len(chunk), len(segment) - self._offset)
+                # Equal bytes from a frame boundary on are a run of correct frames; no frame
+                # contains a blank line, so the last one in the run ends at its last b"\n\n".
+                end = chunk.rfind(b"\n\n", 0, size) + 2
+                if end > 1 and chunk[:end] == segment[self._offset : self._offset + end]:
+                    frames = chunk.count(b"\n\n", 0, end)
                     self.last_id += frames
                     self.log_lines += frames
                     self.next_number += frames
                     self.fast_frames += frames
-                    self._offset += size
-                    block = block[size:]
+                    self._offset += end
+                    chunk = chunk[end:]
                     if self._offset == len(segment):
                         self._segment = None  # the stamped line comes next: parse it
                     continue
                 self._segment = None
-            cut = block.find(b"\n\n")
-            if cut < 0:  # cannot happen with whole frames; let the parser report it
-                super().consume(block)
-                return
-            self.consume_frame(block[:cut])
-            block = block[cut + 2 :]
-            self._resync()
+            # Through the decoder up to the end of the next frame; `consume_event` may then
+            # put us back on the fast path for the bytes after it.
+            cut = chunk.find(b"\n\n") + 2
+            if cut == 1:
+                cut = len(chunk)
+            super().consume(chunk[:cut])
+            chunk = chunk[cut:]
+
+    def consume_event(self, event: ServerSentEvent) -> None:
+        super().consume_event(event)
+        self._resync()
 
     def _resync(self) -> None:
         """Back onto the fast path if the parsed frames left us exactly where the numbered run expects."""

@@ -31,6 +31,8 @@ from typing import Any, Self
 import aiodocker
 import aiohttp
 
+from builder.client.sse import ServerSentEvent, SSEDecoder
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASE_IMAGE = os.environ.get("BUILDER_BASE_IMAGE", "builder-busybox:latest")
 SSE_HEADERS = {"Accept": "text/event-stream"}
@@ -265,37 +267,18 @@ async def remove_image(image_id: str | None) -> None:
 # ---------------------------------------------------------------- SSE following
 
 
-class FrameSplitter:
-    """Re-assembles a byte stream into whole SSE frames (blank-line separated)."""
-
-    def __init__(self) -> None:
-        self._pending = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        """The complete frames received so far (ending in b"\\n\\n"), or b"" if none is complete yet."""
-        data = self._pending + chunk
-        cut = data.rfind(b"\n\n")
-        if cut < 0:
-            self._pending = data
-            return b""
-        self._pending = data[cut + 2:]
-        return data[: cut + 2]
-
-    @property
-    def leftover(self) -> bytes:
-        return self._pending
-
-
 class LogFollower:
     """Follows one build's log stream and checks the SSE contract as it goes.
 
-    Checks: every event frame has one `id:` and one `data:`; ids are exactly
-    1..k with no gap or repeat; the stream ends with a terminal frame and then
-    EOF. The first violation is kept in `error` (reading goes on, so counts stay
-    meaningful). Subclasses hook `on_log` to check the content of log lines.
+    The bytes go through the SDK's decoder. Checks: every event came in a frame of exactly
+    one `id:` and one `data:` line; ids are exactly 1..k with no gap or repeat; the stream
+    ends with a terminal frame and then EOF, not inside a frame. The first violation is
+    kept in `error` (reading goes on, so counts stay meaningful). Subclasses hook `on_log`
+    to check the content of log lines.
     """
 
     def __init__(self) -> None:
+        self.decoder = SSEDecoder()
         self.last_id = 0
         self.log_lines = 0
         self.terminal: dict[str, Any] | None = None
@@ -312,7 +295,6 @@ class LogFollower:
         return self.error is None and self.terminal is not None
 
     async def run(self, session: aiohttp.ClientSession, url: str) -> None:
-        splitter = FrameSplitter()
         try:
             async with session.get(url, headers=SSE_HEADERS) as response:
                 if response.status != 200:
@@ -320,10 +302,9 @@ class LogFollower:
                     return
                 self.opened_at = time.time()
                 async for chunk in response.content.iter_any():
-                    if block := splitter.feed(chunk):
-                        self.consume(block)
-            if splitter.leftover.strip():
-                self.fail(f"stream ended inside a frame: {splitter.leftover[:80]!r}")
+                    self.consume(chunk)
+            if self.decoder.incomplete:
+                self.fail(f"stream ended inside the frame after id {self.last_id}")
             if self.terminal is None:
                 self.fail(f"stream ended after id {self.last_id} without a terminal frame")
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
@@ -331,35 +312,22 @@ class LogFollower:
         finally:
             self.ended_at = time.time()
 
-    def consume(self, block: bytes) -> None:
-        """Handle a run of whole frames."""
-        for frame in block.split(b"\n\n"):
-            if frame:
-                self.consume_frame(frame)
+    def consume(self, chunk: bytes) -> None:
+        """Handle bytes as they arrive."""
+        for event in self.decoder.feed(chunk):
+            self.consume_event(event)
 
-    def consume_frame(self, frame: bytes) -> None:
-        event_id: int | None = None
-        data: list[bytes] = []
-        for line in frame.split(b"\n"):
-            if line.startswith(b"id: "):
-                event_id = int(line[4:])
-            elif line.startswith(b"data: "):
-                data.append(line[6:])
-            elif line.startswith((b":", b"retry: ")):
-                continue  # comments (pings) and the reconnect hint carry no event
-            else:
-                self.fail(f"unexpected SSE line {line[:80]!r}")
-        if event_id is None and not data:
+    def consume_event(self, event: ServerSentEvent) -> None:
+        if event.fields != ("id", "data") or not event.id.isdigit():
+            self.fail(f"frame after id {self.last_id} has the fields {event.fields} and id {event.id!r}")
             return
-        if event_id is None or len(data) != 1:
-            self.fail(f"frame after id {self.last_id} has id {event_id} and {len(data)} data lines")
-            return
+        event_id = int(event.id)
         if self.terminal is not None:
             self.fail(f"frame {event_id} after the terminal frame")
         if event_id != self.last_id + 1:
             self.fail(f"id {event_id} follows id {self.last_id}")
         self.last_id = event_id
-        payload = json.loads(data[0])
+        payload = json.loads(event.data)
         if payload.get("type") == "log":
             self.log_lines += 1
             self.on_log(event_id, payload["line"])

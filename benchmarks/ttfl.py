@@ -19,7 +19,8 @@ import time
 import aiohttp
 
 from benchmarks import compare, harness
-from benchmarks.harness import Bar, Daemon, FrameSplitter, Headline, Result
+from benchmarks.harness import Bar, Daemon, Headline, Result
+from builder.client.sse import SSEDecoder
 
 PAIRS = 7
 SMALL_BYTES = 1024
@@ -66,18 +67,16 @@ async def _daemon_ttfl(session: aiohttp.ClientSession, daemon: Daemon, context: 
     timings.accepted.append(time.perf_counter() - started)
     first: float | None = None
     terminal = None
-    splitter = FrameSplitter()
+    decoder = SSEDecoder()
     async with session.get(harness.logs_url(daemon, body["build_id"]), headers=harness.SSE_HEADERS) as response:
         response.raise_for_status()
         async for chunk in response.content.iter_any():
-            for frame in splitter.feed(chunk).split(b"\n\n"):
-                for line in frame.split(b"\n"):
-                    if line.startswith(b"data: "):
-                        payload = json.loads(line[6:])
-                        if payload.get("type") == "log" and first is None:
-                            first = time.perf_counter() - started
-                        elif payload.get("type") in harness.TERMINAL_TYPES:
-                            terminal = payload
+            for event in decoder.feed(chunk):
+                payload = json.loads(event.data)
+                if payload.get("type") == "log" and first is None:
+                    first = time.perf_counter() - started
+                elif payload.get("type") in harness.TERMINAL_TYPES:
+                    terminal = payload
     if first is None or terminal is None or terminal.get("status") != "succeeded":
         raise RuntimeError(f"daemon build {body['build_id']}: first log {first}, terminal {terminal}")
     await harness.remove_images([tag])

@@ -85,7 +85,8 @@ async def _main(args: argparse.Namespace) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     except (BuilderHTTPError, BuilderConnectionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # The notes say what the retries saw (e.g. how long a log kept failing before giving up).
+        print("\n".join([f"error: {exc}", *getattr(exc, "__notes__", ())]), file=sys.stderr)
         return EXIT_UNREACHABLE
 
 
@@ -98,7 +99,7 @@ async def _build(client: BuilderClient, session: Session) -> int:
         progress = None if args.quiet else UploadProgress()
         session.build_id = await client.submit(
             args.path, image_name=args.tag, dockerfile=args.file, build_args=_build_args(args.build_arg),
-            target=args.target, no_cache=args.no_cache, on_upload_progress=progress,
+            target=args.target, no_cache=args.no_cache, compress=args.compress, on_upload_progress=progress,
         )
         if progress is not None:
             progress.finish()

@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
+from builder.client.sse import ServerSentEvent, SSEDecoder
 from builder.server.app import create_app
 from builder.server.config import Settings
 
@@ -99,16 +100,17 @@ async def wait_for(client: TestClient, build_id: str, statuses: set[str], timeou
         await asyncio.sleep(0.05)
 
 
+def our_frame(event: ServerSentEvent) -> tuple[int, dict[str, Any]]:
+    """An event as (id, data), asserting it came in the daemon's frame: one `id:` and one `data:` line."""
+    assert event.fields == ("id", "data"), event
+    return int(event.id), json.loads(event.data)
+
+
 def parse_sse(raw: str) -> list[tuple[int, dict[str, Any]]]:
-    """Frames as (id, data) in order; asserts every data frame has exactly one id and one data line."""
-    frames = []
-    for block in raw.split("\n\n"):
-        lines = [line for line in block.split("\n") if line and not line.startswith(":")]
-        if not lines or lines[0].startswith("retry:"):
-            continue
-        fields = dict(line.split(": ", 1) for line in lines)
-        assert set(fields) == {"id", "data"}, block
-        frames.append((int(fields["id"]), json.loads(fields["data"])))
+    """The events of a whole stream as (id, data) in order, through the SDK's decoder."""
+    decoder = SSEDecoder()
+    frames = [our_frame(event) for event in decoder.feed(raw.encode())]
+    assert not decoder.incomplete, f"stream ended inside a frame: {raw[-200:]!r}"
     return frames
 
 
@@ -142,10 +144,11 @@ def build_text(frames: list[tuple[int, dict[str, Any]]]) -> list[str]:
 
 async def wait_for_line(client: TestClient, build_id: str, text: str, timeout: float = 30) -> None:
     """Follow the live log until the build prints exactly the line `text`."""
+    decoder = SSEDecoder()
     async with asyncio.timeout(timeout):
         response = await client.get(f"/builds/{build_id}/logs", headers=SSE)
-        async for raw in response.content:
-            if raw.startswith(b"data: ") and json.loads(raw[6:]).get("line") == text:
+        async for chunk in response.content.iter_any():
+            if any(json.loads(event.data).get("line") == text for event in decoder.feed(chunk)):
                 response.close()
                 return
     raise AssertionError(f"log of {build_id} ended without the line {text!r}")

@@ -106,6 +106,14 @@ async def test_build_prints_log_and_upload_progress_when_not_a_tty(client: TestC
     assert "built cli-test/loud:latest" in err
 
 
+async def test_compress_option_reaches_the_upload(client: TestClient, tmp_path: Path) -> None:
+    code, out, err = await run_cli(client, "build", "-q", "--compress", "none", "-t", "cli-test/plain:v1",
+                                   str(context(tmp_path, "RUN true")))
+    assert (code, out) == (0, "cli-test/plain:v1\n"), err
+    code, _, err = await run_cli(client, "build", "--compress", "brotli", str(tmp_path / "ctx"))
+    assert code == 2 and "--compress" in err
+
+
 async def test_failed_build_exits_1_with_message(client: TestClient, tmp_path: Path) -> None:
     code, _, err = await run_cli(client, "build", "--no-cache", str(context(tmp_path, "RUN exit 5")))
     assert code == 1
@@ -140,3 +148,14 @@ async def test_errors_map_to_exit_codes(client: TestClient, tmp_path: Path) -> N
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     await proc.communicate()
     assert proc.returncode == 2
+
+
+async def test_client_commands_load_neither_the_daemon_nor_tls_over_http() -> None:
+    probe = (
+        "import sys; from builder.cli import main; code = main(['--url', 'http://127.0.0.1:9', 'ls']); "
+        "print(code, sorted(m for m in sys.modules if m.startswith('builder.server')), sys.modules['ssl'])"
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", probe, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert out.decode().split() == ["3", "[]", "None"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiodocker
 import pytest
@@ -56,6 +57,24 @@ async def test_build_honours_dockerignore(sdk: BuilderClient, tmp_path: Path, do
     assert (await docker.images.inspect(result.image_ref))["Id"] == result.image_id
 
 
+@pytest.mark.parametrize("compress", ["auto", "zstd", "gzip", "none"])
+async def test_every_context_compression_builds(sdk: BuilderClient, tmp_path: Path, compress: Any) -> None:
+    context = write_tree(tmp_path, {"Dockerfile": dockerfile("COPY . /ctx", "RUN cat /ctx/app.txt"),
+                                    "app.txt": f"sent as {compress}\n"})
+    lines: list[str] = []
+    result = await sdk.build(context, image_name="sdk-test/compress", no_cache=True, compress=compress,
+                             on_log=lines.append)
+    assert result.status == "succeeded" and f"sent as {compress}" in lines
+
+
+async def test_symlinked_dockerfile_builds(sdk: BuilderClient, tmp_path: Path) -> None:
+    context = write_tree(tmp_path, {"docker/app.Dockerfile": dockerfile("RUN echo built-from-the-link-target")})
+    (context / "Dockerfile").symlink_to("docker/app.Dockerfile")
+    lines: list[str] = []
+    result = await sdk.build(context, image_name="sdk-test/symlinked", no_cache=True, on_log=lines.append)
+    assert result.status == "succeeded" and "built-from-the-link-target" in lines
+
+
 async def test_build_image_of_the_base_image(sdk: BuilderClient, base_image: str) -> None:
     result = await sdk.build_image(base_image, image_name="sdk-test/synthetic")
     assert result.status == "succeeded" and result.image_ref == "sdk-test/synthetic:latest"
@@ -85,10 +104,12 @@ async def test_http_errors_carry_status_and_code(sdk: BuilderClient) -> None:
 
 async def test_unknown_build_log_gives_up_after_the_budget(client: TestClient) -> None:
     async with BuilderClient(str(client.make_url("/")), retry=RetryPolicy(budget=1.0)) as sdk:
-        with pytest.raises(BuilderConnectionError, match="gave up"):
+        with pytest.raises(BuilderHTTPError) as raised:
             async with asyncio.timeout(10):
                 async for _ in sdk.logs("never-submitted"):
                     pass
+    assert (raised.value.status, raised.value.code) == (404, "build_not_found")
+    assert any("gave up" in note for note in raised.value.__notes__)
 
 
 async def test_unreachable_daemon_is_a_connection_error(tmp_path: Path) -> None:

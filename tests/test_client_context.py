@@ -1,16 +1,27 @@
-"""Client-side build contexts: .dockerignore matching and the streamed, reproducible tar.gz."""
+"""Client-side build contexts: .dockerignore matching and the streamed, reproducible, compressed tar."""
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import io
 import os
 import tarfile
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from builder.client import context as context_module
-from builder.client.context import check_context, iter_context_tar_gz, stream_context
+from builder.client.context import (
+    Compression,
+    check_context,
+    iter_context,
+    stream_context,
+)
 from builder.client.dockerignore import DockerIgnore, read_patterns
 from builder.client.errors import ContextError
 
@@ -130,8 +141,18 @@ def ctx(tmp_path: Path) -> Path:
     return root
 
 
-def archive(context_dir: Path, dockerfile: str = "Dockerfile", chunk_size: int = 1 << 20) -> bytes:
-    return b"".join(iter_context_tar_gz(context_dir, dockerfile, chunk_size))
+def archive(context_dir: Path, dockerfile: str = "Dockerfile", chunk_size: int = 1 << 20,
+            compression: Compression = "gzip") -> bytes:
+    return b"".join(iter_context(context_dir, dockerfile, chunk_size, compression=compression))
+
+
+def tar_of(data: bytes) -> bytes:
+    """The tar inside an archive, whatever it is compressed with."""
+    if data.startswith(b"\x1f\x8b"):
+        return gzip.decompress(data)
+    if data.startswith(b"\x28\xb5\x2f\xfd"):
+        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    return data
 
 
 def members(data: bytes) -> dict[str, tarfile.TarInfo]:
@@ -203,9 +224,41 @@ def test_archive_is_reproducible(ctx: Path) -> None:
 
 
 def test_tar_stream_is_padded_like_tarfile(ctx: Path) -> None:
-    import gzip
+    assert len(tar_of(archive(ctx))) % tarfile.RECORDSIZE == 0
 
-    assert len(gzip.decompress(archive(ctx))) % tarfile.RECORDSIZE == 0
+
+def test_every_compression_carries_the_same_tar(ctx: Path) -> None:
+    plain = archive(ctx, compression="none")
+    zstd = archive(ctx, compression="zstd")
+    assert zstd.startswith(b"\x28\xb5\x2f\xfd")  # the zstd frame magic
+    assert tar_of(zstd) == tar_of(archive(ctx, compression="gzip")) == plain
+    with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
+        assert tar.getnames() == list(members(archive(ctx)))
+    assert archive(ctx, compression="zstd", chunk_size=1000) == zstd  # reproducible
+
+
+def test_symlinked_dockerfile_is_sent_as_a_regular_file(ctx: Path) -> None:
+    (ctx / "docker").mkdir()
+    (ctx / "docker" / "app.Dockerfile").write_text("FROM scratch\nLABEL via=link\n")
+    (ctx / "docker" / "app.Dockerfile").chmod(0o640)
+    (ctx / "Dockerfile").unlink()
+    (ctx / "Dockerfile").symlink_to("docker/app.Dockerfile")
+    (ctx / "other.Dockerfile").symlink_to("docker/app.Dockerfile")
+    data = archive(ctx)
+    found = members(data)
+    assert found["Dockerfile"].isfile() and found["Dockerfile"].mode == 0o640
+    assert found["other.Dockerfile"].issym()  # only the Dockerfile in use is dereferenced
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        assert tar.extractfile("Dockerfile").read() == b"FROM scratch\nLABEL via=link\n"
+        assert tar.extractfile("docker/app.Dockerfile").read() == b"FROM scratch\nLABEL via=link\n"
+
+
+def test_dockerfile_through_a_symlinked_directory_is_named_by_its_real_path(ctx: Path) -> None:
+    (ctx / "src" / "Dockerfile").write_text("FROM scratch\n")
+    (ctx / "linked").symlink_to("src/deep/../")
+    assert check_context(ctx, "linked/Dockerfile") == "src/Dockerfile"
+    found = members(archive(ctx, "linked/Dockerfile"))
+    assert found["src/Dockerfile"].isfile() and found["linked"].issym()
 
 
 def test_large_file_streams_in_bounded_chunks(tmp_path: Path) -> None:
@@ -215,7 +268,7 @@ def test_large_file_streams_in_bounded_chunks(tmp_path: Path) -> None:
         fh.seek(size - 1)
         fh.write(b"x")
     chunk_size = 64 * 1024
-    chunks = list(iter_context_tar_gz(tmp_path, chunk_size=chunk_size))
+    chunks = list(iter_context(tmp_path, chunk_size=chunk_size))
     assert max(map(len, chunks)) <= 2 * chunk_size
     with tarfile.open(fileobj=io.BytesIO(b"".join(chunks)), mode="r:gz") as tar:
         member = tar.getmember("big.bin")
@@ -267,9 +320,13 @@ def test_check_context_falls_back_to_lowercase_dockerfile(tmp_path: Path) -> Non
         (lambda root: root / "ctx", "src/../../outside", "outside the build context"),
         (lambda root: root / "ctx", "/etc/passwd", "relative"),
         (lambda root: root / "ctx", "link_out", "outside the build context"),  # via a symlink
+        (lambda root: root / "ctx", "link_dir/Dockerfile", "outside the build context"),  # via a linked directory
     ],
 )
 def test_check_context_errors(ctx: Path, make, dockerfile: str, message: str) -> None:
+    (ctx.parent / "elsewhere").mkdir()
+    (ctx.parent / "elsewhere" / "Dockerfile").symlink_to("../ctx/Dockerfile")  # back inside, by a way outside
+    (ctx / "link_dir").symlink_to("../elsewhere")
     with pytest.raises(ContextError, match=message) as raised:
         check_context(make(ctx.parent), dockerfile)
     assert message in raised.value.message
@@ -300,3 +357,47 @@ async def test_stream_context_awaits_async_progress_and_raises_context_errors(tm
     with pytest.raises(ContextError):
         async for _ in stream_context(tmp_path / "missing", "Dockerfile"):
             pass
+
+
+async def test_stream_context_runs_ahead_of_the_consumer_by_a_bounded_amount(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "Dockerfile").write_text("FROM scratch\n")
+    (tmp_path / "big.bin").touch()
+    os.truncate(tmp_path / "big.bin", 20 * 1024 * 1024)  # sparse
+    produced, taken, ahead = 0, 0, []
+    real = context_module.iter_context
+
+    def counting(*args: object, **kwargs: object) -> Iterator[bytes]:
+        nonlocal produced
+        for chunk in real(*args, **kwargs):  # type: ignore[arg-type]
+            produced += 1
+            ahead.append(produced - taken)
+            yield chunk
+
+    monkeypatch.setattr(context_module, "iter_context", counting)
+    chunks = []
+    async for chunk in stream_context(tmp_path, compression="none", chunk_size=64 * 1024, queue_chunks=4):
+        taken += 1
+        chunks.append(chunk)
+        await asyncio.sleep(0.001)  # a slow link: the producer would race ahead if it could
+    assert len(chunks) == produced > 300
+    # Four chunks queued, one in the producer's hand, one the consumer took but has not counted yet.
+    assert max(ahead) <= 4 + 2
+    with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as tar:
+        assert tar.getmember("big.bin").size == 20 * 1024 * 1024
+
+
+async def test_consumer_leaving_early_stops_the_producer(tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").write_text("FROM scratch\n")
+    (tmp_path / "big.bin").touch()
+    os.truncate(tmp_path / "big.bin", 200 * 1024 * 1024)
+    stream = stream_context(tmp_path, compression="none", chunk_size=64 * 1024)
+    async for _ in stream:
+        assert any(t.name == "builder-context" for t in threading.enumerate())
+        break
+    await stream.aclose()
+    deadline = time.monotonic() + 30
+    while any(t.name == "builder-context" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the producer thread went on after the consumer left"
+        await asyncio.sleep(0.01)

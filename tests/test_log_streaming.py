@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
-import re
 import random
+import re
 import socket
 import time
 from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from builder.client.sse import SSEDecoder
 from builder.server.app import create_app
 from builder.server.appkeys import SERVICE
 from builder.server.config import Settings
@@ -20,6 +20,8 @@ from tests.conftest import (
     SSE,
     dockerfile,
     log_lines,
+    our_frame,
+    parse_sse,
     plain_output,
     read_log,
     submit,
@@ -44,19 +46,16 @@ async def test_reconnecting_client_gets_every_line_exactly_once(client: TestClie
         headers = {**SSE, "Last-Event-ID": str(last_id)} if last_id else SSE
         response = await client.get(url, headers=headers)
         assert response.status == 200
-        buffer, read = b"", 0
+        decoder, read = SSEDecoder(), 0
         while read < budget and terminal is None:
             chunk = await response.content.read(min(512, budget - read))
             if not chunk:
                 break
             read += len(chunk)
-            buffer += chunk
-            while b"\n\n" in buffer and terminal is None:
-                frame, buffer = buffer.split(b"\n\n", 1)
-                fields = dict(line.split(": ", 1) for line in frame.decode().split("\n") if ": " in line)
-                if "id" not in fields:
-                    continue  # retry: / ping
-                event_id, data = int(fields["id"]), json.loads(fields["data"])
+            for event in decoder.feed(chunk):
+                if terminal is not None:
+                    break
+                event_id, data = our_frame(event)
                 assert event_id == last_id + 1, f"expected id {last_id + 1}, got {event_id}"
                 last_id = event_id
                 if data["type"] == "log" and data["line"].startswith("line "):
@@ -65,7 +64,7 @@ async def test_reconnecting_client_gets_every_line_exactly_once(client: TestClie
                     terminal = data
         if terminal is None:
             drops += 1
-            mid_frame_drops += bool(buffer)
+            mid_frame_drops += decoder.incomplete
         response.close()  # drop the connection, not just the response
     print(f"reconnect test: {drops} cuts ({mid_frame_drops} mid-frame), {len(numbers)} lines verified")
     assert terminal["status"] == "succeeded"
@@ -98,7 +97,7 @@ async def test_slow_follower_catches_up_from_store_without_loss(aiohttp_client: 
     raw = await asyncio.wait_for(reader.read(), 60)  # HTTP/1.0: the body ends with the connection
     writer.close()
     body = raw.split(b"\r\n\r\n", 1)[1].decode()
-    frames = [(int(b.split("\n")[0][4:]), json.loads(b.split("\n")[1][6:])) for b in body.split("\n\n") if b.startswith("id:")]
+    frames = parse_sse(body)
     assert [i for i, _ in frames] == list(range(1, len(frames) + 1))
     assert [int(line) for line in log_lines(frames) if line.isdigit()] == list(range(1, 200001))
     assert frames[-1][1]["status"] == "succeeded"

@@ -12,6 +12,7 @@ from builder.client.errors import (
     BuilderError,
     BuilderHTTPError,
     BuildFailed,
+    ClientClosedError,
     ContextError,
 )
 from builder.client.models import (
@@ -32,6 +33,7 @@ __all__ = [
     "BuilderConnectionError",
     "BuilderError",
     "BuilderHTTPError",
+    "ClientClosedError",
     "ContextError",
     "DoneEvent",
     "ErrorEvent",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
+import contextlib
 import json
 import os
 import random
@@ -10,19 +12,26 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Self
 
 import aiohttp
 from yarl import URL
 
 from builder import protocol as p
-from builder.client.context import check_context, stream_context
+from builder.client.context import (
+    CONTENT_TYPES,
+    FILE_NAMES,
+    Compression,
+    check_context,
+    stream_context,
+)
 from builder.client.errors import (
     BuildCancelled,
     BuilderConnectionError,
     BuilderError,
     BuilderHTTPError,
     BuildFailed,
+    ClientClosedError,
 )
 from builder.client.models import (
     BuildEvent,
@@ -44,6 +53,11 @@ RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # A submit is retried only where the daemon surely did not fail the request itself.
 _RETRY_SUBMIT = frozenset({408, 429, 502, 503, 504})
 
+# What GET /healthz lists as the context compressions the daemon accepts.
+CONTEXT_ENCODINGS_HEADER = "X-Builder-Context-Encodings"
+CompressOption = Literal["auto", "zstd", "gzip", "none"]
+_COMPRESS_OPTIONS: tuple[CompressOption, ...] = ("auto", "zstd", "gzip", "none")
+
 LogCallback = Callable[[str], Awaitable[None] | None]
 ProgressCallback = Callable[[int], Awaitable[None] | None]
 
@@ -54,13 +68,14 @@ class RetryPolicy:
     def __init__(self, *, first: float = 0.1, cap: float = 3.0, budget: float = 30.0) -> None:
         self.first = first
         self.cap = cap
-        # How long the build may stay unknown (404) or the daemon unreachable before giving up.
+        # How long attempts may go on failing (unknown build, 5xx, no connection) before giving up.
         self.budget = budget
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         if retry_after is not None:
             return min(retry_after, self.cap * 10)
-        return random.uniform(self.first / 2, min(self.cap, self.first * 2**attempt))
+        # The exponent is bounded: a float overflows past 2**1023, and the cap is reached long before.
+        return random.uniform(self.first / 2, min(self.cap, self.first * 2.0 ** min(attempt, 64)))
 
 
 class BuilderClient:
@@ -82,8 +97,10 @@ class BuilderClient:
         self._cancel_timeout = cancel_timeout
         self._session = session
         self._owns_session = session is None
+        self._closed = False
+        self._context_encodings: frozenset[str] | None = None  # what the daemon's /healthz advertised
 
-    async def __aenter__(self) -> BuilderClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -91,11 +108,19 @@ class BuilderClient:
 
     @property
     def session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise ClientClosedError("Cannot send a request, as the client has been closed.")
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
         return self._session
 
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
     async def close(self) -> None:
+        """Release the connections (an injected session stays open); later requests raise ClientClosedError."""
+        self._closed = True
         if self._session is not None and self._owns_session:
             await self._session.close()
         self._session = None
@@ -112,6 +137,7 @@ class BuilderClient:
         target: str | None = None,
         labels: Mapping[str, str] | None = None,
         no_cache: bool = False,
+        compress: CompressOption = "auto",
         on_log: LogCallback | None = None,
         on_upload_progress: ProgressCallback | None = None,
     ) -> BuildResult:
@@ -119,7 +145,8 @@ class BuilderClient:
         started = time.monotonic()
         build_id = await self.submit(
             context_dir, image_name=image_name, dockerfile=dockerfile, build_args=build_args,
-            target=target, labels=labels, no_cache=no_cache, on_upload_progress=on_upload_progress,
+            target=target, labels=labels, no_cache=no_cache, compress=compress,
+            on_upload_progress=on_upload_progress,
         )
         return await self.wait(build_id, on_log=on_log, started=started)
 
@@ -141,11 +168,18 @@ class BuilderClient:
         target: str | None = None,
         labels: Mapping[str, str] | None = None,
         no_cache: bool = False,
+        compress: CompressOption = "auto",
         on_upload_progress: ProgressCallback | None = None,
     ) -> str:
-        """Upload a context and queue its build; returns the build id without waiting."""
+        """Upload a context and queue its build; returns the build id without waiting.
+
+        `compress="auto"` sends zstd if the daemon advertises it, gzip otherwise.
+        """
         context = Path(context_dir)
         dockerfile = check_context(context, dockerfile)
+        if compress not in _COMPRESS_OPTIONS:
+            raise ValueError(f"compress must be one of {', '.join(_COMPRESS_OPTIONS)}, not {compress!r}")
+        compression: Compression = await self._auto_compression() if compress == "auto" else compress
         fields = _fields(image_name=image_name, dockerfile=dockerfile, build_args=build_args,
                          labels=labels, target=target, no_cache=no_cache)
 
@@ -156,13 +190,24 @@ class BuilderClient:
                 data.add_field(name, value)
             data.add_field(
                 p.FIELD_CONTEXT,
-                stream_context(context, dockerfile, on_progress=on_upload_progress),
-                filename="context.tar.gz",
-                content_type="application/gzip",
+                stream_context(context, dockerfile, compression=compression, on_progress=on_upload_progress),
+                filename=FILE_NAMES[compression],
+                content_type=CONTENT_TYPES[compression],
             )
             return {"data": data, "timeout": UPLOAD_TIMEOUT}
 
         return await self._post_build(form)
+
+    async def _auto_compression(self) -> Compression:
+        """zstd if the daemon's /healthz advertises it (asked once per client), else gzip."""
+        if self._context_encodings is None:
+            try:
+                async with self._open("GET", "healthz") as response:
+                    advertised = response.headers.get(CONTEXT_ENCODINGS_HEADER, "") if response.status == 200 else ""
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                return "gzip"  # not cached: the upload's own retries deal with an unreachable daemon
+            self._context_encodings = frozenset(e.strip().lower() for e in advertised.split(","))
+        return "zstd" if "zstd" in self._context_encodings else "gzip"
 
     async def submit_image(self, image: str, *, image_name: str, no_cache: bool = False) -> str:
         payload = {p.FIELD_IMAGE: image, **_fields(image_name=image_name, no_cache=no_cache)}
@@ -179,8 +224,8 @@ class BuilderClient:
         attempt = 0
         while True:
             try:
-                body = await self._request("POST", "/builds", headers={"Idempotency-Key": key}, **request())
-                return body["build_id"]
+                body = await self._request("POST", "builds", headers={"Idempotency-Key": key}, **request())
+                return str(body["build_id"])
             except BuilderHTTPError as exc:
                 if exc.status not in _RETRY_SUBMIT or time.monotonic() - started > self._retry.budget:
                     raise
@@ -243,25 +288,28 @@ class BuilderClient:
     # -- queries ---------------------------------------------------------------
 
     async def status(self, build_id: str) -> dict[str, Any]:
-        return await self._request("GET", f"/builds/{build_id}")
+        status: dict[str, Any] = await self._request("GET", "builds", build_id)
+        return status
 
     async def cancel(self, build_id: str) -> dict[str, Any]:
-        return await self._request("DELETE", f"/builds/{build_id}")
+        status: dict[str, Any] = await self._request("DELETE", "builds", build_id)
+        return status
 
-    async def list(self, *, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    async def list(self, *, status: str | None = None, limit: int = 50) -> builtins.list[dict[str, Any]]:
         params: dict[str, str] = {"limit": str(limit)}
         if status:
             params["status"] = status
-        return (await self._request("GET", "/builds", params=params))["builds"]
+        builds: builtins.list[dict[str, Any]] = (await self._request("GET", "builds", params=params))["builds"]
+        return builds
 
     # -- the log, with retries ---------------------------------------------------
 
     async def logs(self, build_id: str, *, after: int = 0, follow: bool = True) -> AsyncIterator[BuildEvent]:
         """Typed events after `after`, each exactly once, in order, through cuts and retries.
 
-        Ends at the terminal frame (or, with follow=False, at what exists now). Gives up only on
-        a non-retryable HTTP error, or when the build stays unknown (404) or the daemon
-        unreachable for longer than the retry budget.
+        Ends at the terminal frame (or, with follow=False, at what exists now). Gives up on a
+        non-retryable HTTP error, or when attempts (404, 5xx, no connection, in any mix) keep
+        failing for the retry budget with no event delivered: it then raises the last failure.
         """
         async for batch in self.log_batches(build_id, after=after, follow=follow):
             for event in batch:
@@ -269,29 +317,32 @@ class BuilderClient:
 
     async def log_batches(
         self, build_id: str, *, after: int = 0, follow: bool = True
-    ) -> AsyncIterator[list[BuildEvent]]:
+    ) -> AsyncIterator[builtins.list[BuildEvent]]:
         """`logs`, as the events of each network read: lets a printer flush once per batch."""
         last = after
         attempt = 0
-        lost_since: float | None = None  # when the build/daemon was last known to be alive
+        # Since when every attempt has failed (404, 5xx, no connection); only events delivered
+        # reset it, not a status that answers, so a log endpoint failing for good is given up on.
+        failing_since: float | None = None
+        failure: BuilderError | None = None  # the latest failed attempt's error
         finishing = not follow  # once the status is terminal, fetch the rest without following
         while True:
-            retry_after: float | None = None
+            failed = True
             try:
-                async with self.session.get(
-                    self.url / "builds" / build_id / "logs",
+                async with self._open(
+                    "GET", "builds", build_id, "logs",
                     params={"follow": "true" if not finishing else "false"},
-                    headers={"Accept": "text/event-stream",
-                             **({"Last-Event-ID": str(last)} if last else {})},
+                    headers={"Accept": "text/event-stream", **({"Last-Event-ID": str(last)} if last else {})},
                     timeout=STREAM_TIMEOUT,
                 ) as response:
                     if response.status == 200:
-                        attempt, lost_since = 0, None
+                        failed = False
                         decoder = SSEDecoder()
                         async for chunk in response.content.iter_any():
                             batch = []
                             for sse in decoder.feed(chunk):
-                                if sse.id is None or not sse.id.isdigit() or int(sse.id) <= last:
+                                # Our frames carry decimal ids; anything else is no event of ours.
+                                if not (sse.id.isascii() and sse.id.isdigit()) or int(sse.id) <= last:
                                     continue
                                 event = decode_event(int(sse.id), sse.data)
                                 last = event.id
@@ -300,23 +351,28 @@ class BuilderClient:
                                     yield batch
                                     return
                             if batch:
+                                attempt, failing_since = 0, None
                                 yield batch
                         if finishing:
                             if follow:  # the status said terminal, yet no frame: trust the status
                                 yield [terminal_event_from_status(await self.status(build_id))]
                             return
                     elif response.status == 404 or response.status in RETRYABLE_STATUSES:
-                        retry_after = _retry_after(response)
-                        if response.status == 404 or response.status in (502, 503, 504):
-                            lost_since = lost_since or time.monotonic()
+                        failure = await _http_error(response)
                     else:
                         raise await _http_error(response)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                lost_since = lost_since or time.monotonic()
-                failure: Exception | None = exc
-            else:
-                failure = None
-            # The stream ended without a terminal frame: is the build still alive?
+                failure = self._connection_error(exc)
+                failure.__cause__ = exc
+                failed = True
+            if failed:
+                failing_since = failing_since or time.monotonic()
+            out_of_budget = failing_since is not None and time.monotonic() - failing_since > self._retry.budget
+            if out_of_budget and failure is not None:
+                failure.add_note(f"gave up on the log of build {build_id}: attempts kept failing "
+                                 f"for {self._retry.budget:g} s")
+                raise failure
+            # The stream ended without a terminal frame: is the build over?
             try:
                 status = await self.status(build_id)
             except BuilderHTTPError as exc:
@@ -325,26 +381,37 @@ class BuilderClient:
             except BuilderConnectionError:
                 pass
             else:
-                lost_since = None
                 finishing = finishing or p.BuildStatus(status["status"]).terminal
-            if lost_since is not None and time.monotonic() - lost_since > self._retry.budget:
-                raise BuilderConnectionError(
-                    f"gave up on the log of build {build_id} after {self._retry.budget:.0f} s: "
-                    f"{failure or 'the build is unknown to the daemon'}"
-                )
+            retry_after = failure.retry_after if failed and isinstance(failure, BuilderHTTPError) else None
             await asyncio.sleep(self._retry.delay(attempt, retry_after))
             attempt += 1
 
     # -- plumbing ----------------------------------------------------------------
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+    @contextlib.asynccontextmanager
+    async def _open(
+        self, method: str, *segments: str, headers: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        # The token goes on every request, also through a session the caller injected. Redirects
+        # are not followed (as httpx): a streamed upload cannot be sent twice, and a daemon that
+        # moved is better named by its new URL, which the error gives.
+        async with self.session.request(
+            method, self.url.joinpath(*segments), headers={**self._headers, **(headers or {})},
+            allow_redirects=False, **kwargs,
+        ) as response:
+            yield response
+
+    async def _request(self, method: str, *segments: str, **kwargs: Any) -> Any:
         try:
-            async with self.session.request(method, self.url / path.lstrip("/"), **kwargs) as response:
-                if response.status >= 400:
+            async with self._open(method, *segments, **kwargs) as response:
+                if response.status >= 300:
                     raise await _http_error(response)
                 return await response.json()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise BuilderConnectionError(f"cannot reach the builder daemon at {self.url}: {exc}") from exc
+            raise self._connection_error(exc) from exc
+
+    def _connection_error(self, exc: BaseException) -> BuilderConnectionError:
+        return BuilderConnectionError(f"cannot reach the builder daemon at {self.url}: {exc or type(exc).__name__}")
 
 
 def _fields(**values: Any) -> dict[str, str]:
@@ -365,6 +432,8 @@ def _retry_after(response: aiohttp.ClientResponse) -> float | None:
 
 
 async def _http_error(response: aiohttp.ClientResponse) -> BuilderHTTPError:
+    if 300 <= response.status < 400 and (location := response.headers.get("Location")):
+        return BuilderHTTPError(response.status, "redirect", f"the daemon redirects to {location}: use that URL")
     try:
         body = await response.json(content_type=None)
         code, message = str(body["code"]), str(body["error"])

@@ -15,6 +15,10 @@ class ContextError(BuilderError):
     """The local build context cannot be sent (raised before any upload)."""
 
 
+class ClientClosedError(BuilderError, RuntimeError):
+    """A request on a client after `close()` (a RuntimeError too, as httpx raises)."""
+
+
 class BuilderConnectionError(BuilderError):
     """The daemon could not be reached (or kept dropping) within the retry budget."""
 

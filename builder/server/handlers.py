@@ -59,7 +59,7 @@ async def healthz(request: web.Request) -> web.Response:
         "builds_queued": service.queued_count,
         "log_followers": service.follower_count,
         "uploads": service.uploads,
-    })
+    }, headers={"X-Builder-Context-Encodings": "zstd, gzip, bzip2, xz, identity"})
 
 
 @routes.get("/readyz")
