@@ -18,6 +18,7 @@ from typing import Any
 
 from builder.client import (
     BuildCancelled,
+    BuildEvent,
     BuilderClient,
     BuilderConnectionError,
     BuilderHTTPError,
@@ -26,8 +27,8 @@ from builder.client import (
     ContextError,
     DoneEvent,
     ErrorEvent,
-    LogEvent,
 )
+from builder.plainlog import event_lines
 
 EXIT_OK = 0
 EXIT_BUILD_FAILED = 1
@@ -109,7 +110,7 @@ async def _build(client: BuilderClient, session: Session) -> int:
     log_stream = None if args.quiet else sys.stderr if args.json else sys.stdout
     result = await client.wait(
         session.build_id,
-        on_log=None if log_stream is None else _writer(log_stream),
+        on_event=None if log_stream is None else _printer(log_stream),
         # Flushed per batch that arrived together, so a closed pipe (`| head`) is noticed
         # at the next batch, as with docker, without a write syscall per line.
         on_batch_end=None if log_stream is None else log_stream.flush,
@@ -129,9 +130,11 @@ def _report(result: BuildResult, args: argparse.Namespace) -> None:
         print(f"built {result.image_ref} in {result.duration:.1f}s (build {result.build_id})", file=sys.stderr)
 
 
-def _writer(stream: Any) -> Callable[[str], None]:
-    def emit(line: str) -> None:
-        stream.write(line + "\n")
+def _printer(stream: Any) -> Callable[[BuildEvent], None]:
+    """Events as `docker build --progress=plain` prints them (`#5 0.154 hi`, `#5 DONE 0.2s`)."""
+    def emit(event: BuildEvent) -> None:
+        if lines := event_lines(event.data):
+            stream.write("\n".join(lines) + "\n")
 
     return emit
 
@@ -174,17 +177,18 @@ def _build_args(pairs: list[str]) -> dict[str, str]:
 async def _logs(client: BuilderClient, session: Session) -> int:
     args = session.args
     session.build_id = args.build_id
+    emit = _printer(sys.stdout)
     async for batch in client.log_batches(args.build_id, after=args.after, follow=args.follow):
         for event in batch:
-            if isinstance(event, LogEvent):
-                sys.stdout.write(event.line + "\n")
-            elif isinstance(event, DoneEvent):
+            if isinstance(event, DoneEvent):
                 sys.stdout.flush()
                 print(f"--- succeeded: {event.image_ref}", file=sys.stderr)
             elif isinstance(event, ErrorEvent):
                 sys.stdout.flush()
                 print(f"--- {event.status}: {event.error}", file=sys.stderr)
                 return EXIT_BUILD_FAILED
+            else:
+                emit(event)
         sys.stdout.flush()
     return EXIT_OK
 

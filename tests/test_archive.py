@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from builder.client.context import iter_context_tar_gz
+from builder.client.context import Compression, iter_context
 from builder.server.archive import ContextRewriter, decompress
 from builder.server.errors import (
     BuilderError,
@@ -527,12 +527,14 @@ def test_skippable_zstd_frames_are_dropped() -> None:
     assert members(out) == members(plain)
 
 
-def test_an_sdk_context_comes_out_as_the_same_members(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", ["zstd", "gzip", "none"])
+def test_an_sdk_context_comes_out_as_the_same_members(tmp_path: Path, compression: Compression) -> None:
     _tree(tmp_path)
-    upload = b"".join(iter_context_tar_gz(tmp_path))
+    upload = b"".join(iter_context(tmp_path, compression=compression))
     rewriter, out = _same_output_however_chunked(upload)
-    assert members(out) == members(upload)
-    assert rewriter.members == len(members(upload))
+    plain = b"".join(iter_context(tmp_path, compression="none"))
+    assert members(out) == members(plain)
+    assert rewriter.members == len(members(plain))
 
 
 def test_the_same_members_give_the_same_bytes_whatever_the_writer() -> None:

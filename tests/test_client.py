@@ -21,6 +21,7 @@ from builder.client import (
     DoneEvent,
     LogEvent,
     RetryPolicy,
+    StatusEvent,
 )
 from tests.conftest import dockerfile
 from tests.fault_proxy import FaultProxy
@@ -84,7 +85,7 @@ async def test_failed_build_raises_build_failed(sdk: BuilderClient, tmp_path: Pa
     context = write_tree(tmp_path, {"Dockerfile": dockerfile("RUN echo boom && exit 7")})
     with pytest.raises(BuildFailed) as failed:
         await sdk.build(context, image_name="sdk-test/failing", no_cache=True)
-    assert "returned a non-zero code: 7" in failed.value.message
+    assert "exit code: 7" in failed.value.message
     assert (await sdk.status(failed.value.build_id))["status"] == "failed"
 
 
@@ -144,7 +145,8 @@ async def test_logs_iterator_yields_typed_events(sdk: BuilderClient, base_image:
     build_id = await sdk.submit_image(base_image, image_name="sdk-test/events")
     events = [event async for event in sdk.logs(build_id)]
     assert [e.id for e in events] == list(range(1, len(events) + 1))
-    assert any(isinstance(e, LogEvent) and e.line.startswith("Step 1/1") for e in events)
+    steps = [e for e in events if isinstance(e, StatusEvent) and e.data.get("phase") == "step"]
+    assert any(e.data["name"].startswith("[1/1] FROM") for e in steps)
     assert isinstance(events[-1], DoneEvent)
     tail = [event async for event in sdk.logs(build_id, after=len(events) - 1, follow=False)]
     assert tail == events[-1:]

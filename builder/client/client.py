@@ -20,7 +20,6 @@ from yarl import URL
 from builder import protocol as p
 from builder.client.context import (
     CONTENT_TYPES,
-    FILE_NAMES,
     Compression,
     check_context,
     stream_context,
@@ -183,20 +182,17 @@ class BuilderClient:
         fields = _fields(image_name=image_name, dockerfile=dockerfile, build_args=build_args,
                          labels=labels, target=target, no_cache=no_cache)
 
-        def form() -> dict[str, Any]:
-            # A fresh body per attempt: the context streams from disk again on a retry.
-            data = aiohttp.FormData()
-            for name, value in fields.items():
-                data.add_field(name, value)
-            data.add_field(
-                p.FIELD_CONTEXT,
-                stream_context(context, dockerfile, compression=compression, on_progress=on_upload_progress),
-                filename=FILE_NAMES[compression],
-                content_type=CONTENT_TYPES[compression],
-            )
-            return {"data": data, "timeout": UPLOAD_TIMEOUT}
+        def upload() -> dict[str, Any]:
+            # The raw-body shape, fields in the query: the daemon can start the build while the
+            # context is still arriving. A fresh body per attempt: it streams from disk again.
+            return {
+                "data": stream_context(context, dockerfile, compression=compression, on_progress=on_upload_progress),
+                "params": fields,
+                "headers": {"Content-Type": CONTENT_TYPES[compression]},
+                "timeout": UPLOAD_TIMEOUT,
+            }
 
-        return await self._post_build(form)
+        return await self._post_build(upload)
 
     async def _auto_compression(self) -> Compression:
         """zstd if the daemon's /healthz advertises it (asked once per client), else gzip."""
@@ -224,7 +220,9 @@ class BuilderClient:
         attempt = 0
         while True:
             try:
-                body = await self._request("POST", "builds", headers={"Idempotency-Key": key}, **request())
+                options = request()
+                headers = {**options.pop("headers", {}), "Idempotency-Key": key}
+                body = await self._request("POST", "builds", headers=headers, **options)
                 return str(body["build_id"])
             except BuilderHTTPError as exc:
                 if exc.status not in _RETRY_SUBMIT or time.monotonic() - started > self._retry.budget:
@@ -242,16 +240,20 @@ class BuilderClient:
         build_id: str,
         *,
         on_log: LogCallback | None = None,
+        on_event: Callable[[BuildEvent], object] | None = None,
         on_batch_end: Callable[[], object] | None = None,
         started: float | None = None,
     ) -> BuildResult:
-        """Follow a build to its terminal frame, calling `on_log` per line (and `on_batch_end`
-        after each batch that arrived together). If the caller gives up (Ctrl+C, a failing
-        callback such as a broken pipe), the remote build is cancelled before re-raising."""
+        """Follow a build to its terminal frame, calling `on_log` per output line, `on_event` per
+        event but the terminal one (log lines and status events, such as BuildKit's steps), and
+        `on_batch_end` after each batch that arrived together. If the caller gives up (Ctrl+C,
+        a failing callback such as a broken pipe), the remote build is cancelled before re-raising."""
         started = time.monotonic() if started is None else started
         try:
             async for batch in self.log_batches(build_id):
                 for event in batch:
+                    if on_event is not None and not event.terminal:
+                        on_event(event)
                     if isinstance(event, LogEvent) and on_log is not None:
                         if (result := on_log(event.line)) is not None:
                             await result

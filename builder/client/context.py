@@ -46,7 +46,6 @@ Compression = Literal["zstd", "gzip", "none"]
 # How each compression is labelled on the wire (the daemon goes by the magic bytes).
 CONTENT_TYPES: dict[Compression, str] = {"zstd": "application/zstd", "gzip": "application/gzip",
                                          "none": "application/x-tar"}
-FILE_NAMES: dict[Compression, str] = {"zstd": "context.tar.zst", "gzip": "context.tar.gz", "none": "context.tar"}
 
 ProgressCallback = Callable[[int], Awaitable[None] | None]
 
