@@ -51,7 +51,8 @@ async def run() -> Result:
                     result = await harness.run_command(argv, env=env, capture_stdout=True)
                 finally:
                     await harness.remove_images([f"bench-chatty-{name}:{run_no}"])
-                counts[name].append(numeric_lines(result.stdout))
+                # docker's BuildKit progress goes to stderr; the others print the log on stdout.
+                counts[name].append(numeric_lines(result.stderr if name == "buildkit" else result.stdout))
                 if name == "builder" and (built := re.search(rb"built \S+ in ([\d.]+)s", result.stderr)):
                     submit_to_done.append((result.seconds, float(built[1])))
                 return result.seconds
@@ -96,9 +97,9 @@ async def run() -> Result:
 {LABELS['buildkit']} `--no-cache --progress=plain -t … DIR` (the reference), {LABELS['builder']}
 `.venv/bin/builder --url <daemon> build --no-cache -t … DIR`, {LABELS['legacy']} `--no-cache -t … DIR` and
 {LABELS['builder-legacy']} (the same CLI command against a second daemon), alternating, one warm-up round
-then {PAIRS} measured rounds. The harness starts each command with its stdout on a pipe, reads the pipe to
-EOF and waits for the exit: the time is spawn → last byte read and exit. Then it counts the lines of stdout
-that are a number of the build's output (`#5 0.154 17` in BuildKit's plain style, `17` from the legacy
+then {PAIRS} measured rounds. The harness starts each command with its stdout and stderr on pipes, reads them to
+EOF and waits for the exit: the time is spawn → last byte read and exit. Then it counts the lines (of
+stdout; of stderr for docker with BuildKit, which prints its progress there) that are a number of the build's output (`#5 0.154 17` in BuildKit's plain style, `17` from the legacy
 builder; step lines do not count) and checks they are exactly 1..{LINES:,} in order. The engine runs with
 BuildKit's step log limits raised (see README), so BuildKit does not clip. Images are removed after each run."""
     counts_table = harness.markdown_table(["command", "numeric lines per run (warm-up first)", f"all exactly {LINES:,} in order"],
