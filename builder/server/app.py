@@ -43,6 +43,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # let it accept up to 1 MiB so the app can refuse them (431) in JSON.
 RUNNER_OPTIONS: dict[str, Any] = {
     "handler_cancellation": True,
+    # Request bodies are read 1 MiB ahead (aiohttp's default is 64 KiB), so the socket is not
+    # paused while an upload's previous batch is checked.
+    "read_bufsize": 1 << 20,
     "max_line_size": 1 << 20,
     "max_field_size": 1 << 20,
 }

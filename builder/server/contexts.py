@@ -26,6 +26,8 @@ from builder.server.errors import ContextTooLarge, ShuttingDown, UploadStalled
 # Upload bytes handed to the rewriter at once: one worker-thread hop per batch.
 _BATCH = 1 << 20
 _READ_CHUNK = 1 << 20
+# Upload chunks read ahead of the checks (each at most the request's read chunk, 256 KiB).
+_READ_AHEAD = 32
 # Pieces of canonical tar a pipe holds while the engine reads slower than the upload comes.
 _PIPE_DEPTH = 16
 
@@ -231,38 +233,52 @@ async def synthetic(base_image: str) -> AsyncIterator[bytes]:
 async def _guarded(
     chunks: AsyncIterable[bytes], idle_timeout: float, interrupted: asyncio.Event | None
 ) -> AsyncIterator[bytes]:
-    """The upload's chunks; one that takes longer than `idle_timeout` to come ends it (slow loris),
-    and so does `interrupted`."""
-    iterator = aiter(chunks)
-    stop = asyncio.ensure_future(interrupted.wait()) if interrupted is not None else None
-    try:
-        while True:
-            if stop is None:
+    """The upload's chunks, read ahead by a task of their own, so the socket keeps being read
+    while a batch is being checked and written. A chunk that takes longer than `idle_timeout`
+    to come ends the upload (slow loris), and so does `interrupted` (a shutdown)."""
+    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(_READ_AHEAD)
+
+    async def read() -> None:
+        iterator = aiter(chunks)
+        try:
+            while True:
                 try:
                     async with asyncio.timeout(idle_timeout):
                         chunk = await anext(iterator)
                 except StopAsyncIteration:
+                    await queue.put(None)
                     return
                 except TimeoutError:
-                    raise UploadStalled(f"the upload sent nothing for {idle_timeout:g} seconds") from None
-            else:
-                read = asyncio.ensure_future(anext(iterator))
-                done, _ = await asyncio.wait({read, stop}, timeout=idle_timeout, return_when=asyncio.FIRST_COMPLETED)
-                if read not in done:
-                    read.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await read
-                    if stop in done:
-                        raise ShuttingDown("the daemon is shutting down; send the build to another instance or later")
-                    raise UploadStalled(f"the upload sent nothing for {idle_timeout:g} seconds")
-                try:
-                    chunk = read.result()
-                except StopAsyncIteration:
+                    await queue.put(UploadStalled(f"the upload sent nothing for {idle_timeout:g} seconds"))
                     return
-            yield chunk
+                await queue.put(chunk)
+        except Exception as exc:  # the connection broke, a malformed body: the consumer raises it
+            await queue.put(exc)
+
+    reader = asyncio.create_task(read())
+    stop = asyncio.ensure_future(interrupted.wait()) if interrupted is not None else None
+    try:
+        while True:
+            if queue.empty() and stop is not None:
+                item_ready = asyncio.ensure_future(queue.get())
+                await asyncio.wait({item_ready, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not item_ready.done():
+                    item_ready.cancel()
+                    raise ShuttingDown("the daemon is shutting down; send the build to another instance or later")
+                item = item_ready.result()
+            else:
+                item = await queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
     finally:
+        reader.cancel()
         if stop is not None:
             stop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
 
 
 async def _read_file(path: Path) -> AsyncIterator[bytes]:
