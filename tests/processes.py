@@ -15,11 +15,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote, urlsplit
 
+import aiodocker
 import aiohttp
 import pytest
 import redis
@@ -139,6 +140,13 @@ def second_engine() -> str:
     return host
 
 
+@pytest.fixture
+async def second_docker(second_engine: str) -> AsyncIterator[aiodocker.Docker]:
+    """A client of the second engine."""
+    async with aiodocker.Docker(url=second_engine) as d:
+        yield d
+
+
 # ---------------------------------------------------------------- redis-server
 
 
@@ -239,6 +247,9 @@ def nginx_config(directory: Path, port: int, upstreams: Sequence[str]) -> str:
     return _NGINX_CONF.format(user=user, dir=directory, port=port, servers=servers)
 
 
+NginxProxy = Callable[[Sequence[str]], str]
+
+
 def _accepts(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
         return True
@@ -246,7 +257,7 @@ def _accepts(port: int) -> bool:
 
 
 @pytest.fixture
-def nginx_proxy(tmp_path: Path) -> Iterator[Callable[[Sequence[str]], str]]:
+def nginx_proxy(tmp_path: Path) -> Iterator[NginxProxy]:
     """A factory: `nginx_proxy([url1, url2])` starts nginx in front of them and gives its URL.  Its
     access log (`nginx-<port>/access.log`) names the upstream of every request."""
     binary = os.environ.get("BUILDER_NGINX_BIN", "/usr/sbin/nginx")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +19,10 @@ from aiohttp import web
 from builder.server.app import create_app
 from builder.server.config import Settings
 from tests.conftest import dockerfile, log_lines, read_log, submit, wait_for
-from tests.processes import RedisServer, StartDaemon
+from tests.processes import NginxProxy, RedisServer, StartDaemon
 
-NginxProxy = Callable[[Sequence[str]], str]
 # Only catches hangs: a proxy that buffers never lets the stream go on.
 HANG_SECONDS = 20
-
-
-@pytest.fixture
-async def second_docker(second_engine: str) -> AsyncIterator[aiodocker.Docker]:
-    async with aiodocker.Docker(url=second_engine) as d:
-        yield d
 
 
 async def test_second_engine_builds_a_run_step(
