@@ -5,6 +5,9 @@
 #   ensure_venv         # .venv with `pip install -e '.[test]'`
 #   ensure_engine       # a Docker Engine that answers /_ping (starts dockerd)
 #   ensure_base_image   # $BASE_IMAGE built offline from dockerfiles/base.Dockerfile
+#   ensure_second_engine  # a second dockerd (own roots, socket, bridge) with $BASE_IMAGE;
+#                         # exports BUILDER_SECOND_DOCKER_HOST (stop_second_engine stops it)
+#   ensure_registry_tool, ensure_redis_tool, ensure_nginx_tool  # binaries the tests run
 #
 # Functions return non-zero on failure (they never `exit`), so the file can
 # also be sourced from an interactive shell.  Progress goes to stderr,
@@ -14,6 +17,7 @@
 #   BUILDER_BASE_IMAGE       base image name (default builder-busybox:latest)
 #   DOCKER_HOST              an engine to use instead of /var/run/docker.sock
 #   BUILDER_DOCKERD_LOG      dockerd log file (default /var/log/builder-dockerd.log)
+#   BUILDER_DOCKERD2_LOG     second dockerd's log (default /var/log/builder-dockerd2.log)
 #   BUILDER_ENGINE_TIMEOUT   seconds to wait for a started dockerd (default 60)
 
 BUILDER_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -125,11 +129,12 @@ _pid_is_dockerd() {
     _pid_alive "$pid" && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "dockerd" ]
 }
 
-# First live (non-zombie) dockerd process, if any.
+# First live (non-zombie) dockerd process of the default engine, if any: one
+# with an --exec-root of its own (the second engine) is another engine.
 _running_dockerd() {
     local pid
     for pid in $(pgrep -x dockerd 2>/dev/null || true); do
-        if _pid_alive "$pid"; then
+        if _pid_alive "$pid" && ! tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- '--exec-root'; then
             echo "$pid"
             return 0
         fi
@@ -137,10 +142,12 @@ _running_dockerd() {
     return 1
 }
 
+# _dockerd_log_tail [LOG]: the end of a dockerd log (default: the main engine's).
 _dockerd_log_tail() {
-    if [ -f "$BUILDER_DOCKERD_LOG" ]; then
-        _setup_log "last lines of $BUILDER_DOCKERD_LOG:"
-        tail -n 30 "$BUILDER_DOCKERD_LOG" | sed 's/^/[setup]   /' >&2
+    local log="${1:-$BUILDER_DOCKERD_LOG}"
+    if [ -f "$log" ]; then
+        _setup_log "last lines of $log:"
+        tail -n 30 "$log" | sed 's/^/[setup]   /' >&2
     fi
 }
 
@@ -219,13 +226,7 @@ _ensure_docker_client() {
 }
 
 _start_dockerd() {
-    local pid="" dockerd
-    dockerd="$(command -v dockerd 2>/dev/null || echo /usr/sbin/dockerd)"
-    if [ ! -x "$dockerd" ]; then
-        _setup_log "dockerd not found after installing docker.io"
-        return 1
-    fi
-
+    local pid=""
     # A dockerd may already be starting up (pid file points at a live dockerd):
     # wait for it instead of starting a second one.
     if [ -f "$_DOCKER_PIDFILE" ]; then
@@ -249,45 +250,72 @@ _start_dockerd() {
     fi
 
     _setup_log "starting dockerd (log: $BUILDER_DOCKERD_LOG)"
-    _run_as_root mkdir -p "$(dirname "$BUILDER_DOCKERD_LOG")" || return 1
+    _spawn_dockerd "$BUILDER_DOCKERD_LOG" || return 1
+    _wait_for_engine "$_SPAWNED_PID"
+}
+
+# _spawn_dockerd LOG [ARG...]: start dockerd in the background, detached from
+# this script; its pid goes to _SPAWNED_PID (empty when started through sudo).
+_spawn_dockerd() {
+    local log="$1" dockerd
+    shift
+    dockerd="$(command -v dockerd 2>/dev/null || echo /usr/sbin/dockerd)"
+    if [ ! -x "$dockerd" ]; then
+        _setup_log "dockerd not found after installing docker.io"
+        return 1
+    fi
+    _run_as_root mkdir -p "$(dirname "$log")" || return 1
     # setsid + nohup: dockerd outlives this script and its process group.
     # Without --containerd, dockerd starts and supervises its own containerd.
     # BuildKit clips a step's output at 200 KiB/s by default ("-1" clips at once on
     # this engine): 1 GiB for both limits means a build's log is never clipped.
     export BUILDKIT_STEP_LOG_MAX_SIZE="${BUILDKIT_STEP_LOG_MAX_SIZE:-1073741824}"
     export BUILDKIT_STEP_LOG_MAX_SPEED="${BUILDKIT_STEP_LOG_MAX_SPEED:-1073741824}"
+    _SPAWNED_PID=""
     if [ "$(id -u)" -eq 0 ]; then
-        setsid nohup "$dockerd" >>"$BUILDER_DOCKERD_LOG" 2>&1 </dev/null &
-        pid=$!
-        disown "$pid" 2>/dev/null || true
+        setsid nohup "$dockerd" "$@" >>"$log" 2>&1 </dev/null &
+        _SPAWNED_PID=$!
+        disown "$_SPAWNED_PID" 2>/dev/null || true
     else
         # shellcheck disable=SC2016  # expanded by the inner sh
         sudo -n --preserve-env=BUILDKIT_STEP_LOG_MAX_SIZE,BUILDKIT_STEP_LOG_MAX_SPEED \
-            sh -c 'setsid nohup "$1" >>"$2" 2>&1 </dev/null &' sh "$dockerd" "$BUILDER_DOCKERD_LOG" ||
+            sh -c 'log="$1"; shift; setsid nohup "$@" >>"$log" 2>&1 </dev/null &' sh "$log" "$dockerd" "$@" ||
             { _setup_log "cannot start dockerd without root"; return 1; }
-        pid=""
     fi
-    _wait_for_engine "$pid"
 }
 
-# _wait_for_engine PID: wait until the local socket answers ping, failing
-# early if PID exits, and after $BUILDER_ENGINE_TIMEOUT seconds otherwise.
+# _wait_for_engine PID [HOST [LOG]]: wait until HOST (default: the local
+# socket) answers ping, failing early if PID exits, and after
+# $BUILDER_ENGINE_TIMEOUT seconds otherwise.  LOG is shown on failure.
 _wait_for_engine() {
-    local pid="$1" start=$SECONDS
-    while ! _engine_ping; do
-        if [ -n "$pid" ] && ! _pid_alive "$pid" && ! _running_dockerd >/dev/null; then
-            _setup_log "dockerd exited before answering on $_DOCKER_SOCK"
-            _dockerd_log_tail
+    local pid="$1" host="${2:-}" log="${3:-$BUILDER_DOCKERD_LOG}" start=$SECONDS
+    local where="${host:-unix://$_DOCKER_SOCK}"
+    while ! _engine_ping "$host"; do
+        # The default engine may have been started by someone else meanwhile.
+        if [ -n "$pid" ] && ! _pid_alive "$pid" && { [ -n "$host" ] || ! _running_dockerd >/dev/null; }; then
+            _setup_log "dockerd exited before answering on $where"
+            _dockerd_log_tail "$log"
             return 1
         fi
         if [ $((SECONDS - start)) -ge "$BUILDER_ENGINE_TIMEOUT" ]; then
-            _setup_log "dockerd did not answer on $_DOCKER_SOCK within ${BUILDER_ENGINE_TIMEOUT}s"
-            _dockerd_log_tail
+            _setup_log "dockerd did not answer on $where within ${BUILDER_ENGINE_TIMEOUT}s"
+            _dockerd_log_tail "$log"
             return 1
         fi
         sleep 0.5
     done
-    _setup_log "engine up after $((SECONDS - start))s ($(_docker version --format 'server {{.Server.Version}}, API {{.Server.APIVersion}}' 2>/dev/null || echo '?'))"
+    _setup_log "engine at $where up after $((SECONDS - start))s ($(_docker_at "$host" version --format 'server {{.Server.Version}}, API {{.Server.APIVersion}}' 2>/dev/null || echo '?'))"
+}
+
+# _docker_at HOST ARG...: the docker client against HOST (empty: the default engine).
+_docker_at() {
+    local host="$1"
+    shift
+    if [ -n "$host" ]; then
+        DOCKER_HOST="$host" _docker "$@"
+    else
+        _docker "$@"
+    fi
 }
 
 # ---------------------------------------------------------------- ensure_base_image
@@ -321,6 +349,152 @@ ensure_base_image() {
         return 1
     fi
     _setup_log "built $BASE_IMAGE"
+}
+
+# ---------------------------------------------------------------- ensure_second_engine
+
+# A second Docker Engine beside the main one, for the multi-engine tests: its own
+# data root, exec root (socket, pid file, its own containerd), config file and
+# default bridge.  Started once, reused by later runs.
+_ENGINE2_DATA_ROOT=/var/lib/builder-engine2
+_ENGINE2_EXEC_ROOT=/var/run/builder-engine2
+_ENGINE2_SOCK="$_ENGINE2_EXEC_ROOT/docker.sock"
+_ENGINE2_PIDFILE="$_ENGINE2_EXEC_ROOT/docker.pid"
+_ENGINE2_HOST="unix://$_ENGINE2_SOCK"
+# Not `--bridge=none`: with it dockerd deletes docker0, the main engine's bridge, at
+# start-up (moby's removeDefaultBridgeInterface).  It gets a bridge of its own instead,
+# made here, on a subnet outside Docker's default pools (172.17-31.x, 192.168.x), so
+# builds on it have the same default ("bridge") network as on the main engine.
+_ENGINE2_BRIDGE=builder-br2
+_ENGINE2_BRIDGE_ADDR=10.213.7.1/24
+BUILDER_DOCKERD2_LOG="${BUILDER_DOCKERD2_LOG:-/var/log/builder-dockerd2.log}"
+
+# ensure_second_engine: the second engine answers on $_ENGINE2_SOCK (started if
+# not) and holds $BASE_IMAGE (copied from the main engine, so run
+# ensure_base_image first); exports BUILDER_SECOND_DOCKER_HOST.  Idempotent.
+ensure_second_engine() {
+    if _engine_ping "$_ENGINE2_HOST"; then
+        _setup_log "second engine at $_ENGINE2_HOST answers"
+    else
+        _apt_install docker.io iproute2 || return 1
+        _start_second_engine || return 1
+    fi
+    export BUILDER_SECOND_DOCKER_HOST="$_ENGINE2_HOST"
+    _copy_base_image "$_ENGINE2_HOST"
+}
+
+_start_second_engine() {
+    local pid
+    if [ -f "$_ENGINE2_PIDFILE" ]; then
+        pid="$(tr -dc '0-9' <"$_ENGINE2_PIDFILE" 2>/dev/null || true)"
+        if _pid_is_dockerd "$pid"; then
+            _setup_log "second dockerd (pid $pid) is running but not answering yet; waiting for it"
+            _wait_for_engine "$pid" "$_ENGINE2_HOST" "$BUILDER_DOCKERD2_LOG"
+            return
+        fi
+        _run_as_root rm -f "$_ENGINE2_PIDFILE" || return 1
+    fi
+    _run_as_root rm -f "$_ENGINE2_SOCK" || return 1
+    _ensure_engine2_bridge || return 1
+    _run_as_root mkdir -p "$_ENGINE2_DATA_ROOT" "$_ENGINE2_EXEC_ROOT" || return 1
+    # A config file of its own: /etc/docker/daemon.json is the main engine's and may set
+    # hosts or roots that clash with the flags below.  Its own key too (/etc/docker/key.json
+    # otherwise), so its engine ID in GET /info differs from the main engine's.
+    echo '{"deprecated-key-path": "'"$_ENGINE2_DATA_ROOT"'/key.json"}' | _run_as_root tee "$_ENGINE2_EXEC_ROOT/daemon.json" >/dev/null || return 1
+    _setup_log "starting the second dockerd on $_ENGINE2_HOST (log: $BUILDER_DOCKERD2_LOG)"
+    # No iptables rules, NAT or ip_forward changes: those are the main engine's business.
+    _spawn_dockerd "$BUILDER_DOCKERD2_LOG" \
+        --config-file "$_ENGINE2_EXEC_ROOT/daemon.json" \
+        --data-root "$_ENGINE2_DATA_ROOT" \
+        --exec-root "$_ENGINE2_EXEC_ROOT" \
+        --pidfile "$_ENGINE2_PIDFILE" \
+        --host "$_ENGINE2_HOST" \
+        --bridge "$_ENGINE2_BRIDGE" \
+        --iptables=false --ip-masq=false --ip-forward=false || return 1
+    _wait_for_engine "$_SPAWNED_PID" "$_ENGINE2_HOST" "$BUILDER_DOCKERD2_LOG"
+}
+
+_ensure_engine2_bridge() {
+    if ! ip link show "$_ENGINE2_BRIDGE" >/dev/null 2>&1; then
+        _setup_log "creating bridge $_ENGINE2_BRIDGE ($_ENGINE2_BRIDGE_ADDR)"
+        _run_as_root ip link add name "$_ENGINE2_BRIDGE" type bridge || return 1
+    fi
+    if ! ip -4 -o addr show dev "$_ENGINE2_BRIDGE" | grep -q " $_ENGINE2_BRIDGE_ADDR "; then
+        _run_as_root ip addr add "$_ENGINE2_BRIDGE_ADDR" dev "$_ENGINE2_BRIDGE" || return 1
+    fi
+    _run_as_root ip link set "$_ENGINE2_BRIDGE" up
+}
+
+# stop_second_engine: SIGTERM to the second dockerd, wait for it to exit, remove
+# its bridge.  Its data root stays, so the next start finds its images.
+stop_second_engine() {
+    local pid start=$SECONDS
+    pid="$(tr -dc '0-9' <"$_ENGINE2_PIDFILE" 2>/dev/null || true)"
+    if _pid_is_dockerd "$pid"; then
+        _setup_log "stopping the second dockerd (pid $pid)"
+        _run_as_root kill -TERM "$pid" || return 1
+        while _pid_alive "$pid"; do
+            if [ $((SECONDS - start)) -ge "$BUILDER_ENGINE_TIMEOUT" ]; then
+                _setup_log "second dockerd (pid $pid) still running after ${BUILDER_ENGINE_TIMEOUT}s"
+                return 1
+            fi
+            sleep 0.2
+        done
+    else
+        _setup_log "second engine not running"
+    fi
+    if ip link show "$_ENGINE2_BRIDGE" >/dev/null 2>&1; then
+        _run_as_root ip link delete "$_ENGINE2_BRIDGE" || return 1
+    fi
+}
+
+# _copy_base_image HOST: $BASE_IMAGE from the main engine into the engine at
+# HOST, unless it has it already.
+_copy_base_image() {
+    local host="$1"
+    if _docker_at "$host" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+        _setup_log "base image $BASE_IMAGE present on $host"
+        return 0
+    fi
+    _setup_log "copying base image $BASE_IMAGE to $host"
+    _docker save "$BASE_IMAGE" | _docker_at "$host" load -q >/dev/null || {
+        _setup_log "copying $BASE_IMAGE to $host failed"
+        return 1
+    }
+}
+
+# ---------------------------------------------------------------- test tools
+
+# _apt_install_no_start PKG...: _apt_install, but no service of the packages is
+# started on install (a policy-rc.d that forbids it, honoured by invoke-rc.d and
+# deb-systemd-invoke): the tests run their own instances on free ports.
+_apt_install_no_start() {
+    local policy=/usr/sbin/policy-rc.d all_installed=1 ours="" rc=0 p
+    for p in "$@"; do
+        _pkg_installed "$p" || all_installed=""
+    done
+    [ -z "$all_installed" ] || return 0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | _run_as_root tee "$policy" >/dev/null &&
+            _run_as_root chmod 755 "$policy" && ours=1
+    fi
+    _apt_install "$@" || rc=$?
+    [ -z "$ours" ] || _run_as_root rm -f "$policy"
+    return "$rc"
+}
+
+# ensure_redis_tool: Debian's redis-server, which the cluster tests run on a free
+# loopback port with their own data dir (tests/processes.py starts it).
+ensure_redis_tool() {
+    _apt_install_no_start redis-server || return 1
+    export BUILDER_REDIS_BIN=/usr/bin/redis-server
+}
+
+# ensure_nginx_tool: Debian's nginx, which the cluster tests run as a reverse
+# proxy from a config of their own (tests/processes.py starts it).
+ensure_nginx_tool() {
+    _apt_install_no_start nginx || return 1
+    export BUILDER_NGINX_BIN=/usr/sbin/nginx
 }
 
 # ensure_registry_tool: Debian's docker-registry, which the push tests run on a

@@ -1,4 +1,5 @@
-"""Fixtures: the real app from `create_app`, the real Docker engine the scripts started."""
+"""Fixtures: the real app from `create_app`, the real Docker engine the scripts started (and, from
+tests/processes.py, the real processes beside them)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,9 @@ import io
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import tarfile
 import time
-import urllib.request
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,9 @@ from aiohttp.test_utils import TestClient
 from builder.client.sse import ServerSentEvent, SSEDecoder
 from builder.server.app import create_app
 from builder.server.config import Settings
+
+# Real processes beside the tests: registry, second engine, redis-server, nginx, `builder serve`.
+pytest_plugins = ["tests.processes"]
 
 BASE_IMAGE = os.environ.get("BUILDER_BASE_IMAGE", "builder-busybox:latest")
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -152,64 +152,6 @@ async def wait_for_line(client: TestClient, build_id: str, text: str, timeout: f
                 response.close()
                 return
     raise AssertionError(f"log of {build_id} ended without the line {text!r}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[str]:
-    """A real registry (Debian's docker-registry) on a free loopback port, storage in a temp dir."""
-    port = free_port()
-    config = tmp_path / "registry.yml"
-    config.write_text(
-        "version: 0.1\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {tmp_path / 'registry'}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    binary = os.environ.get("BUILDER_REGISTRY_BIN", "/usr/bin/docker-registry")
-    log = (tmp_path / "registry.log").open("wb")
-    proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "registry.log").read_text()
-                assert time.monotonic() < deadline, "registry did not come up"
-                time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A real `builder serve` process (extra flags via `@pytest.mark.daemon_args(...)`, where
-    `{tmp_path}` is replaced), so it can be signalled or killed like in production."""
-    port = free_port()
-    marker = request.node.get_closest_marker("daemon_args")
-    extra = [arg.format(tmp_path=tmp_path) for arg in marker.args] if marker else []
-    if "builder" in request.fixturenames:
-        extra += ["--builder", request.getfixturevalue("builder")]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "builder", "serve", "--port", str(port), "--data-dir", str(tmp_path / "data"),
-         "--log-format", "json", *extra],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    yield f"http://127.0.0.1:{port}", proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
 
 
 async def wait_healthy(session: aiohttp.ClientSession, url: str) -> None:

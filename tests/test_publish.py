@@ -16,7 +16,8 @@ from aiohttp.test_utils import TestClient
 
 from builder.server.app import create_app
 from builder.server.config import Settings
-from tests.conftest import dockerfile, free_port, log_lines, read_log, step_events, submit, wait_for
+from tests.conftest import dockerfile, log_lines, read_log, step_events, submit, wait_for
+from tests.processes import free_port
 
 pytestmark = pytest.mark.usefixtures("builder")
 
