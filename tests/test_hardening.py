@@ -69,3 +69,32 @@ async def test_a_json_body_split_across_segments_is_read_whole(client: TestClien
 
     response = await client.post("/builds", data=in_two_pieces(), headers={"Content-Type": "application/json"})
     assert response.status == 202, await response.text()
+
+
+async def test_open_mode_refuses_web_pages_foreign_host_and_cross_site_origin(client: TestClient) -> None:
+    image = {"image": "builder-busybox:latest"}
+    # DNS rebinding: a name of the attacker's that resolves to 127.0.0.1.
+    rebound = await client.post("/builds", json=image, headers={"Host": "evil.example:8080"})
+    assert rebound.status == 403 and (await rebound.json())["code"] == "forbidden"
+    # A browser-style cross-site POST.
+    csrf = await client.post("/builds", json=image,
+                             headers={"Origin": "http://evil.example", "Host": f"127.0.0.1:{client.port}"})
+    assert csrf.status == 403 and "Origin" in (await csrf.json())["error"]
+    assert (await client.post("/builds", json=image, headers={"Origin": "null"})).status == 403
+    # The daemon's own names still work, with or without an Origin of theirs.
+    for host, origin in ((f"localhost:{client.port}", None), ("[::1]", "http://localhost:3000"),
+                         (f"127.0.0.1:{client.port}", f"http://127.0.0.1:{client.port}")):
+        headers = {"Host": host, **({"Origin": origin} if origin else {})}
+        response = await client.get("/healthz", headers=headers)
+        assert response.status == 200, (host, origin, await response.text())
+    assert (await (await client.get("/builds")).json())["builds"] == []
+
+
+async def test_with_tokens_the_host_is_not_checked(aiohttp_client: Any, settings: Any) -> None:
+    import dataclasses
+
+    from builder.server.app import create_app
+
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, auth_tokens="t1=team")))
+    response = await client.get("/builds", headers={"Host": "builder.example.com", "Authorization": "Bearer t1"})
+    assert response.status == 200

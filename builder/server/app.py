@@ -27,9 +27,9 @@ from builder.server.auth import TokenTable
 from builder.server.config import Settings
 from builder.server.contexts import ContextSpool
 from builder.server.engines.docker import BuildLimits, DockerEngine
-from builder.server.errors import BuilderError
+from builder.server.errors import BuilderError, Forbidden
 from builder.server.handlers import json_response, routes
-from builder.server.hosts import is_loopback
+from builder.server.hosts import is_loopback, open_mode_refusal
 from builder.server.service import BuildService
 from builder.server.store import SqliteBuildStore
 
@@ -138,11 +138,17 @@ _PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every endpoint but the probes needs a valid token when auth is configured."""
+    """Every endpoint but the probes needs a valid token when auth is configured; without tokens,
+    requests from web pages (a foreign Host or Origin) are refused."""
+    tokens = request.app[TOKENS]
+    if not tokens.enabled and (refusal := open_mode_refusal(
+        request.headers.get("Host"), request.headers.get("Origin"), request.app[SETTINGS].host
+    )):
+        raise Forbidden(refusal)
     if request.path in _PUBLIC_PATHS or _is_metrics_scraper(request):
         request[NAMESPACE] = ""
     else:
-        request[NAMESPACE] = request.app[TOKENS].namespace(request.headers.get("Authorization"))
+        request[NAMESPACE] = tokens.namespace(request.headers.get("Authorization"))
         if request[NAMESPACE]:
             structlog.contextvars.bind_contextvars(namespace=request[NAMESPACE])
     return await handler(request)

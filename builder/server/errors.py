@@ -59,6 +59,11 @@ class ImageNotAllowed(BuilderError):
     code = "image_not_allowed"
 
 
+class Forbidden(BuilderError):
+    status = 403
+    code = "forbidden"
+
+
 class IdempotencyKeyReused(BuilderError):
     status = 422
     code = "idempotency_key_reused"
