@@ -30,8 +30,8 @@ async def test_head_on_a_log_sends_headers_only_and_keeps_the_connection_usable(
     path = f"/builds/{accepted['build_id']}/logs"
     # Two requests on one keep-alive connection: a HEAD body would be read as the second answer.
     answer = await _raw(client, (
-        f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n"
-        f"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     ).encode())
     head, _, rest = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"text/plain" in head
