@@ -98,3 +98,50 @@ async def test_with_tokens_the_host_is_not_checked(aiohttp_client: Any, settings
     client = await aiohttp_client(create_app(dataclasses.replace(settings, auth_tokens="t1=team")))
     response = await client.get("/builds", headers={"Host": "builder.example.com", "Authorization": "Bearer t1"})
     assert response.status == 200
+
+
+async def test_an_engine_that_is_down_gets_503_with_retry_after_not_202(aiohttp_client: Any, settings: Any) -> None:
+    import dataclasses
+
+    from builder.server.app import create_app
+    from tests.conftest import make_context
+
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, docker_host="unix:///nonexistent/d.sock")))
+    for response in (
+        await client.post("/builds", json={"image": "builder-busybox:latest"}),
+        await client.post("/builds", data=make_context({"Dockerfile": dockerfile()}),
+                          headers={"Content-Type": "application/gzip"}),
+    ):
+        assert response.status == 503, await response.text()
+        assert response.headers["Retry-After"] == "5"
+        assert (await response.json())["code"] == "engine_unavailable"
+    assert (await (await client.get("/builds")).json())["builds"] == []
+
+
+async def test_an_engine_that_hangs_gets_503_in_seconds(aiohttp_client: Any, settings: Any, tmp_path: Any) -> None:
+    """A stand-in engine (a socket that accepts and never answers): a hung dockerd is a fault the
+    real engine cannot be made to produce on demand."""
+    import dataclasses
+
+    from builder.server.app import create_app
+
+    connections: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+
+    socket_path = tmp_path / "hung.sock"
+    server = await asyncio.start_unix_server(never_answer, path=str(socket_path))
+    try:
+        client = await aiohttp_client(create_app(dataclasses.replace(settings, docker_host=f"unix://{socket_path}")))
+        async with asyncio.timeout(10):
+            submitted = asyncio.create_task(client.post("/builds", json={"image": "builder-busybox:latest"}))
+            # The daemon keeps serving while it waits on the engine.
+            assert (await client.get("/healthz")).status == 200
+            response = await submitted
+        assert response.status == 503 and (await response.json())["code"] == "engine_unavailable"
+        assert connections, "the daemon never asked the stand-in engine"
+    finally:
+        server.close()
+        for writer in connections:
+            writer.close()

@@ -127,3 +127,6 @@ class ShuttingDown(BuilderError):
 class EngineUnavailable(BuilderError):
     status = 503
     code = "engine_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "5"})

@@ -83,7 +83,9 @@ async def metrics(request: web.Request) -> web.Response:
 @routes.post("/builds")
 async def create_build(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    service.check_accepting()  # before reading a possibly large body
+    # Before reading a possibly large body.
+    service.check_accepting()
+    await service.check_engine()
     key = _idempotency_key(request)
     limit = request.app[SETTINGS].max_context_bytes
     content_type = request.content_type

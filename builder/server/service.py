@@ -225,6 +225,11 @@ class BuildService:
     async def discard_context(self, context: SpooledContext) -> None:
         await self._spool.remove(context.path)
 
+    async def check_engine(self) -> None:
+        """503 while the engine does not answer: a build accepted now could only fail."""
+        if not await self._engine.answers():
+            raise EngineUnavailable("the Docker engine does not answer; retry later")
+
     def check_accepting(self, spec: BuildSpec | None = None) -> None:
         """Raise if a new build would be refused; checked before an upload too."""
         if self._draining:

@@ -24,6 +24,7 @@ from builder.server.engines.base import Builder, EngineFailure
 log = structlog.get_logger(__name__)
 
 _PING_TIMEOUT = aiohttp.ClientTimeout(total=3)
+_PING_FRESH_SECONDS = 1.0
 # A build or a push may run for hours and stay silent for long stretches: no total or read timeout.
 STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=30)
 # Short engine calls (inspect, remove, tag) get a bound of their own.
@@ -78,6 +79,8 @@ class DockerEngine:
         self.docker = docker
         self.limits = limits or BuildLimits()
         self.builders: dict[str, Builder] = {}
+        # (loop time, answered) of the last ping: a burst of submits asks the engine once.
+        self._last_ping: tuple[float, bool] = (float("-inf"), False)
 
     @classmethod
     def connect(cls, docker_host: str | None, *, limits: BuildLimits | None = None) -> DockerEngine:
@@ -98,9 +101,18 @@ class DockerEngine:
     async def ping(self) -> bool:
         try:
             async with self.docker._query("_ping", versioned_api=False, timeout=_PING_TIMEOUT) as response:
-                return (await response.read()) == b"OK"
+                answered = (await response.read()) == b"OK"
         except (aiodocker.DockerError, aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            return False
+            answered = False
+        self._last_ping = (asyncio.get_running_loop().time(), answered)
+        return answered
+
+    async def answers(self) -> bool:
+        """Whether the engine answered a ping in the last second (pinging it if not asked since)."""
+        when, answered = self._last_ping
+        if asyncio.get_running_loop().time() - when < _PING_FRESH_SECONDS:
+            return answered
+        return await self.ping()
 
     async def supports_buildkit(self) -> bool:
         """Whether this engine builds with BuildKit through its API (a Linux engine, API >= 1.39)."""
