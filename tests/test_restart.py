@@ -90,3 +90,36 @@ async def test_restart_keeps_history_and_fails_interrupted_build(
             while processes_running(sleep):
                 await asyncio.sleep(0.05)
     assert os.listdir(tmp_path / "data" / "contexts") == []
+
+
+async def test_event_ids_are_never_given_twice_across_a_crash(
+    daemon: tuple[str, subprocess.Popen[bytes]], tmp_path: Path, aiohttp_client: Any
+) -> None:
+    url, proc = daemon
+    seen = 0
+    async with aiohttp.ClientSession() as session:
+        await wait_healthy(session, url)
+        chatty = await post_context(session, url, {"Dockerfile": dockerfile(
+            "RUN i=0; while true; do i=$((i+1)); echo line-$i; done"
+        )})
+        async with asyncio.timeout(30):
+            async with session.get(f"{url}/builds/{chatty}/logs", headers=SSE) as response:
+                async for raw in response.content:
+                    if raw.startswith(b"id: "):
+                        seen = int(raw[4:])
+                    if seen >= 20_000:
+                        # Killed while live events run ahead of the store's batched commits.
+                        proc.send_signal(signal.SIGKILL)
+                        break
+    proc.wait()
+
+    client = await aiohttp_client(create_app(Settings(data_dir=tmp_path / "data")))
+    status = await wait_for(client, chatty, {"failed"}, timeout=10)
+    assert status["last_event_id"] > seen
+    # Resuming where the follower was gets what the store kept after it, then the terminal
+    # frame: not a silence that never ends.
+    async with asyncio.timeout(10):
+        frames = await read_log(client, chatty, after=str(seen))
+    ids = [event_id for event_id, _ in frames]
+    assert ids == sorted(set(ids)) and ids[0] > seen
+    assert frames[-1] == (status["last_event_id"], {"type": "error", "error": "daemon restarted", "status": "failed"})

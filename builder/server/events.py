@@ -15,6 +15,11 @@ from typing import Any
 from builder import protocol
 from builder.server.records import Event
 
+# Followers see at most this many events beyond what the store has committed. A daemon that
+# crashes has shown no id past (last committed + this), so after a restart the build's next
+# event takes the id after that: ids are never given twice, whatever the crash lost.
+UNCOMMITTED_LIMIT = 1 << 16
+
 
 class EventLog:
     """Live log of one build that has not finished and been fully persisted."""
@@ -61,24 +66,41 @@ class EventLog:
             self.last_id = events[-1].id
             self.terminated = events[-1].terminal
             self._events.extend(events)
-            self._changed.set()
-            self._changed = asyncio.Event()
+            self._wake()
         return events
 
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    @property
+    def visible_id(self) -> int:
+        """The last id followers may be shown: never too far ahead of the store."""
+        return min(self.last_id, self.committed_id + UNCOMMITTED_LIMIT)
+
+    @property
+    def complete(self) -> bool:
+        """The terminal event is in, and followers may be shown it: nothing more will come."""
+        return self.terminated and self.visible_id == self.last_id
+
     def events_after(self, after: int, limit: int) -> list[Event] | None:
-        """Up to `limit` events with id > `after` from memory, or None if the next is only in the store."""
+        """Up to `limit` visible events with id > `after` from memory, or None if the next is only
+        in the store."""
         first = self.first_id
         if after + 1 < first:
             return None
         start = after + 1 - first
-        return self._events[start : start + limit]
+        return self._events[start : min(start + limit, self.visible_id + 1 - first)]
 
     def uncommitted(self) -> list[Event]:
         return self._events[self.committed_id + 1 - self.first_id :] if self._events else []
 
     def committed(self, upto: int) -> None:
         """Events up to `upto` are in the store: the window may let them go."""
+        held_back = self.visible_id < self.last_id
         self.committed_id = upto
+        if held_back:
+            self._wake()
         excess = len(self._events) - self._window
         # Trim in bulk, and never past what the store has.
         if excess > self._window // 4:
@@ -91,8 +113,8 @@ class EventLog:
         return self.terminated and self.committed_id == self.last_id
 
     async def wait_for_events(self, after: int) -> None:
-        """Return once there is an event with id > `after` (after a short coalescing pause)."""
-        if self.last_id > after:
+        """Return once there is a visible event with id > `after` (after a short coalescing pause)."""
+        if self.visible_id > after:
             return
         await self._changed.wait()
         if self._coalesce:

@@ -35,7 +35,7 @@ from builder.server.errors import (
     QueueFull,
     ShuttingDown,
 )
-from builder.server.events import EventLog
+from builder.server.events import UNCOMMITTED_LIMIT, EventLog
 from builder.server.metrics import Metrics
 from builder.server.publish import Publisher
 from builder.server.records import (
@@ -144,7 +144,8 @@ class BuildService:
                     await self._engine.remove_container(container_id)
                 except Exception:
                     log.exception("leftover_container_removal_failed", container_id=container_id)
-            last_id = await self._store.last_event_id(record.build_id)
+            # Followers may have been shown ids past the last committed one: skip them all.
+            last_id = await self._store.last_event_id(record.build_id) + UNCOMMITTED_LIMIT
             terminal = EventLog(record.build_id, last_id=last_id).append(
                 _terminal_payload(BuildStatus.FAILED, error=RESTARTED_MESSAGE)
             )
@@ -620,7 +621,7 @@ class BuildService:
                 if events[-1].terminal:
                     return
                 continue
-            if not follow or log.terminated:
+            if not follow or log.complete:
                 # Nothing more will come (a client may resume at, or past, the terminal frame).
                 return
             await log.wait_for_events(last)
