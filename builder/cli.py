@@ -33,6 +33,15 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="most entries a context tar may hold (default %(default)s)")
     serve.add_argument("--upload-idle-timeout", type=float, default=defaults.upload_idle_timeout,
                        help="drop an upload that sends nothing for this many seconds (default %(default)s)")
+    serve.add_argument("--upload-timeout", type=_duration, default=defaults.upload_timeout,
+                       help="drop an upload that takes longer than this in all (default 1h)")
+    serve.add_argument("--header-timeout", type=float, default=defaults.header_timeout,
+                       help="drop a connection that has not sent a whole request head within this many seconds "
+                            "(default %(default)s)")
+    serve.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                       help="open connections in all; beyond, a fast 503 (default: the descriptor limit)")
+    serve.add_argument("--max-connections-per-client", type=int, default=defaults.max_connections_per_client,
+                       help="open connections per client address, 0 for no cap (default %(default)s)")
     serve.add_argument("--build-memory", type=int, default=defaults.build_memory, metavar="BYTES",
                        help="memory limit of every build step container (default: none)")
     serve.add_argument("--build-cpus", type=float, default=defaults.build_cpus,
@@ -106,6 +115,10 @@ def _serve(args: argparse.Namespace) -> int:
         max_context_unpacked_bytes=args.max_context_unpacked_bytes,
         max_context_entries=args.max_context_entries,
         upload_idle_timeout=args.upload_idle_timeout,
+        upload_timeout=args.upload_timeout,
+        header_timeout=args.header_timeout,
+        max_connections=args.max_connections,
+        max_connections_per_client=args.max_connections_per_client,
         build_memory=args.build_memory,
         build_cpus=args.build_cpus,
         build_network=args.build_network,

@@ -25,6 +25,7 @@ from builder.server.appkeys import (
 )
 from builder.server.auth import TokenTable
 from builder.server.config import Settings
+from builder.server.connections import AcceptErrorLimiter, ConnectionGuard, ConnectionLimits
 from builder.server.contexts import ContextSpool
 from builder.server.engines.docker import BuildLimits, DockerEngine
 from builder.server.errors import BuilderError, Forbidden
@@ -61,14 +62,23 @@ async def serve(settings: Settings) -> None:
     """Run the daemon until SIGTERM or SIGINT, then drain: no new builds (503), running
     ones get --shutdown-grace to finish, the rest are torn down, every stream ends cleanly."""
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, **RUNNER_OPTIONS)
+    guard = ConnectionGuard(ConnectionLimits(settings.max_connections, settings.max_connections_per_client))
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(AcceptErrorLimiter())
+    runner = GuardedAppRunner(
+        app, guard, access_log=None,
+        # aiohttp (>= 3.14) drops a connection that has not sent a whole request head this long
+        # after it opened, or after its previous response: half a header is no way to hold a socket.
+        keepalive_timeout=settings.header_timeout,
+        **RUNNER_OPTIONS,
+    )
     await runner.setup()
     try:
         # A deep accept queue: a thousand followers may connect at once.
         await web.TCPSite(runner, settings.host, settings.port, backlog=_LISTEN_BACKLOG).start()
-        log.info("serving", host=settings.host, port=settings.port, data_dir=str(settings.data_dir))
+        log.info("serving", host=settings.host, port=settings.port, data_dir=str(settings.data_dir),
+                 max_connections=guard.total, max_connections_per_client=guard.per_client)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         # New tokens take effect for new requests; open streams are left alone.
@@ -79,6 +89,17 @@ async def serve(settings: Settings) -> None:
     finally:
         await runner.cleanup()
     log.info("stopped")
+
+
+class GuardedAppRunner(web.AppRunner):
+    """An AppRunner whose connections pass a ConnectionGuard first."""
+
+    def __init__(self, app: web.Application, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._guard = guard
+
+    async def _make_server(self) -> Any:
+        return self._guard.wrap(await super()._make_server())
 
 
 def _reload_tokens(app: web.Application) -> None:

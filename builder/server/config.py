@@ -23,8 +23,16 @@ class Settings:
     # Limits on what an upload unpacks to (a gzip bomb stops here, before the engine sees it).
     max_context_unpacked_bytes: int = 8 * GIB
     max_context_entries: int = 200_000
-    # An upload that sends nothing for this long is dropped (slow loris).
+    # An upload that sends nothing for this long is dropped (slow loris), and one that takes longer
+    # than upload_timeout in all (a trickle of a byte per idle timeout).
     upload_idle_timeout: float = 60.0
+    upload_timeout: float = 3600.0
+    # A connection that has not sent a whole request head this long after it opened (or after its
+    # previous response) is dropped.
+    header_timeout: float = 10.0
+    # Open connections, in all (0: as many as the descriptor limit allows) and per client address.
+    max_connections: int = 0
+    max_connections_per_client: int = 1024
     # Passed to the engine for every build container: bytes of memory, CPUs, network mode.
     build_memory: int | None = None
     build_cpus: float | None = None

@@ -38,6 +38,7 @@ class ContextLimits:
     max_unpacked: int  # the tar the engine reads
     max_entries: int
     idle_timeout: float  # seconds an upload may send nothing
+    total_timeout: float = 3600.0  # seconds an upload may take in all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +180,7 @@ async def receive(
     size = 0
     batch: list[bytes] = []
     batch_size = 0
-    async for chunk in _guarded(chunks, limits.idle_timeout, interrupted):
+    async for chunk in _guarded(chunks, limits.idle_timeout, limits.total_timeout, interrupted):
         size += len(chunk)
         if size > limits.max_bytes:
             raise ContextTooLarge(f"build context is larger than the limit of {limits.max_bytes} bytes")
@@ -231,25 +232,32 @@ async def synthetic(base_image: str) -> AsyncIterator[bytes]:
 
 
 async def _guarded(
-    chunks: AsyncIterable[bytes], idle_timeout: float, interrupted: asyncio.Event | None
+    chunks: AsyncIterable[bytes], idle_timeout: float, total_timeout: float, interrupted: asyncio.Event | None
 ) -> AsyncIterator[bytes]:
     """The upload's chunks, read ahead by a task of their own, so the socket keeps being read
     while a batch is being checked and written. A chunk that takes longer than `idle_timeout`
-    to come ends the upload (slow loris), and so does `interrupted` (a shutdown)."""
+    to come ends the upload (slow loris), so does an upload longer than `total_timeout` in all
+    (a trickle), and so does `interrupted` (a shutdown)."""
     queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(_READ_AHEAD)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + total_timeout
 
     async def read() -> None:
         iterator = aiter(chunks)
         try:
             while True:
+                idle = min(idle_timeout, deadline - loop.time())
                 try:
-                    async with asyncio.timeout(idle_timeout):
+                    async with asyncio.timeout(idle):
                         chunk = await anext(iterator)
                 except StopAsyncIteration:
                     await queue.put(None)
                     return
                 except TimeoutError:
-                    await queue.put(UploadStalled(f"the upload sent nothing for {idle_timeout:g} seconds"))
+                    await queue.put(UploadStalled(
+                        f"the upload sent nothing for {idle_timeout:g} seconds" if idle == idle_timeout
+                        else f"the upload took longer than {total_timeout:g} seconds"
+                    ))
                     return
                 await queue.put(chunk)
         except Exception as exc:  # the connection broke, a malformed body: the consumer raises it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -21,6 +22,7 @@ from builder.server.errors import (
     EngineUnavailable,
     InvalidField,
     UnsupportedMediaType,
+    UploadStalled,
 )
 from builder.server.openapi import openapi_document
 from builder.server.records import BuildRecord
@@ -243,12 +245,18 @@ async def _read_text_part(part: BodyPartReader) -> str:
 
 
 async def _read_json(request: web.Request) -> dict[str, Any]:
-    # The whole body, however the network cut it, and not a byte over the limit.
+    # The whole body, however the network cut it, and not a byte over the limit; a small body,
+    # so the idle bound covers all of it (a trickle of JSON ends too).
     body = bytearray()
-    while chunk := await request.content.read(_MAX_FIELD_BYTES + 1 - len(body)):
-        body += chunk
-        if len(body) > _MAX_FIELD_BYTES:
-            raise BadRequest(f"JSON body is longer than {_MAX_FIELD_BYTES} bytes")
+    seconds = request.app[SETTINGS].upload_idle_timeout
+    try:
+        async with asyncio.timeout(seconds):
+            while chunk := await request.content.read(_MAX_FIELD_BYTES + 1 - len(body)):
+                body += chunk
+                if len(body) > _MAX_FIELD_BYTES:
+                    raise BadRequest(f"JSON body is longer than {_MAX_FIELD_BYTES} bytes")
+    except TimeoutError:
+        raise UploadStalled(f"the JSON body did not arrive within {seconds:g} seconds") from None
     try:
         data = json.loads(body)
     except ValueError:

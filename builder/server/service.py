@@ -194,6 +194,7 @@ class BuildService:
             max_unpacked=settings.max_context_unpacked_bytes,
             max_entries=settings.max_context_entries,
             idle_timeout=settings.upload_idle_timeout,
+            total_timeout=settings.upload_timeout,
         )
 
     async def receive_context(
