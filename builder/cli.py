@@ -52,6 +52,9 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="'token namespace' per line (# comments); reloaded on SIGHUP. Also env BUILDER_AUTH_TOKENS")
     serve.add_argument("--metrics-token", default=defaults.metrics_token,
                        help="a token that may read /metrics only (env BUILDER_METRICS_TOKEN)")
+    serve.add_argument("--allow-base-image", action="append", default=[], metavar="PATTERN",
+                       help="an image every tenant may build from (fnmatch glob, repeatable); by default any "
+                            "image under no tenant's namespace")
     serve.add_argument("--insecure", action="store_true",
                        help="allow listening on a non-loopback address without any auth token")
     serve.add_argument("--log-format", choices=["json", "console", "auto"], default=defaults.log_format,
@@ -126,6 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         auth_tokens_file=args.auth_tokens_file,
         insecure=args.insecure,
+        allow_base_images=tuple(args.allow_base_image),
         metrics_token=args.metrics_token,
         log_level=args.log_level,
         cancel_wait=args.cancel_wait,

@@ -114,8 +114,10 @@ def parse_sse(raw: str) -> list[tuple[int, dict[str, Any]]]:
     return frames
 
 
-async def read_log(client: TestClient, build_id: str, **params: Any) -> list[tuple[int, dict[str, Any]]]:
-    response = await client.get(f"/builds/{build_id}/logs", params=params, headers=SSE)
+async def read_log(
+    client: TestClient, build_id: str, *, headers: Mapping[str, str] | None = None, **params: Any
+) -> list[tuple[int, dict[str, Any]]]:
+    response = await client.get(f"/builds/{build_id}/logs", params=params, headers={**SSE, **(headers or {})})
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/event-stream")
     return parse_sse(await response.text())

@@ -231,7 +231,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     spool = ContextSpool(settings.spool_dir)
-    service = BuildService(settings, app[ENGINE], app[STORE], spool)
+    service = BuildService(settings, app[ENGINE], app[STORE], spool, tenants=lambda: app[TOKENS].namespaces)
     await service.start()
     app[SERVICE] = service
     yield

@@ -37,6 +37,11 @@ class TokenTable:
     def enabled(self) -> bool:
         return bool(self._path or self._env)
 
+    @property
+    def namespaces(self) -> frozenset[str]:
+        """Every tenant's namespace."""
+        return frozenset(namespace for _, namespace in self._tokens)
+
     def reload(self) -> None:
         """Read the tokens again; a broken file keeps the previous table (and says why)."""
         pairs: list[tuple[str, str]] = []
@@ -72,7 +77,15 @@ class TokenTable:
         return found
 
 
+# Names whose images are not a tenant's: Docker Hub's official images (`library/…`).
+_RESERVED_NAMESPACES = frozenset({"library"})
+
+
 def _pair(token: str, namespace: str, where: str) -> tuple[str, str]:
     if not token or not _NAMESPACE_RE.fullmatch(namespace):
         raise ValueError(f"{where}: expected 'token namespace' with a lowercase namespace, got {namespace!r}")
+    if namespace in _RESERVED_NAMESPACES or "." in namespace:
+        # `library/x` is Docker Hub's `x`, and `a.b/x` names a registry host `a.b`: images in
+        # such a namespace could not be told from images outside every tenant.
+        raise ValueError(f"{where}: namespace {namespace!r} is reserved or looks like a registry host")
     return token, namespace

@@ -47,6 +47,9 @@ class Settings:
     metrics_token: str | None = dataclasses.field(
         default_factory=lambda: os.environ.get("BUILDER_METRICS_TOKEN"), repr=False
     )
+    # Base images every tenant may build from (fnmatch globs on references); none: any image
+    # under no tenant's namespace.
+    allow_base_images: tuple[str, ...] = ()
     # Without tokens the daemon is open to anyone who reaches it: loopback only, unless this.
     insecure: bool = False
     log_format: str = "auto"  # json | console | auto (json unless stdout is a TTY)

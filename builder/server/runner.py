@@ -114,6 +114,7 @@ class BuildRunner:
                 spec=spec,
                 context=build.pipe.pieces() if build.pipe is not None else self._spool.read(build.spool),
                 cache_from=cache_from,
+                tenant=record.namespace,
                 on_context_sent=lambda: self._context_sent(build),
                 remember=lambda kind, ident: self._remember(record, kind, ident),
             )

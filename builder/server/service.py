@@ -13,7 +13,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 import structlog
@@ -35,7 +35,9 @@ from builder.server.errors import (
     QueueFull,
     ShuttingDown,
 )
+from builder.server.dockerfile_refs import image_references, onbuild_references
 from builder.server.events import UNCOMMITTED_LIMIT, EventLog
+from builder.server.imagepolicy import ImagePolicy
 from builder.server.metrics import Metrics
 from builder.server.publish import Publisher
 from builder.server.records import (
@@ -63,10 +65,18 @@ _FOLLOW_BATCH = 1000
 
 class BuildService:
     def __init__(
-        self, settings: Settings, engine: DockerEngine, store: BuildStore, spool: ContextSpool
+        self,
+        settings: Settings,
+        engine: DockerEngine,
+        store: BuildStore,
+        spool: ContextSpool,
+        *,
+        tenants: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         self._settings = settings
         self._engine = engine
+        # Every tenant's namespace (they change when the tokens are reloaded).
+        self._tenants = tenants
         self._store = store
         self._spool = spool
         self._publisher = Publisher(settings, engine)
@@ -376,7 +386,19 @@ class BuildService:
             await asyncio.wait([build.task])
 
     async def _check_context(self, build: ActiveBuild, checked: CheckedContext) -> None:
-        """Checks that need the whole context, before the engine may have all of it."""
+        """Checks that need the whole context, before the engine may have all of it: a tenant's
+        build reaches only the images its namespace may use (open mode has one tenant)."""
+        namespace = build.record.namespace
+        if not namespace:
+            return
+        policy = ImagePolicy(namespace, self._tenants(), self._settings.allow_base_images,
+                             registry=self._settings.registry)
+        references = image_references(checked.dockerfile_text, build.record.spec.build_args)
+        policy.check(references)
+        # A base image's ONBUILD triggers run in this build too (the legacy builder runs them).
+        for reference in references:
+            if reference.origin == "FROM" and (info := await self._engine.image_info(reference.reference)):
+                policy.check(onbuild_references((info.get("Config") or {}).get("OnBuild") or []))
 
     def _slot_free(self) -> bool:
         return not self._queue and len(self._running) < self._settings.max_concurrent and not self._stopping

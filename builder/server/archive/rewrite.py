@@ -499,5 +499,5 @@ class _DockerfileCapture:
             if isinstance(found, BuilderError):
                 raise found
             if found is not None:
-                return name, found.decode("utf-8", "replace")
+                return name, found.decode("utf-8", "surrogateescape")
         raise DockerfileNotFound(f"Dockerfile {self.wanted!r} not found in the build context")

@@ -97,6 +97,8 @@ class BuildJob:
     # The checked context tar, streamed to the engine as it comes.
     context: AsyncIterable[bytes]
     cache_from: list[str] = dataclasses.field(default_factory=list)
+    # The tenant's namespace ("" in open mode): what the builder keeps apart per tenant.
+    tenant: str = ""
     # Called once the engine has every byte of the context.
     on_context_sent: Callable[[], Awaitable[object]] | None = None
     # Called with ("container" | "image", id) before the builder relies on a thing it created,

@@ -147,10 +147,17 @@ class BuildKitRun:
         # BuildKit removes its own step containers; rm/forcerm are the legacy builder's.
         del params["rm"], params["forcerm"]
         params |= {"version": "2", "buildid": self._job.build_id}
+        build_args = dict(self._job.spec.build_args)
         if self._job.spec.cache_key:
             # The image carries its own cache metadata, so a later build can use it from a registry
             # (`cachefrom`) with no local layer left.
-            params["buildargs"] = json.dumps(self._job.spec.build_args | {"BUILDKIT_INLINE_CACHE": "1"})
+            build_args["BUILDKIT_INLINE_CACHE"] = "1"
+        if self._job.tenant:
+            # Cache mounts are keyed by their id alone; within the tenant's namespace, one tenant
+            # cannot mount another's (whatever the build asked for).
+            build_args["BUILDKIT_CACHE_MOUNT_NS"] = self._job.tenant
+        if build_args:
+            params["buildargs"] = json.dumps(build_args)
         # BuildKit knows "default" (the bridge), "host" and "none".
         if self._engine.limits.network != "bridge":
             params["networkmode"] = self._engine.limits.network
