@@ -62,6 +62,9 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--log-level", default=defaults.log_level, help="debug, info, warning, error")
     serve.add_argument("--docker-host", default=defaults.docker_host,
                        help="Docker engine URL (default $DOCKER_HOST or the local socket)")
+    serve.add_argument("--tenant-engine", action="append", default=[], type=_tenant_engine,
+                       metavar="TENANT=DOCKER_HOST",
+                       help="run this tenant's builds on an engine of its own (repeatable)")
     serve.add_argument("--cancel-wait", type=float, default=defaults.cancel_wait,
                        help="seconds DELETE waits for teardown before answering 202 (default %(default)s)")
     serve.add_argument("--build-timeout", type=_duration, default=defaults.build_timeout,
@@ -81,6 +84,13 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="keep finished builds and their logs this long: seconds, or 90m, 12h, 7d (default 7d)")
     serve.add_argument("--max-builds", type=int, default=defaults.max_builds,
                        help="keep at most this many finished builds (default %(default)s)")
+
+
+def _tenant_engine(text: str) -> tuple[str, str]:
+    tenant, sep, host = text.partition("=")
+    if not sep or not tenant or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TENANT=DOCKER_HOST")
+    return tenant, host
 
 
 def _duration(text: str) -> float:
@@ -126,6 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
         build_cpus=args.build_cpus,
         build_network=args.build_network,
         docker_host=args.docker_host,
+        tenant_engines=tuple(args.tenant_engine),
         log_format=args.log_format,
         auth_tokens_file=args.auth_tokens_file,
         insecure=args.insecure,

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from builder.server.appkeys import (
-    ENGINE,
+    ENGINES,
     NAMESPACE,
     SERVICE,
     SETTINGS,
@@ -27,7 +27,8 @@ from builder.server.auth import TokenTable
 from builder.server.config import Settings
 from builder.server.connections import AcceptErrorLimiter, ConnectionGuard, ConnectionLimits
 from builder.server.contexts import ContextSpool
-from builder.server.engines.docker import BuildLimits, DockerEngine
+from builder.server.engines.docker import BuildLimits
+from builder.server.engines.pool import EnginePool
 from builder.server.errors import BuilderError, Forbidden
 from builder.server.handlers import json_response, routes
 from builder.server.hosts import is_loopback, open_mode_refusal
@@ -212,12 +213,13 @@ def _json_error(status: int, code: str, message: str, headers: dict[str, str]) -
 
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    app[ENGINE] = DockerEngine.connect(
+    app[ENGINES] = EnginePool.connect(
         settings.docker_host,
+        dict(settings.tenant_engines),
         limits=BuildLimits(memory=settings.build_memory, cpus=settings.build_cpus, network=settings.build_network),
     )
     yield
-    await app[ENGINE].close()
+    await app[ENGINES].close()
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -231,7 +233,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     spool = ContextSpool(settings.spool_dir)
-    service = BuildService(settings, app[ENGINE], app[STORE], spool, tenants=lambda: app[TOKENS].namespaces)
+    service = BuildService(settings, app[ENGINES], app[STORE], spool, tenants=lambda: app[TOKENS].namespaces)
     await service.start()
     app[SERVICE] = service
     yield

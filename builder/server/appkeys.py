@@ -8,7 +8,7 @@ from aiohttp import web
 
 from builder.server.auth import TokenTable
 from builder.server.config import Settings
-from builder.server.engines.docker import DockerEngine
+from builder.server.engines.pool import EnginePool
 from builder.server.service import BuildService
 from builder.server.store import BuildStore
 from builder.server.streams import LogStreamResponse
@@ -17,7 +17,7 @@ SETTINGS = web.AppKey("settings", Settings)
 TOKENS = web.AppKey("tokens", TokenTable)
 # The caller's namespace, from its token ("" when the daemon runs without auth).
 NAMESPACE = web.RequestKey("namespace", str)
-ENGINE = web.AppKey("engine", DockerEngine)
+ENGINES = web.AppKey("engines", EnginePool)
 STORE = web.AppKey("store", BuildStore)
 SERVICE = web.AppKey("service", BuildService)
 # Open log streams, ended on shutdown so it does not wait on them.

@@ -38,6 +38,8 @@ class Settings:
     build_cpus: float | None = None
     build_network: str = "bridge"
     docker_host: str | None = dataclasses.field(default_factory=lambda: os.environ.get("DOCKER_HOST"))
+    # Tenants whose builds run on an engine of their own: (namespace, DOCKER_HOST) pairs.
+    tenant_engines: tuple[tuple[str, str], ...] = ()
     # Bearer tokens: `token namespace` lines in a file, and/or "t1=ns1,t2=ns2" (env BUILDER_AUTH_TOKENS).
     auth_tokens_file: Path | None = None
     auth_tokens: str | None = dataclasses.field(

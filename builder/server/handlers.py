@@ -13,7 +13,7 @@ from aiohttp import BodyPartReader, web
 
 from builder import protocol as p
 from builder.protocol import BuildStatus
-from builder.server.appkeys import ENGINE, NAMESPACE, SERVICE, SETTINGS, STREAMS
+from builder.server.appkeys import ENGINES, NAMESPACE, SERVICE, SETTINGS, STREAMS
 from builder.server.buildspec import BuildSpec, normalise_context_path, parse_flag
 from builder.server.contexts import SpooledContext
 from builder.server.errors import (
@@ -66,9 +66,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    if not await request.app[ENGINE].ping():
+    engines = request.app[ENGINES]
+    if not await engines.default.ping():
         raise EngineUnavailable("the Docker engine does not answer ping")
-    return json_response({"status": "ready"})
+    # Tenants' own engines are reported; one that is down fails only its tenant's builds.
+    tenant_engines = {tenant: await engine.ping() for tenant, engine in engines.by_tenant.items()}
+    return json_response({"status": "ready", **({"tenant_engines": tenant_engines} if tenant_engines else {})})
 
 
 @routes.get("/openapi.json")
@@ -87,7 +90,7 @@ async def create_build(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     # Before reading a possibly large body.
     service.check_accepting()
-    await service.check_engine()
+    await service.check_engine(request[NAMESPACE])
     key = _idempotency_key(request)
     limit = request.app[SETTINGS].max_context_bytes
     content_type = request.content_type

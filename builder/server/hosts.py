@@ -52,7 +52,8 @@ def open_mode_refusal(host: str | None, origin: str | None, listen_host: str) ->
         # Bound to every address (with --insecure), an address is fine: rebinding needs a name.
         return name in allowed or is_loopback(name) or (wildcard and _is_ip(name))
 
-    if host is None or not trusted(_host_part(host.strip())):
+    # No Host at all (HTTP/1.0) is no browser's: browsers always send one.
+    if host is not None and not trusted(_host_part(host.strip())):
         return f"Host {host!r} is not a loopback name or address; this daemon has no auth tokens"
     if origin is not None:
         scheme, sep, authority = origin.strip().partition("://")

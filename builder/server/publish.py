@@ -15,9 +15,8 @@ import structlog
 
 from builder import protocol as p
 from builder.server.config import Settings
-from builder.server.engines.docker import DockerEngine
 from builder.server.engines.base import EngineFailure
-from builder.server.engines.docker import PushDigest, PushProgress
+from builder.server.engines.docker import DockerEngine, PushDigest, PushProgress
 from builder.server.hosts import is_loopback
 
 log = structlog.get_logger(__name__)
@@ -35,9 +34,10 @@ class PublishError(Exception):
 
 
 class Publisher:
-    def __init__(self, settings: Settings, engine: DockerEngine) -> None:
+    """Registry work after a build, on the engine the build ran on."""
+
+    def __init__(self, settings: Settings) -> None:
         self.registry = settings.registry
-        self._engine = engine
         self._auth = _registry_auth(settings)
         self._nydusify = shutil.which(settings.nydusify) if settings.nydusify else None
 
@@ -52,37 +52,39 @@ class Publisher:
             repository = f"{self.registry}/{repository}"
         return repository, hashlib.sha256(cache_key.encode()).hexdigest()[:32]
 
-    async def cache_sources(self, namespace: str, cache_key: str, emit: Emit) -> list[str]:
+    async def cache_sources(self, engine: DockerEngine, namespace: str, cache_key: str, emit: Emit) -> list[str]:
         """The cache image to build from, fetched from the registry when there is one."""
         repository, tag = self.cache_ref(namespace, cache_key)
         ref = f"{repository}:{tag}"
-        if self.registry and (problem := await self._engine.pull(repository, tag, self._auth)):
+        if self.registry and (problem := await engine.pull(repository, tag, self._auth)):
             log.info("cache_image_not_pulled", ref=ref, reason=problem)
-        if await self._engine.image_id(ref) is None:
+        if await engine.image_id(ref) is None:
             return []
         emit({"type": p.EVENT_STATUS, "status": "running", "phase": "cache", "cache_from": ref})
         return [ref]
 
-    async def store_cache(self, image_id: str, namespace: str, cache_key: str, emit: Emit) -> str:
+    async def store_cache(
+        self, engine: DockerEngine, image_id: str, namespace: str, cache_key: str, emit: Emit
+    ) -> str:
         repository, tag = self.cache_ref(namespace, cache_key)
-        await self._engine.tag(image_id, repository, tag)
+        await engine.tag(image_id, repository, tag)
         if self.registry:
-            await self._push(repository, tag, emit, phase="push-cache")
+            await self._push(engine, repository, tag, emit, phase="push-cache")
         return f"{repository}:{tag}"
 
-    async def push(self, image_id: str, image_name: str, emit: Emit) -> tuple[str, str]:
+    async def push(self, engine: DockerEngine, image_id: str, image_name: str, emit: Emit) -> tuple[str, str]:
         """Tag and push; returns (image_ref, digest)."""
         repository, tag = self.pushed_ref(image_name).rsplit(":", 1)
-        await self._engine.tag(image_id, repository, tag)
-        digest = await self._push(repository, tag, emit, phase="push")
+        await engine.tag(image_id, repository, tag)
+        digest = await self._push(engine, repository, tag, emit, phase="push")
         return f"{repository}:{tag}", digest
 
-    async def _push(self, repository: str, tag: str, emit: Emit, *, phase: str) -> str:
+    async def _push(self, engine: DockerEngine, repository: str, tag: str, emit: Emit, *, phase: str) -> str:
         ref = f"{repository}:{tag}"
         emit({"type": p.EVENT_STATUS, "status": "running", "phase": phase, "image_ref": ref})
         started = time.monotonic()
         last_progress = 0.0
-        async for event in self._engine.push(repository, tag, self._auth):
+        async for event in engine.push(repository, tag, self._auth):
             match event:
                 case EngineFailure(message):
                     raise PublishError(f"push of {ref} to {self.registry} failed: {message}")

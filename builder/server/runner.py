@@ -51,7 +51,8 @@ class ActiveBuild:
     stop_reason: tuple[BuildStatus, str] | None = None
     stop_requested_at: float | None = None
     queue_announced_at: float = 0.0
-    # The engine's side of the build, while the engine runs it.
+    # The engine the build runs on (its tenant's), and its side of the build while it runs.
+    engine: DockerEngine | None = None
     run: BuildRun | None = None
     # Bounds the phases around the engine build (cache pull, push): a stop ends them at once.
     deadline: asyncio.Timeout | None = None
@@ -62,14 +63,12 @@ class ActiveBuild:
 class BuildRunner:
     def __init__(
         self,
-        engine: DockerEngine,
         spool: ContextSpool,
         publisher: Publisher,
         *,
         save: Callable[[BuildRecord], Awaitable[None]],
         keep_local: bool,
     ) -> None:
-        self._engine = engine
         self._spool = spool
         self._publisher = publisher
         self._save = save
@@ -96,7 +95,7 @@ class BuildRunner:
     async def tear_down(self, build: ActiveBuild) -> None:
         """Remove everything a stopped build left: its tags, containers, and images it created."""
         record = build.record
-        await self._remove_tags(record)
+        await self._remove_tags(build)
         if build.run is not None:
             await build.run.clean_up(images=True)
         record.image_id = record.image_ref = None
@@ -104,10 +103,12 @@ class BuildRunner:
     async def _drive(self, build: ActiveBuild) -> tuple[BuildStatus, str | None]:
         record = build.record
         spec = record.spec
+        engine = build.engine
+        assert engine is not None
         failure: str | None = None
         try:
             cache_from = await self._bounded(
-                build, self._publisher.cache_sources(record.namespace, spec.cache_key, build.log.append)
+                build, self._publisher.cache_sources(engine, record.namespace, spec.cache_key, build.log.append)
             ) if spec.cache_key else []
             job = BuildJob(
                 build_id=record.build_id,
@@ -118,13 +119,13 @@ class BuildRunner:
                 on_context_sent=lambda: self._context_sent(build),
                 remember=lambda kind, ident: self._remember(record, kind, ident),
             )
-            builder = self._engine.builders[spec.builder or "buildkit"]
+            builder = engine.builders[spec.builder or "buildkit"]
             build.run = builder.start(job)
             if build.stop_reason is not None:
                 await build.run.stop()
             image_id, failure = await self._follow_engine(build, build.run)
             if failure is None and image_id is not None and build.stop_reason is None:
-                record.image_id = await self._engine.image_id(image_id) or image_id
+                record.image_id = await engine.image_id(image_id) or image_id
                 record.image_ref = spec.image_name or record.image_id
                 if spec.image_name:
                     record.tags.append(spec.image_name)
@@ -184,26 +185,29 @@ class BuildRunner:
 
     async def _publish(self, build: ActiveBuild) -> str | None:
         """Push (with a registry), convert (with nydusify), keep the cache image; the failure, if any."""
-        record, spec, publisher = build.record, build.record.spec, self._publisher
-        assert record.image_id is not None
+        record, spec, publisher, engine = build.record, build.record.spec, self._publisher, build.engine
+        assert record.image_id is not None and engine is not None
         try:
             if publisher.registry:
                 # An untagged build still needs a name in the registry.
                 name = spec.image_name or f"builds:b-{record.build_id}"
                 record.tags.append(publisher.pushed_ref(name))
-                record.image_ref, record.image_digest = await publisher.push(record.image_id, name, build.log.append)
+                record.image_ref, record.image_digest = await publisher.push(
+                    engine, record.image_id, name, build.log.append
+                )
                 repository = record.image_ref.rsplit(":", 1)[0]
                 record.image_ref_digest = f"{repository}@{record.image_digest}"
                 if spec.nydus_convert and publisher.nydus_available:
                     await self._convert_nydus(build)
             if spec.cache_key:
-                await publisher.store_cache(record.image_id, record.namespace, spec.cache_key, build.log.append)
+                await publisher.store_cache(engine, record.image_id, record.namespace, spec.cache_key,
+                                            build.log.append)
         except PublishError as exc:
             if not self._keep_local:
-                await self._remove_tags(record)
+                await self._remove_tags(build)
             return str(exc)
         if publisher.registry and not self._keep_local:
-            await self._remove_tags(record)
+            await self._remove_tags(build)
         return None
 
     async def _convert_nydus(self, build: ActiveBuild) -> None:
@@ -220,11 +224,14 @@ class BuildRunner:
             build.log.append({"type": p.EVENT_STATUS, "status": "running", "phase": "nydus",
                               "nydus_image_ref": record.nydus_image_ref})
 
-    async def _remove_tags(self, record: BuildRecord) -> None:
+    async def _remove_tags(self, build: ActiveBuild) -> None:
         """Untag what this build tagged, unless the tag has moved on to another image since."""
+        record, engine = build.record, build.engine
+        if engine is None or not record.image_id:
+            return
         for tag in record.tags:
-            if record.image_id and await self._engine.image_id(tag) == record.image_id:
-                await self._engine.remove_image(tag)
+            if await engine.image_id(tag) == record.image_id:
+                await engine.remove_image(tag)
 
 
 def _step_payload(event: StepChanged) -> dict[str, Any]:

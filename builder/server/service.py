@@ -16,6 +16,8 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
+import aiodocker
+import aiohttp
 import structlog
 
 from builder import protocol as p
@@ -25,6 +27,7 @@ from builder.server.config import Settings
 from builder.server import contexts
 from builder.server.contexts import CheckedContext, ContextLimits, ContextPipe, ContextSpool, SpooledContext
 from builder.server.engines.docker import DockerEngine
+from builder.server.engines.pool import EnginePool
 from builder.server.errors import (
     BuildExpired,
     BuildNotFound,
@@ -67,20 +70,20 @@ class BuildService:
     def __init__(
         self,
         settings: Settings,
-        engine: DockerEngine,
+        engines: EnginePool,
         store: BuildStore,
         spool: ContextSpool,
         *,
         tenants: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         self._settings = settings
-        self._engine = engine
+        self._engines = engines
         # Every tenant's namespace (they change when the tokens are reloaded).
         self._tenants = tenants
         self._store = store
         self._spool = spool
-        self._publisher = Publisher(settings, engine)
-        self._runner = BuildRunner(engine, spool, self._publisher, save=store.save, keep_local=settings.keep_local)
+        self._publisher = Publisher(settings)
+        self._runner = BuildRunner(spool, self._publisher, save=store.save, keep_local=settings.keep_local)
         self.metrics = Metrics()
         self.metrics.observe(
             queued=lambda: len(self._queue), running=lambda: len(self._running), streams=lambda: self.follower_count
@@ -96,8 +99,8 @@ class BuildService:
         self._drain_started = asyncio.Event()
         self._stoppers: set[asyncio.Task[None]] = set()  # timeouts tearing builds down
         self._idempotency_locks: dict[tuple[str, str], asyncio.Lock] = {}
-        # Settled at the first build: the engine may not answer yet when the daemon starts.
-        self._default_builder: str | None = None
+        # Per engine, settled at its first build: an engine may not answer yet when the daemon starts.
+        self._default_builders: dict[DockerEngine, str] = {}
         self.follower_count = 0  # open log streams
         self.uploads = 0  # contexts being received
         self.lagged_followers = 0  # times a follower fell behind the window and read the store
@@ -151,7 +154,7 @@ class BuildService:
         for record in await self._store.unfinished():
             for container_id in record.containers:
                 try:
-                    await self._engine.remove_container(container_id)
+                    await self._engines.for_tenant(record.namespace).remove_container(container_id)
                 except Exception:
                     log.exception("leftover_container_removal_failed", container_id=container_id)
             # Followers may have been shown ids past the last committed one: skip them all.
@@ -237,9 +240,9 @@ class BuildService:
     async def discard_context(self, context: SpooledContext) -> None:
         await self._spool.remove(context.path)
 
-    async def check_engine(self) -> None:
-        """503 while the engine does not answer: a build accepted now could only fail."""
-        if not await self._engine.answers():
+    async def check_engine(self, namespace: str = "") -> None:
+        """503 while the tenant's engine does not answer: a build accepted now could only fail."""
+        if not await self._engines.for_tenant(namespace).answers():
             raise EngineUnavailable("the Docker engine does not answer; retry later")
 
     def check_accepting(self, spec: BuildSpec | None = None) -> None:
@@ -270,7 +273,7 @@ class BuildService:
         try:
             if namespace and spec.image_name:
                 spec = dataclasses.replace(spec, image_name=f"{namespace}/{spec.image_name}")
-            spec = dataclasses.replace(spec, builder=await self._builder_for(spec))
+            spec = dataclasses.replace(spec, builder=await self._builder_for(spec, self._engines.for_tenant(namespace)))
             self.check_accepting(spec)
             if context is None:
                 if spec.base_image is None:
@@ -318,6 +321,7 @@ class BuildService:
         build = ActiveBuild(
             record=record,
             log=EventLog(record.build_id, window=self._settings.log_window, coalesce=self._settings.follower_coalesce),
+            engine=self._engines.for_tenant(namespace),
         )
         if isinstance(context, SpooledContext):
             checked = await self._adopt_spooled(build, context)
@@ -388,8 +392,8 @@ class BuildService:
     async def _check_context(self, build: ActiveBuild, checked: CheckedContext) -> None:
         """Checks that need the whole context, before the engine may have all of it: a tenant's
         build reaches only the images its namespace may use (open mode has one tenant)."""
-        namespace = build.record.namespace
-        if not namespace:
+        namespace, engine = build.record.namespace, build.engine
+        if not namespace or engine is None:
             return
         policy = ImagePolicy(namespace, self._tenants(), self._settings.allow_base_images,
                              registry=self._settings.registry)
@@ -397,7 +401,7 @@ class BuildService:
         policy.check(references)
         # A base image's ONBUILD triggers run in this build too (the legacy builder runs them).
         for reference in references:
-            if reference.origin == "FROM" and (info := await self._engine.image_info(reference.reference)):
+            if reference.origin == "FROM" and (info := await engine.image_info(reference.reference)):
                 policy.check(onbuild_references((info.get("Config") or {}).get("OnBuild") or []))
 
     def _slot_free(self) -> bool:
@@ -417,7 +421,7 @@ class BuildService:
         else:
             log.info("build_accepted", build_id=record.build_id, image_name=record.spec.image_name)
 
-    async def _builder_for(self, spec: BuildSpec) -> str:
+    async def _builder_for(self, spec: BuildSpec, engine: DockerEngine) -> str:
         """The builder a build asked for, else the daemon's: with `auto`, BuildKit when the engine
         has it and no per-build memory or CPU limit is set (BuildKit through the Engine API
         ignores those, so only the legacy builder can enforce them)."""
@@ -427,17 +431,17 @@ class BuildService:
                 "this daemon limits the memory or CPU of build steps (--build-memory/--build-cpus), which "
                 "BuildKit through the Engine API cannot enforce: use the legacy builder"
             )
-        if self._default_builder is None:
-            wanted = self._settings.builder
-            if wanted == "auto":
+        if (default := self._default_builders.get(engine)) is None:
+            default = self._settings.builder
+            if default == "auto":
                 try:
-                    buildkit = not limited and await self._engine.supports_buildkit()
-                except Exception as exc:
+                    buildkit = not limited and await engine.supports_buildkit()
+                except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError) as exc:
                     raise EngineUnavailable(f"the Docker engine does not answer: {exc}") from None
-                wanted = "buildkit" if buildkit else "legacy"
-            self._default_builder = wanted
-            log.info("default_builder", builder=wanted)
-        return spec.builder or self._default_builder
+                default = "buildkit" if buildkit else "legacy"
+            self._default_builders[engine] = default
+            log.info("default_builder", builder=default)
+        return spec.builder or default
 
     def _nydus_plan(self, spec: BuildSpec) -> str | None:
         if not spec.nydus_convert:
