@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from builder.server.app import create_app
 from builder.server.config import Settings
-from tests.conftest import BASE_IMAGE, log_lines, make_context, read_log, wait_for
+from tests.conftest import BASE_IMAGE, log_lines, make_context, read_log, step_events, wait_for
 
 A = {"Authorization": "Bearer token-a"}
 B = {"Authorization": "Bearer token-b"}
@@ -123,3 +123,31 @@ async def test_a_tenant_cannot_mount_another_tenants_cache_on_a_shared_engine(te
     # B's own next build does see it: the cache is kept, per tenant.
     status = await _build(tenants, B, f"FROM {BASE_IMAGE}\n{mount} cat /cache/b\n", no_cache="false")
     assert "b-was-here" in log_lines(await read_log(tenants, status["build_id"], headers=B))
+
+
+async def test_on_a_shared_engine_an_identical_step_is_cached_across_tenants(tenants: TestClient) -> None:
+    """What tenants on one engine share (the README says so): the layer cache."""
+    step = f"RUN echo {uuid.uuid4()} > /f"
+    await _build(tenants, B, f"FROM {BASE_IMAGE}\n{step}\n", no_cache="false")
+    status = await _build(tenants, A, f"FROM {BASE_IMAGE}\n{step}\n", no_cache="false")
+    frames = await read_log(tenants, status["build_id"], headers=A)
+    assert [s["state"] for s in step_events(frames) if step in s["name"]] == ["cached"]
+
+
+async def test_a_tenant_on_an_engine_of_its_own_shares_no_layer_and_no_cache_mount(
+    aiohttp_client: Any, settings: Settings, second_engine: str, second_docker: Any
+) -> None:
+    client = await aiohttp_client(create_app(dataclasses.replace(
+        settings, auth_tokens="token-a=tenant-a,token-b=tenant-b", tenant_engines=(("tenant-b", second_engine),)
+    )))
+    step = f"RUN echo {uuid.uuid4()} > /f"
+    mount = f"RUN --mount=type=cache,id=mine-{uuid.uuid4().hex[:8]},target=/cache"
+    built = await _build(client, B, f"FROM {BASE_IMAGE}\n{step}\n{mount} echo b-was-here > /cache/b\n",
+                         no_cache="false", image_name="own-engine")
+    # B's image lives on B's engine only.
+    assert (await second_docker.images.inspect(built["image_ref"]))["Id"] == built["image_id"]
+    status = await _build(client, A, f"FROM {BASE_IMAGE}\n{step}\n{mount} cat /cache/b || echo no-b\n",
+                          no_cache="false")
+    frames = await read_log(client, status["build_id"], headers=A)
+    assert [s["state"] for s in step_events(frames) if step in s["name"]] == ["started", "done"]
+    assert "no-b" in log_lines(frames)
