@@ -18,10 +18,10 @@ from typing import Any
 
 from builder.client import (
     BuildCancelled,
-    BuildEvent,
     BuilderClient,
     BuilderConnectionError,
     BuilderHTTPError,
+    BuildEvent,
     BuildFailed,
     BuildResult,
     ContextError,

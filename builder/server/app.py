@@ -232,7 +232,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    spool = ContextSpool(settings.spool_dir)
+    spool = ContextSpool(settings.spool_dir, max_bytes_per_tenant=settings.max_spool_bytes_per_tenant)
     service = BuildService(settings, app[ENGINES], app[STORE], spool, tenants=lambda: app[TOKENS].namespaces)
     await service.start()
     app[SERVICE] = service

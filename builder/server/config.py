@@ -58,8 +58,13 @@ class Settings:
     log_level: str = "info"
     # A build running longer is torn down like a DELETE and fails; a request may ask for less.
     build_timeout: float = 3600.0
-    # Builds waiting beyond this many are refused with 429.
+    # Builds waiting beyond this many are refused with 429, and beyond this many of one tenant's.
     max_queue: int = 100
+    max_queue_per_tenant: int = 25
+    # Per tenant: bytes of contexts waiting on the spool, uploads at once, open log streams.
+    max_spool_bytes_per_tenant: int = 8 * GIB
+    max_uploads_per_tenant: int = 8
+    max_followers_per_tenant: int = 1000
     # On SIGTERM, running builds get this long to finish before they are torn down.
     shutdown_grace: float = 30.0
     # DELETE waits this long for teardown before answering 202.
@@ -71,7 +76,7 @@ class Settings:
     log_window: int = 100_000
     # A woken follower waits this long for more events before writing (fewer, larger writes).
     follower_coalesce: float = 0.01
-    # Finished builds' records and logs are kept this long, and at most max_builds of them.
+    # Finished builds' records and logs are kept this long, and at most max_builds of them per tenant.
     retention: float = 7 * 24 * 3600
     max_builds: int = 10_000
     retention_interval: float = 60.0

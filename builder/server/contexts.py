@@ -9,6 +9,7 @@ end never reaches the engine whole.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -21,7 +22,7 @@ from typing import Any, BinaryIO
 
 from builder.protocol import DEFAULT_DOCKERFILE
 from builder.server.archive.rewrite import ContextRewriter
-from builder.server.errors import ContextTooLarge, ShuttingDown, UploadStalled
+from builder.server.errors import ContextTooLarge, ShuttingDown, TenantQuotaExceeded, UploadStalled
 
 # Upload bytes handed to the rewriter at once: one worker-thread hop per batch.
 _BATCH = 1 << 20
@@ -105,10 +106,17 @@ class SpooledContext:
 
 
 class ContextSpool:
-    """Checked contexts waiting on disk for their build to start (canonical, uncompressed tar)."""
+    """Checked contexts waiting on disk for their build to start (canonical, uncompressed tar),
+    with each tenant's share of the disk bounded."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, max_bytes_per_tenant: int = 1 << 62) -> None:
         self.directory = directory
+        self.max_bytes_per_tenant = max_bytes_per_tenant
+        self._files: dict[Path, tuple[str, int]] = {}  # path -> (tenant, bytes)
+        self._bytes: collections.Counter[str] = collections.Counter()
+
+    def tenant_bytes(self, tenant: str) -> int:
+        return self._bytes[tenant]
 
     def reset(self) -> None:
         """Start-up: nothing is building yet, so any spooled file is a leftover."""
@@ -116,9 +124,27 @@ class ContextSpool:
         for leftover in self.directory.iterdir():
             leftover.unlink(missing_ok=True)
 
-    async def create(self) -> SpoolWriter:
+    async def create(self, tenant: str = "") -> SpoolWriter:
         path = self.directory / f"{secrets.token_hex(16)}.tar"
-        return SpoolWriter(path, await asyncio.to_thread(path.open, "wb"))
+        self._files[path] = (tenant, 0)
+        return SpoolWriter(self, path, await asyncio.to_thread(path.open, "wb"))
+
+    def _grow(self, path: Path, size: int) -> None:
+        tenant, written = self._files[path]
+        if self._bytes[tenant] + size > self.max_bytes_per_tenant:
+            raise TenantQuotaExceeded(
+                f"your contexts waiting on this daemon's disk would pass {self.max_bytes_per_tenant} bytes; "
+                "retry once some of your builds have started"
+            )
+        self._files[path] = (tenant, written + size)
+        self._bytes[tenant] += size
+
+    def _forget(self, path: Path) -> None:
+        if (entry := self._files.pop(path, None)) is not None:
+            tenant, written = entry
+            self._bytes[tenant] -= written
+            if not self._bytes[tenant]:
+                del self._bytes[tenant]
 
     async def read(self, path: Path) -> AsyncIterator[bytes]:
         """A spooled context's bytes, read in a worker thread so the event loop never blocks."""
@@ -127,15 +153,18 @@ class ContextSpool:
                 yield chunk
 
     async def remove(self, path: Path) -> None:
+        self._forget(path)
         await asyncio.to_thread(path.unlink, missing_ok=True)
 
 
 class SpoolWriter:
-    def __init__(self, path: Path, fh: BinaryIO) -> None:
+    def __init__(self, spool: ContextSpool, path: Path, fh: BinaryIO) -> None:
+        self._spool = spool
         self.path = path
         self._fh = fh
 
     async def put(self, pieces: list[memoryview] | list[bytes]) -> None:
+        self._spool._grow(self.path, sum(len(piece) for piece in pieces))
         await asyncio.to_thread(self._fh.writelines, pieces)
 
     async def close(self) -> None:
@@ -146,6 +175,7 @@ class SpoolWriter:
             self._fh.close()
             self.path.unlink(missing_ok=True)
 
+        self._spool._forget(self.path)
         await asyncio.to_thread(close_and_remove)
 
 

@@ -116,6 +116,16 @@ class QueueFull(BuilderError):
         super().__init__(message, headers={"Retry-After": "10"})
 
 
+class TenantQuotaExceeded(BuilderError):
+    """One tenant's share of the daemon is used up; other tenants are still served."""
+
+    status = 429
+    code = "tenant_quota_exceeded"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "10"})
+
+
 class ShuttingDown(BuilderError):
     status = 503
     code = "shutting_down"

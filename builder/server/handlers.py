@@ -89,7 +89,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def create_build(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     # Before reading a possibly large body.
-    service.check_accepting()
+    service.check_accepting(namespace=request[NAMESPACE])
     await service.check_engine(request[NAMESPACE])
     key = _idempotency_key(request)
     limit = request.app[SETTINGS].max_context_bytes
@@ -159,13 +159,16 @@ async def stream_logs(request: web.Request) -> web.StreamResponse:
     response = _log_response(request)
     # Unknown (404) or expired (410) builds are answered before any byte of the stream.
     await service.get(build_id, request[NAMESPACE])
+    service.check_follower(request[NAMESPACE])
     if request.method == "HEAD":
         # Headers only: a body would be read as the start of the next response on this connection.
         return web.Response(headers=response.headers)
     await response.start(request)
     request.app[STREAMS].add(response)
     try:
-        async with contextlib.aclosing(service.follow(build_id, after=after, follow=follow)) as events:
+        async with contextlib.aclosing(
+            service.follow(build_id, after=after, follow=follow, namespace=request[NAMESPACE])
+        ) as events:
             async for batch in events:
                 await response.send_events(batch)
     except ConnectionError:
@@ -216,8 +219,8 @@ async def _read_multipart(request: web.Request, *, digest: bool) -> tuple[BuildS
                 # Fields may still follow: the context waits on the spool, checked.
                 dockerfile = fields.get(p.FIELD_DOCKERFILE) or p.DEFAULT_DOCKERFILE
                 context = await service.receive_context(
-                    _part_chunks(part), dockerfile=normalise_context_path(dockerfile, p.FIELD_DOCKERFILE),
-                    digest=digest,
+                    _part_chunks(part), namespace=request[NAMESPACE],
+                    dockerfile=normalise_context_path(dockerfile, p.FIELD_DOCKERFILE), digest=digest,
                 )
             else:
                 fields[part.name] = await _read_text_part(part)

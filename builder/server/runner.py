@@ -57,7 +57,13 @@ class ActiveBuild:
     # Bounds the phases around the engine build (cache pull, push): a stop ends them at once.
     deadline: asyncio.Timeout | None = None
     log_clipped: bool = False
+    # Bytes of its context on the spool (they count against its tenant's spool quota).
+    spooled_bytes: int = 0
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    @property
+    def tenant(self) -> str:
+        return self.record.namespace
 
 
 class BuildRunner:

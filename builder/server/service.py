@@ -14,6 +14,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection
+from pathlib import Path
 from typing import Any
 
 import aiodocker
@@ -22,10 +23,11 @@ import structlog
 
 from builder import protocol as p
 from builder.protocol import BuildStatus
+from builder.server import contexts
 from builder.server.buildspec import BuildSpec
 from builder.server.config import Settings
-from builder.server import contexts
 from builder.server.contexts import CheckedContext, ContextLimits, ContextPipe, ContextSpool, SpooledContext
+from builder.server.dockerfile_refs import image_references, onbuild_references
 from builder.server.engines.docker import DockerEngine
 from builder.server.engines.pool import EnginePool
 from builder.server.errors import (
@@ -37,8 +39,8 @@ from builder.server.errors import (
     InvalidField,
     QueueFull,
     ShuttingDown,
+    TenantQuotaExceeded,
 )
-from builder.server.dockerfile_refs import image_references, onbuild_references
 from builder.server.events import UNCOMMITTED_LIMIT, EventLog
 from builder.server.imagepolicy import ImagePolicy
 from builder.server.metrics import Metrics
@@ -51,6 +53,7 @@ from builder.server.records import (
     utcnow,
 )
 from builder.server.runner import ActiveBuild, BuildRunner
+from builder.server.scheduler import FairQueue
 from builder.server.store import BuildStore
 
 log = structlog.get_logger(__name__)
@@ -89,7 +92,11 @@ class BuildService:
             queued=lambda: len(self._queue), running=lambda: len(self._running), streams=lambda: self.follower_count
         )
         self._active: dict[str, ActiveBuild] = {}
-        self._queue: collections.deque[ActiveBuild] = collections.deque()
+        self._queue: FairQueue[ActiveBuild] = FairQueue()
+        # Per tenant: uploads being received, open log streams, bytes of spooled contexts.
+        self._uploads: collections.Counter[str] = collections.Counter()
+        self._followers: collections.Counter[str] = collections.Counter()
+        self._spooled: collections.Counter[str] = collections.Counter()
         self._running: set[ActiveBuild] = set()
         self._flush_lock = asyncio.Lock()
         self._background: list[asyncio.Task[None]] = []
@@ -211,31 +218,45 @@ class BuildService:
         )
 
     async def receive_context(
-        self, chunks: AsyncIterable[bytes], *, dockerfile: str, digest: bool = False
+        self, chunks: AsyncIterable[bytes], *, namespace: str = "", dockerfile: str, digest: bool = False
     ) -> SpooledContext:
         """Check an upload onto the spool, for a request whose build fields may follow it (multipart):
         `dockerfile` is the name known so far, checked again once the fields are all in."""
-        writer = await self._spool.create()
+        path, checked = await self._to_spool(
+            chunks, namespace, dockerfile=dockerfile, dockerfile_required=False, digest=digest
+        )
+        return SpooledContext(path, checked)
+
+    async def _to_spool(
+        self, chunks: AsyncIterable[bytes], namespace: str, **options: Any
+    ) -> tuple[Path, CheckedContext]:
+        """An upload checked onto the spool (within the tenant's share of it); nothing kept if it fails."""
+        writer = await self._spool.create(namespace)
         try:
-            checked = await self._receive(
-                chunks, writer.put, dockerfile=dockerfile, dockerfile_required=False, digest=digest
-            )
+            checked = await self._receive(chunks, writer.put, namespace, **options)
             await writer.close()
         except BaseException:
             await asyncio.shield(writer.discard())
             raise
-        self.metrics.upload_bytes.inc(checked.size)
-        return SpooledContext(writer.path, checked)
+        return writer.path, checked
 
-    async def _receive(self, chunks: AsyncIterable[bytes], sink: contexts.Sink, **options: Any) -> CheckedContext:
+    async def _receive(
+        self, chunks: AsyncIterable[bytes], sink: contexts.Sink, namespace: str, **options: Any
+    ) -> CheckedContext:
         """An upload checked into `sink`, with this daemon's limits; ended with a 503 by a shutdown."""
         self.uploads += 1
+        self._uploads[namespace] += 1
         try:
-            return await contexts.receive(
+            checked = await contexts.receive(
                 chunks, sink, limits=self.context_limits, interrupted=self._drain_started, **options
             )
         finally:
             self.uploads -= 1
+            self._uploads[namespace] -= 1
+            if not self._uploads[namespace]:
+                del self._uploads[namespace]
+        self.metrics.upload_bytes.inc(checked.size)
+        return checked
 
     async def discard_context(self, context: SpooledContext) -> None:
         await self._spool.remove(context.path)
@@ -245,12 +266,18 @@ class BuildService:
         if not await self._engines.for_tenant(namespace).answers():
             raise EngineUnavailable("the Docker engine does not answer; retry later")
 
-    def check_accepting(self, spec: BuildSpec | None = None) -> None:
+    def check_accepting(self, spec: BuildSpec | None = None, namespace: str = "") -> None:
         """Raise if a new build would be refused; checked before an upload too."""
+        settings = self._settings
         if self._draining:
             raise ShuttingDown("the daemon is shutting down; retry against another instance or later")
-        if len(self._queue) >= self._settings.max_queue:
+        if len(self._queue) >= settings.max_queue:
             raise QueueFull(f"{len(self._queue)} builds are already waiting; retry later")
+        if self._queue.count(namespace) >= settings.max_queue_per_tenant:
+            raise TenantQuotaExceeded(f"{settings.max_queue_per_tenant} of your builds are already waiting; retry later")
+        if self._uploads[namespace] >= settings.max_uploads_per_tenant:
+            raise TenantQuotaExceeded(f"{settings.max_uploads_per_tenant} of your uploads are already arriving; "
+                                      "retry later")
         if spec is not None and spec.timeout is not None and spec.timeout > self._settings.build_timeout:
             raise InvalidField(f"timeout may be at most {self._settings.build_timeout:g} seconds on this daemon")
 
@@ -274,7 +301,7 @@ class BuildService:
             if namespace and spec.image_name:
                 spec = dataclasses.replace(spec, image_name=f"{namespace}/{spec.image_name}")
             spec = dataclasses.replace(spec, builder=await self._builder_for(spec, self._engines.for_tenant(namespace)))
-            self.check_accepting(spec)
+            self.check_accepting(spec, namespace)
             if context is None:
                 if spec.base_image is None:
                     raise InvalidContext("a build needs a context or an image")
@@ -292,7 +319,7 @@ class BuildService:
                 since = rfc3339(utcnow() - datetime.timedelta(seconds=IDEMPOTENCY_WINDOW))
                 if (seen := await self._store.find_idempotent(namespace, key, since)) is not None:
                     # A repeat: its upload is read to compare it, never built.
-                    checked = await self._read_repeat(spec, context)
+                    checked = await self._read_repeat(spec, context, namespace)
                     if seen[0] != _fingerprint(spec, checked.digest):
                         raise IdempotencyKeyReused(
                             "this Idempotency-Key was used for a different request in the last 24 h"
@@ -306,11 +333,13 @@ class BuildService:
             finally:
                 self._idempotency_locks.pop((namespace, key), None)
 
-    async def _read_repeat(self, spec: BuildSpec, context: AsyncIterable[bytes] | SpooledContext) -> CheckedContext:
+    async def _read_repeat(
+        self, spec: BuildSpec, context: AsyncIterable[bytes] | SpooledContext, namespace: str
+    ) -> CheckedContext:
         if isinstance(context, SpooledContext):
             await self.discard_context(context)
             return context.checked
-        return await self._receive(context, _discard, dockerfile=spec.dockerfile, digest=True)
+        return await self._receive(context, _discard, namespace, dockerfile=spec.dockerfile, digest=True)
 
     async def _accept(
         self, spec: BuildSpec, context: AsyncIterable[bytes] | SpooledContext, namespace: str, *, digest: bool
@@ -348,18 +377,10 @@ class BuildService:
 
     async def _spool_upload(self, build: ActiveBuild, upload: AsyncIterable[bytes], *, digest: bool) -> CheckedContext:
         """Every build slot is taken: check the upload onto the spool, where it waits its turn."""
-        writer = await self._spool.create()
-        try:
-            checked = await self._receive(
-                upload, writer.put, dockerfile=build.record.spec.dockerfile, digest=digest,
-                before_end=lambda checked: self._check_context(build, checked),
-            )
-            await writer.close()
-        except BaseException:
-            await asyncio.shield(writer.discard())
-            raise
-        build.spool = writer.path
-        self.metrics.upload_bytes.inc(checked.size)
+        build.spool, checked = await self._to_spool(
+            upload, build.tenant, dockerfile=build.record.spec.dockerfile, digest=digest,
+            before_end=lambda checked: self._check_context(build, checked),
+        )
         return checked
 
     async def _stream(self, build: ActiveBuild, upload: AsyncIterable[bytes], *, digest: bool) -> CheckedContext:
@@ -371,7 +392,7 @@ class BuildService:
         build.task = asyncio.create_task(self._run(build), name=f"build-{build.record.build_id}")
         try:
             checked = await self._receive(
-                upload, build.pipe.put, dockerfile=build.record.spec.dockerfile, digest=digest,
+                upload, build.pipe.put, build.tenant, dockerfile=build.record.spec.dockerfile, digest=digest,
                 before_end=lambda checked: self._check_context(build, checked),
             )
             await build.pipe.close()
@@ -379,7 +400,6 @@ class BuildService:
             build.pipe.fail(exc)
             await asyncio.shield(self._drop(build))
             raise
-        self.metrics.upload_bytes.inc(checked.size)
         return checked
 
     async def _drop(self, build: ActiveBuild) -> None:
@@ -415,7 +435,7 @@ class BuildService:
         await self._store.save(record)
         if build.task is None:
             self._queue.append(build)
-            build.log.append(_queued_payload(len(self._queue)))
+            self._announce_queue_positions(build)
             log.info("build_queued", build_id=record.build_id, image_name=record.spec.image_name)
             self._start_queued()
         else:
@@ -462,12 +482,13 @@ class BuildService:
         if started:
             self._announce_queue_positions()
 
-    def _announce_queue_positions(self) -> None:
-        """Tell waiting builds where they stand: the front few every time, the rest at most
-        once a second each, so a long queue does not cost a log event per build per start."""
+    def _announce_queue_positions(self, arrived: ActiveBuild | None = None) -> None:
+        """Tell waiting builds where they stand (their turn, tenants taking turns): the front few
+        every time, the rest at most once a second each, so a long queue does not cost a log
+        event per build per start; a build that just arrived always hears its place."""
         now = time.monotonic()
         for position, waiting in enumerate(self._queue, start=1):
-            if position <= _QUEUE_FRONT or now - waiting.queue_announced_at >= 1.0:
+            if waiting is arrived or position <= _QUEUE_FRONT or now - waiting.queue_announced_at >= 1.0:
                 waiting.queue_announced_at = now
                 waiting.log.append(_queued_payload(position))
 
@@ -612,18 +633,31 @@ class BuildService:
 
     # -- following -------------------------------------------------------------
 
-    async def follow(self, build_id: str, *, after: int = 0, follow: bool = True) -> AsyncIterator[list[Event]]:
+    def check_follower(self, namespace: str = "") -> None:
+        """Raise if the tenant has as many log streams open as it may."""
+        if self._followers[namespace] >= self._settings.max_followers_per_tenant:
+            raise TenantQuotaExceeded(
+                f"{self._settings.max_followers_per_tenant} of your log streams are already open; retry later"
+            )
+
+    async def follow(
+        self, build_id: str, *, after: int = 0, follow: bool = True, namespace: str = ""
+    ) -> AsyncIterator[list[Event]]:
         """Batches of every event with id > `after`, then live ones until the terminal event.
 
         With `follow=False`, only what exists now. A follower that falls behind the in-memory
         window reads the gap from the store, then rejoins live.
         """
         self.follower_count += 1
+        self._followers[namespace] += 1
         try:
             async for batch in self._follow(build_id, after=after, follow=follow):
                 yield batch
         finally:
             self.follower_count -= 1
+            self._followers[namespace] -= 1
+            if not self._followers[namespace]:
+                del self._followers[namespace]
 
     async def _follow(self, build_id: str, *, after: int, follow: bool) -> AsyncIterator[list[Event]]:
         last = after

@@ -10,8 +10,6 @@ import dataclasses
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
-from builder.server.buildspec import BuildSpec
-
 # Step states and stream names are part of the wire contract: clients read them too.
 from builder.protocol import (
     STDERR,
@@ -22,6 +20,7 @@ from builder.protocol import (
     STEP_ERROR,
     STEP_STARTED,
 )
+from builder.server.buildspec import BuildSpec
 
 __all__ = [
     "STDERR",
