@@ -71,6 +71,14 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="a build running longer is torn down and fails; requests may ask for less (default 1h)")
     serve.add_argument("--max-queue", type=int, default=defaults.max_queue,
                        help="builds allowed to wait; beyond, POST answers 429 (default %(default)s)")
+    serve.add_argument("--max-queue-per-tenant", type=int, default=defaults.max_queue_per_tenant,
+                       help="builds of one tenant allowed to wait (default %(default)s)")
+    serve.add_argument("--max-spool-bytes-per-tenant", type=int, default=defaults.max_spool_bytes_per_tenant,
+                       help="bytes of one tenant's contexts waiting on disk (default %(default)s)")
+    serve.add_argument("--max-uploads-per-tenant", type=int, default=defaults.max_uploads_per_tenant,
+                       help="uploads of one tenant arriving at once (default %(default)s)")
+    serve.add_argument("--max-followers-per-tenant", type=int, default=defaults.max_followers_per_tenant,
+                       help="log streams one tenant may hold open (default %(default)s)")
     serve.add_argument("--shutdown-grace", type=float, default=defaults.shutdown_grace,
                        help="on SIGTERM, seconds running builds get to finish before teardown (default %(default)s)")
     serve.add_argument("--registry", default=defaults.registry, metavar="HOST[:PORT]",
@@ -83,7 +91,7 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--retention", type=_duration, default=defaults.retention,
                        help="keep finished builds and their logs this long: seconds, or 90m, 12h, 7d (default 7d)")
     serve.add_argument("--max-builds", type=int, default=defaults.max_builds,
-                       help="keep at most this many finished builds (default %(default)s)")
+                       help="keep at most this many finished builds per tenant (default %(default)s)")
 
 
 def _tenant_engine(text: str) -> tuple[str, str]:
@@ -147,6 +155,10 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_grace=args.shutdown_grace,
         build_timeout=args.build_timeout,
         max_queue=args.max_queue,
+        max_queue_per_tenant=args.max_queue_per_tenant,
+        max_spool_bytes_per_tenant=args.max_spool_bytes_per_tenant,
+        max_uploads_per_tenant=args.max_uploads_per_tenant,
+        max_followers_per_tenant=args.max_followers_per_tenant,
         registry=args.registry,
         registry_username=args.registry_username,
         keep_local=args.keep_local,

@@ -12,8 +12,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from builder.server.app import create_app
+from builder.server.appkeys import SERVICE
 from builder.server.config import Settings
 from tests.conftest import BASE_IMAGE, log_lines, make_context, read_log, step_events, wait_for
+from tests.steps import unique_sleep, wait_for_process
 
 A = {"Authorization": "Bearer token-a"}
 B = {"Authorization": "Bearer token-b"}
@@ -151,3 +153,96 @@ async def test_a_tenant_on_an_engine_of_its_own_shares_no_layer_and_no_cache_mou
     frames = await read_log(client, status["build_id"], headers=A)
     assert [s["state"] for s in step_events(frames) if step in s["name"]] == ["started", "done"]
     assert "no-b" in log_lines(frames)
+
+
+async def _daemon(aiohttp_client: Any, settings: Settings, **changes: Any) -> TestClient:
+    return await aiohttp_client(create_app(dataclasses.replace(
+        settings, auth_tokens="token-a=tenant-a,token-b=tenant-b", **changes
+    )))
+
+
+async def _submit(client: TestClient, headers: dict[str, str], dockerfile: str) -> str:
+    response = await _post(client, headers, dockerfile)
+    body = await response.json()
+    assert response.status == 202, body
+    return str(body["build_id"])
+
+
+async def test_retention_keeps_each_tenants_newest_builds(aiohttp_client: Any, settings: Settings) -> None:
+    client = await _daemon(aiohttp_client, settings, max_builds=1)
+    b_only = (await _build(client, B, f"FROM {BASE_IMAGE}\nRUN true\n"))["build_id"]
+    a_builds = [(await _build(client, A, f"FROM {BASE_IMAGE}\nRUN echo {i}\n"))["build_id"] for i in range(3)]
+    await client.app[SERVICE].expire_old_builds()
+    assert (await client.get(f"/builds/{b_only}", headers=B)).status == 200
+    assert (await client.get(f"/builds/{a_builds[-1]}", headers=A)).status == 200
+    assert [(await client.get(f"/builds/{i}", headers=A)).status for i in a_builds[:-1]] == [410, 410]
+
+
+async def test_one_tenant_filling_its_queue_share_leaves_room_for_others_and_starts_take_turns(
+    aiohttp_client: Any, settings: Settings
+) -> None:
+    client = await _daemon(aiohttp_client, settings, max_concurrent=1, max_queue_per_tenant=3)
+    sleep = unique_sleep()
+    blocker = await _submit(client, A, f"FROM {BASE_IMAGE}\nRUN {sleep}\n")
+    await wait_for_process(sleep)
+    queued_a = [await _submit(client, A, f"FROM {BASE_IMAGE}\nRUN echo a{i}\n") for i in range(3)]
+    refused = await _post(client, A, f"FROM {BASE_IMAGE}\nRUN echo a-too-many\n")
+    body = await refused.json()
+    assert refused.status == 429 and body["code"] == "tenant_quota_exceeded" and "Retry-After" in refused.headers
+    queued_b = await _submit(client, B, f"FROM {BASE_IMAGE}\nRUN echo b\n")
+    assert (await client.delete(f"/builds/{blocker}", headers=A)).status == 200
+    started = {}
+    for build_id, headers in [*[(i, A) for i in queued_a], (queued_b, B)]:
+        started[build_id] = (await _status(client, headers, build_id))["started_at"]
+    order = sorted(started, key=started.__getitem__)
+    # Round-robin: A's first, then B's only one, then A's others, instead of B last.
+    assert order == [queued_a[0], queued_b, queued_a[1], queued_a[2]]
+
+
+async def test_a_tenants_uploads_at_once_and_log_streams_are_capped(aiohttp_client: Any, settings: Settings) -> None:
+    import asyncio
+
+    client = await _daemon(aiohttp_client, settings, max_uploads_per_tenant=1, max_followers_per_tenant=1)
+    held = asyncio.Event()
+
+    async def slow() -> Any:
+        yield make_context({"Dockerfile": f"FROM {BASE_IMAGE}\n"})[:50]
+        await held.wait()
+
+    in_flight = asyncio.create_task(client.post("/builds", data=slow(),
+                                                headers={**A, "Content-Type": "application/gzip"}))
+    async with asyncio.timeout(10):
+        while (await (await client.get("/healthz")).json())["uploads"] != 1:
+            await asyncio.sleep(0.02)
+    second = await _post(client, A, f"FROM {BASE_IMAGE}\n")
+    assert second.status == 429 and (await second.json())["code"] == "tenant_quota_exceeded"
+    other = await _build(client, B, f"FROM {BASE_IMAGE}\nRUN true\n")
+    held.set()
+    in_flight.cancel()
+
+    sleep = unique_sleep()
+    running = await _submit(client, B, f"FROM {BASE_IMAGE}\nRUN {sleep}\n")
+    stream = await client.get(f"/builds/{running}/logs", headers={**B, "Accept": "text/event-stream"})
+    assert stream.status == 200
+    refused = await client.get(f"/builds/{other['build_id']}/logs", headers={**B, "Accept": "text/event-stream"})
+    assert refused.status == 429 and (await refused.json())["code"] == "tenant_quota_exceeded"
+    stream.close()
+    assert (await client.delete(f"/builds/{running}", headers=B)).status == 200
+
+
+async def test_a_tenants_spooled_bytes_are_capped(aiohttp_client: Any, settings: Settings) -> None:
+    import os
+
+    client = await _daemon(aiohttp_client, settings, max_concurrent=1, max_spool_bytes_per_tenant=64 * 1024)
+    sleep = unique_sleep()
+    blocker = await _submit(client, B, f"FROM {BASE_IMAGE}\nRUN {sleep}\n")
+    await wait_for_process(sleep)
+    big = make_context({"Dockerfile": f"FROM {BASE_IMAGE}\n", "blob": os.urandom(200 * 1024)})
+    refused = await client.post("/builds", data=big, headers={**A, "Content-Type": "application/gzip"})
+    body = await refused.json()
+    assert refused.status == 429 and body["code"] == "tenant_quota_exceeded", body
+    assert list(settings.spool_dir.iterdir()) == []
+    waiting = await _submit(client, B, f"FROM {BASE_IMAGE}\nRUN true\n")
+    assert len(list(settings.spool_dir.iterdir())) == 1
+    assert (await client.delete(f"/builds/{blocker}", headers=B)).status == 200
+    assert (await _status(client, B, waiting))["status"] == "succeeded"

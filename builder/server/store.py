@@ -209,12 +209,14 @@ class SqliteBuildStore:
         return rows[0][0]
 
     async def expire(self, *, finished_before: str, keep: int, exclude: Set[str]) -> list[str]:
-        """Remove finished builds older than `finished_before` (RFC 3339) or beyond the newest `keep`."""
+        """Remove finished builds older than `finished_before` (RFC 3339) or beyond each tenant's newest `keep`."""
 
         def expire(c: sqlite3.Connection) -> list[str]:
+            # `keep` per tenant: one tenant's many builds do not evict another's few.
             rows = c.execute(
-                "SELECT build_id, namespace FROM builds WHERE finished_at IS NOT NULL AND (finished_at < ? OR "
-                "rowid NOT IN (SELECT rowid FROM builds ORDER BY rowid DESC LIMIT ?))",
+                "SELECT build_id, namespace FROM (SELECT build_id, namespace, finished_at, "
+                "ROW_NUMBER() OVER (PARTITION BY namespace ORDER BY rowid DESC) AS newest FROM builds) "
+                "WHERE finished_at IS NOT NULL AND (finished_at < ? OR newest > ?)",
                 (finished_before, keep),
             ).fetchall()
             expired = [(build_id, namespace) for build_id, namespace in rows if build_id not in exclude]
