@@ -134,6 +134,14 @@ class ShuttingDown(BuilderError):
         super().__init__(message, headers={"Retry-After": "5"})
 
 
+class StoreFailing(BuilderError):
+    status = 503
+    code = "store_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "5"})
+
+
 class EngineUnavailable(BuilderError):
     status = 503
     code = "engine_unavailable"

@@ -15,9 +15,10 @@ from typing import Any
 from builder import protocol
 from builder.server.records import Event
 
-# Followers see at most this many events beyond what the store has committed. A daemon that
-# crashes has shown no id past (last committed + this), so after a restart the build's next
-# event takes the id after that: ids are never given twice, whatever the crash lost.
+# Followers see at most this many events beyond what the store has committed (and the terminal
+# event right after them). A daemon that crashes has shown no id past (last committed + this + 1),
+# so after a restart the build's next event takes an id after that: ids are never given twice,
+# whatever the crash lost.
 UNCOMMITTED_LIMIT = 1 << 16
 
 
@@ -76,7 +77,17 @@ class EventLog:
     @property
     def visible_id(self) -> int:
         """The last id followers may be shown: never too far ahead of the store."""
-        return min(self.last_id, self.committed_id + UNCOMMITTED_LIMIT)
+        limit = self.committed_id + UNCOMMITTED_LIMIT
+        # The terminal event right after that limit is shown too: a build must end for its followers.
+        return self.last_id if self.terminated and self.last_id <= limit + 1 else min(self.last_id, limit)
+
+    def drop_unshown(self) -> None:
+        """Forget events no follower was shown (the store could not take them): the terminal event
+        then comes right after what followers saw."""
+        if self.terminated or self.visible_id == self.last_id:
+            return
+        del self._events[self.visible_id + 1 - self.first_id :]
+        self.last_id = self.visible_id
 
     @property
     def complete(self) -> bool:

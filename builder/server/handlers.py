@@ -21,6 +21,7 @@ from builder.server.errors import (
     ContextTooLarge,
     EngineUnavailable,
     InvalidField,
+    StoreFailing,
     UnsupportedMediaType,
     UploadStalled,
 )
@@ -66,6 +67,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
+    if (store_error := request.app[SERVICE].store_error) is not None:
+        raise StoreFailing(f"the daemon cannot write its store: {store_error}")
     engines = request.app[ENGINES]
     if not await engines.default.ping():
         raise EngineUnavailable("the Docker engine does not answer ping")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -39,6 +40,7 @@ from builder.server.errors import (
     InvalidField,
     QueueFull,
     ShuttingDown,
+    StoreFailing,
     TenantQuotaExceeded,
 )
 from builder.server.events import UNCOMMITTED_LIMIT, EventLog
@@ -54,13 +56,16 @@ from builder.server.records import (
 )
 from builder.server.runner import ActiveBuild, BuildRunner
 from builder.server.scheduler import FairQueue
-from builder.server.store import BuildStore
+from builder.server.store import BuildStore, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
 CANCELLED_MESSAGE = "build cancelled by request"
 IDEMPOTENCY_WINDOW = 24 * 3600
 RESTARTED_MESSAGE = "daemon restarted"
+STORE_FAILED_MESSAGE = "the daemon could not store this build's log"
+# While the store cannot write, the flusher backs off up to this many seconds between tries.
+_FLUSH_BACKOFF_MAX = 5.0
 SHUTDOWN_MESSAGE = "daemon shut down while the build was running"
 # Queue positions up to this are announced at every move; further back, at most once a second.
 _QUEUE_FRONT = 5
@@ -110,6 +115,8 @@ class BuildService:
         self._default_builders: dict[DockerEngine, str] = {}
         self.follower_count = 0  # open log streams
         self.uploads = 0  # contexts being received
+        # Why the store cannot write, while it cannot (the daemon is unready meanwhile).
+        self.store_error: str | None = None
         self.lagged_followers = 0  # times a follower fell behind the window and read the store
 
     # -- lifecycle -------------------------------------------------------------
@@ -117,7 +124,7 @@ class BuildService:
     async def start(self) -> None:
         await self._recover()
         self._background = [
-            asyncio.create_task(self._every(self._settings.flush_interval, self._flush), name="event-flusher"),
+            asyncio.create_task(self._flush_forever(), name="event-flusher"),
             asyncio.create_task(self._every(self._settings.retention_interval, self.expire_old_builds), name="retention"),
         ]
 
@@ -164,18 +171,28 @@ class BuildService:
                     await self._engines.for_tenant(record.namespace).remove_container(container_id)
                 except Exception:
                     log.exception("leftover_container_removal_failed", container_id=container_id)
-            # Followers may have been shown ids past the last committed one: skip them all.
-            last_id = await self._store.last_event_id(record.build_id) + UNCOMMITTED_LIMIT
-            terminal = EventLog(record.build_id, last_id=last_id).append(
-                _terminal_payload(BuildStatus.FAILED, error=RESTARTED_MESSAGE)
-            )
-            await self._store.append_events([(record.build_id, terminal)])
-            record.status = BuildStatus.FAILED
-            record.error = RESTARTED_MESSAGE
-            record.finished_at = utcnow()
-            record.last_event_id = terminal.id
+            last_id = await self._store.last_event_id(record.build_id)
+            stored = await self._store.read_events(record.build_id, after=last_id - 1, limit=1)
+            if stored and stored[-1].terminal:
+                # Its outcome was decided and logged, but the record was not saved after it (the
+                # store failed, or the daemon died in between): the log has the last word.
+                outcome = json.loads(stored[-1].data)
+                record.status = BuildStatus(outcome["status"])
+                record.error = outcome.get("error")
+                record.image_ref, record.image_id = outcome.get("image_ref"), outcome.get("image_id")
+                record.last_event_id = stored[-1].id
+            else:
+                # Followers may have been shown ids past the last committed one: skip them all.
+                terminal = EventLog(record.build_id, last_id=last_id + UNCOMMITTED_LIMIT + 1).append(
+                    _terminal_payload(BuildStatus.FAILED, error=RESTARTED_MESSAGE)
+                )
+                await self._store.append_events([(record.build_id, terminal)])
+                record.status = BuildStatus.FAILED
+                record.error = RESTARTED_MESSAGE
+                record.last_event_id = terminal.id
+                log.warning("interrupted_build_failed", build_id=record.build_id)
+            record.finished_at = record.finished_at or utcnow()
             await self._store.save(record)
-            log.warning("interrupted_build_failed", build_id=record.build_id)
 
     # -- queries ---------------------------------------------------------------
 
@@ -271,6 +288,8 @@ class BuildService:
         settings = self._settings
         if self._draining:
             raise ShuttingDown("the daemon is shutting down; retry against another instance or later")
+        if self.store_error is not None:
+            raise StoreFailing(f"the daemon cannot store builds now ({self.store_error}); retry later")
         if len(self._queue) >= settings.max_queue:
             raise QueueFull(f"{len(self._queue)} builds are already waiting; retry later")
         if self._queue.count(namespace) >= settings.max_queue_per_tenant:
@@ -571,27 +590,35 @@ class BuildService:
     # -- finishing -------------------------------------------------------------
 
     async def _finish(self, build: ActiveBuild, status: BuildStatus, *, error: str | None) -> None:
+        """Decide the build's outcome, once: only after everything it logged is durable, so a
+        store that cannot write makes it fail (clearly) rather than succeed with a lost log."""
         record = build.record
-        if record.status.terminal:
+        if record.status.terminal or build.done.is_set():
             return
+        if build.accepted:
+            try:
+                await self._flush()
+            except StoreUnavailable as exc:
+                status, error = BuildStatus.FAILED, f"{STORE_FAILED_MESSAGE}: {exc}"
+                build.log.drop_unshown()
+        if build.spool is not None:
+            await self._spool.remove(build.spool)
         # All in one step, with no await in between: readers never see a half-finished record.
-        terminal = build.log.append(
-            _terminal_payload(status, error=error, image_ref=record.image_ref, image_id=record.image_id)
-        )
+        terminal = build.log.append(_terminal_payload(
+            status, error=error, image_ref=record.image_ref, image_id=record.image_id
+        ))
         record.status = status
         record.error = error
         record.finished_at = utcnow()
         record.last_event_id = terminal.id
-        if build.spool is not None:
-            await self._spool.remove(build.spool)
-        if not build.accepted:
-            build.done.set()  # a refused upload's build: never shown, nothing to keep
-            return
-        # The final record is saved only once its log is durable: a restart never
-        # finds a finished build whose terminal frame was lost.
-        await self._flush()
-        await self._store.save(record)
         build.done.set()
+        if not build.accepted:
+            return  # a refused upload's build: never shown, nothing to keep
+        # The flush commits the terminal frame, then saves the final record (a restart never finds
+        # a finished record whose terminal frame was lost); if the store cannot write now, the
+        # flusher keeps trying, backing off.
+        with contextlib.suppress(StoreUnavailable):
+            await self._flush()
         self.metrics.builds.labels(status.value).inc()
         if record.started_at is not None:
             self.metrics.build_seconds.observe((record.finished_at - record.started_at).total_seconds())
@@ -620,16 +647,55 @@ class BuildService:
         return expired
 
     async def _flush(self) -> None:
+        """Commit every build's new events; then save the final record of each finished build
+        whose log is all in, and let it go. Raises StoreUnavailable (and remembers it for
+        /readyz) when the store cannot write."""
         async with self._flush_lock:
-            batches = [(b, b.log.uncommitted()) for b in self._active.values()]
-            rows = [(b.record.build_id, e) for b, events in batches for e in events]
-            if rows:
-                await self._store.append_events(rows)
-            for build, events in batches:
-                if events:
-                    build.log.committed(events[-1].id)
-                if build.log.fully_committed and build.done.is_set():
-                    del self._active[build.record.build_id]
+            try:
+                batches = [(b, b.log.uncommitted()) for b in self._active.values()]
+                rows = [(b.record.build_id, e) for b, events in batches for e in events]
+                if rows:
+                    await self._store.append_events(rows)
+                for build, events in batches:
+                    if events:
+                        build.log.committed(events[-1].id)
+                    if build.log.fully_committed and build.done.is_set():
+                        await self._store.save(build.record)
+                        del self._active[build.record.build_id]
+            except StoreUnavailable as exc:
+                if self.store_error is None:
+                    log.error("store_write_failed", error=str(exc))
+                self.store_error = str(exc)
+                self._fail_unstorable_builds(str(exc))
+                raise
+            if self.store_error is not None:
+                log.info("store_write_recovered")
+                self.store_error = None
+
+    def _fail_unstorable_builds(self, error: str) -> None:
+        """Builds whose log has run too far ahead of a store that cannot write are stopped: their
+        followers could not be shown more, and memory must not grow without end."""
+        for build in list(self._running):
+            if build.log.last_id - build.log.committed_id > UNCOMMITTED_LIMIT and build.stop_reason is None:
+                task = asyncio.create_task(
+                    self._stop_build(build, BuildStatus.FAILED, f"{STORE_FAILED_MESSAGE}: {error}")
+                )
+                self._stoppers.add(task)
+                task.add_done_callback(self._stoppers.discard)
+
+    async def _flush_forever(self) -> None:
+        """The flusher: every --flush-interval, or less often (up to 5 s) while the store cannot write."""
+        interval = self._settings.flush_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._flush()
+            except StoreUnavailable:
+                interval = min(interval * 2, _FLUSH_BACKOFF_MAX)
+            except Exception:
+                log.exception("flush_failed")
+            else:
+                interval = self._settings.flush_interval
 
     # -- following -------------------------------------------------------------
 

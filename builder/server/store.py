@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import json
@@ -60,6 +61,10 @@ CREATE TABLE IF NOT EXISTS event_runs (
     PRIMARY KEY (build_id, first_id)
 ) WITHOUT ROWID;
 """
+
+
+class StoreUnavailable(Exception):
+    """The store could not write (a full disk, say): nothing of that write was kept."""
 
 
 class BuildStore(Protocol):
@@ -122,7 +127,11 @@ class SqliteBuildStore:
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._write_conn
         assert conn is not None, "store is not open"
-        return await self._on(self._writer, _in_transaction, conn, fn)
+        try:
+            return await self._on(self._writer, _in_transaction, conn, fn)
+        except (sqlite3.OperationalError, sqlite3.DatabaseError, OSError) as exc:
+            # A full disk, a read-only file system, a lock held too long: nothing was written.
+            raise StoreUnavailable(str(exc)) from exc
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._read_conn
@@ -269,8 +278,11 @@ def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection],
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = fn(conn)
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLite may have rolled back already (SQLITE_FULL does): a failing ROLLBACK must not
+        # hide why the transaction failed.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
     return result

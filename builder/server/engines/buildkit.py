@@ -39,7 +39,9 @@ _CANCEL_TIMEOUT = aiohttp.ClientTimeout(total=10)
 _TRACE_PREFIX = b'{"id":"moby.buildkit.trace","aux":"'
 _SWEEP_TRIES = 5
 _SWEEP_RETRY_SECONDS = 1.0
-_SWEEP_SETTLE_SECONDS = 3.0
+_SWEEP_SETTLE_SECONDS = 1.0
+_SWEEP_INTERVAL_SECONDS = 60.0
+_PRUNE_FINISH_SECONDS = 10.0
 _SESSION_FEATURES = re.compile(r"--mount=[^ ]*type=(secret|ssh)")
 
 
@@ -50,6 +52,8 @@ class BuildKitBuilder:
         self._engine = engine
         self._sweeper: asyncio.Task[None] | None = None
         self._sweep_wanted = False
+        self._swept_at = float("-inf")
+        self._pruning: asyncio.Future[None] | None = None
 
     def start(self, job: BuildJob) -> BuildKitRun:
         return BuildKitRun(self._engine, job, on_end=self._sweep_soon)
@@ -59,10 +63,17 @@ class BuildKitBuilder:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self._pruning is not None:
+            # A prune under way is left to finish: an engine call dropped half-way is not one to risk.
+            await asyncio.wait([self._pruning], timeout=_PRUNE_FINISH_SECONDS)
 
-    def _sweep_soon(self) -> None:
-        """A build's stream ended: its context, whole or broken off, is dead weight in the engine's
-        build cache. One sweep at a time; builds that end meanwhile get one more after it."""
+    def _sweep_soon(self, *, broken_off: bool) -> None:
+        """A build's stream ended: its context is dead weight in the engine's build cache. A context
+        that broke off is swept soon (an upload refused part way must leave nothing); whole ones
+        at most once a minute (the engine's disk-usage call is not free). One sweep at a time."""
+        now = asyncio.get_running_loop().time()
+        if not broken_off and now - self._swept_at < _SWEEP_INTERVAL_SECONDS:
+            return
         self._sweep_wanted = True
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.create_task(self._sweep(), name="buildkit-context-sweeper")
@@ -70,11 +81,11 @@ class BuildKitBuilder:
     async def _sweep(self) -> None:
         while self._sweep_wanted:
             self._sweep_wanted = False
-            await self._prune()
-            if not self._sweep_wanted:
-                # The engine lets go of a broken-off upload's record a moment after the stream ends.
-                await asyncio.sleep(_SWEEP_SETTLE_SECONDS)
-                await self._prune()
+            # The engine lets go of a broken-off upload's record a moment after the stream ends.
+            await asyncio.sleep(_SWEEP_SETTLE_SECONDS)
+            self._swept_at = asyncio.get_running_loop().time()
+            self._pruning = asyncio.ensure_future(self._prune())
+            await asyncio.shield(self._pruning)
 
     async def _prune(self) -> None:
         for attempt in range(_SWEEP_TRIES):
@@ -91,7 +102,7 @@ class BuildKitBuilder:
 
 
 class BuildKitRun:
-    def __init__(self, engine: DockerEngine, job: BuildJob, *, on_end: Callable[[], None]) -> None:
+    def __init__(self, engine: DockerEngine, job: BuildJob, *, on_end: Callable[..., None]) -> None:
         self._engine = engine
         self._job = job
         self._on_end = on_end
@@ -139,7 +150,7 @@ class BuildKitRun:
         finally:
             self._deadline = None
             self._ended.set()
-            self._on_end()
+            self._on_end(broken_off=not self._context_sent)
         yield self._tracker.finish() + ([failure] if failure is not None else [])
 
     def _params(self) -> dict[str, Any]:
