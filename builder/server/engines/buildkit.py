@@ -40,6 +40,7 @@ _TRACE_PREFIX = b'{"id":"moby.buildkit.trace","aux":"'
 _SWEEP_TRIES = 5
 _SWEEP_RETRY_SECONDS = 1.0
 _SWEEP_SETTLE_SECONDS = 1.0
+_SETTLE_PASSES = 4
 _SWEEP_INTERVAL_SECONDS = 60.0
 _PRUNE_FINISH_SECONDS = 10.0
 _SESSION_FEATURES = re.compile(r"--mount=[^ ]*type=(secret|ssh)")
@@ -53,6 +54,7 @@ class BuildKitBuilder:
         self._sweeper: asyncio.Task[None] | None = None
         self._sweep_wanted = False
         self._swept_at = float("-inf")
+        self._settle_passes = 0
         self._pruning: asyncio.Future[None] | None = None
 
     def start(self, job: BuildJob) -> BuildKitRun:
@@ -75,13 +77,16 @@ class BuildKitBuilder:
         if not broken_off and now - self._swept_at < _SWEEP_INTERVAL_SECONDS:
             return
         self._sweep_wanted = True
+        self._settle_passes = _SETTLE_PASSES if broken_off else 1
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.create_task(self._sweep(), name="buildkit-context-sweeper")
 
     async def _sweep(self) -> None:
-        while self._sweep_wanted:
+        while self._sweep_wanted or self._settle_passes:
             self._sweep_wanted = False
-            # The engine lets go of a broken-off upload's record a moment after the stream ends.
+            self._settle_passes = max(self._settle_passes - 1, 0)
+            # The engine lets go of a broken-off upload's record a moment after the stream ends,
+            # and sometimes only seconds later: such a sweep looks again.
             await asyncio.sleep(_SWEEP_SETTLE_SECONDS)
             self._swept_at = asyncio.get_running_loop().time()
             self._pruning = asyncio.ensure_future(self._prune())
