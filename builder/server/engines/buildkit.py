@@ -61,10 +61,14 @@ class BuildKitBuilder:
         return BuildKitRun(self._engine, job, on_end=self._sweep_soon)
 
     async def aclose(self) -> None:
+        pending = self._sweep_wanted or self._settle_passes > 0
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if pending and (self._pruning is None or self._pruning.done()):
+            # A sweep was due: do it now rather than leave a broken-off context behind.
+            self._pruning = asyncio.ensure_future(self._prune())
         if self._pruning is not None:
             # A prune under way is left to finish: an engine call dropped half-way is not one to risk.
             await asyncio.wait([self._pruning], timeout=_PRUNE_FINISH_SECONDS)
