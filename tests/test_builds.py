@@ -17,6 +17,7 @@ from tests.conftest import (
     submit,
     wait_for,
 )
+from tests.steps import unique_sleep, wait_for_process
 
 pytestmark = pytest.mark.usefixtures("builder")
 
@@ -188,15 +189,17 @@ async def test_queued_build_streams_queue_position(aiohttp_client, settings) -> 
     from builder.server.app import create_app
 
     client = await aiohttp_client(create_app(replace(settings, max_concurrent=1)))
-    blocker = await submit(client, {"Dockerfile": dockerfile("RUN sleep 1")})
+    sleep = unique_sleep()
+    blocker = await submit(client, {"Dockerfile": dockerfile(f"RUN {sleep}")})
+    await wait_for_process(sleep)  # the blocker holds the only slot until it is deleted
     waiting = await submit(client, {"Dockerfile": dockerfile("RUN true")})
     assert (await (await client.get(f"/builds/{waiting['build_id']}")).json())["status"] == "queued"
+    assert (await client.delete(f"/builds/{blocker['build_id']}")).status == 200
     frames = await read_log(client, waiting["build_id"])
     statuses = [data for _, data in frames if data["type"] == "status"]
     assert statuses[0] == {"type": "status", "status": "queued", "queue_position": 1}
     assert {"type": "status", "status": "running"} in statuses
     assert frames[-1][1]["status"] == "succeeded"
-    assert (await wait_for(client, blocker["build_id"], {"succeeded"}))["status"] == "succeeded"
 
 
 async def test_nydus_flag_is_recorded_but_not_performed(client: TestClient) -> None:
@@ -208,10 +211,27 @@ async def test_nydus_flag_is_recorded_but_not_performed(client: TestClient) -> N
     assert status["cache_key"] == "k1"
 
 
-async def test_health_and_readiness(client: TestClient) -> None:
-    assert (await client.get("/healthz")).status == 200
-    ready = await client.get("/readyz")
-    assert ready.status == 200
+async def test_health_counts_what_runs_waits_and_follows(aiohttp_client, settings) -> None:
+    from dataclasses import replace
+
+    from builder.server.app import create_app
+
+    client = await aiohttp_client(create_app(replace(settings, max_concurrent=1)))
+    health = await (await client.get("/healthz")).json()
+    assert health == {"status": "ok", "builds_running": 0, "builds_queued": 0, "log_followers": 0, "uploads": 0}
+    assert (await client.get("/readyz")).status == 200
+    sleep = unique_sleep()
+    running = await submit(client, {"Dockerfile": dockerfile(f"RUN echo started && {sleep}")})
+    await wait_for_process(sleep)
+    queued = await submit(client, {"Dockerfile": dockerfile("RUN true")})
+    follower = await client.get(f"/builds/{running['build_id']}/logs", headers=SSE)
+    health = await (await client.get("/healthz")).json()
+    assert (health["builds_running"], health["builds_queued"], health["log_followers"]) == (1, 1, 1)
+    follower.close()
+    assert (await client.delete(f"/builds/{running['build_id']}")).status == 200
+    await wait_for(client, queued["build_id"], {"succeeded"})
+    health = await (await client.get("/healthz")).json()
+    assert (health["builds_running"], health["builds_queued"], health["log_followers"]) == (0, 0, 0)
 
 
 async def test_readyz_is_503_while_the_engine_does_not_answer(aiohttp_client, settings) -> None:

