@@ -16,9 +16,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from builder.protocol import (
+    EVENT_DONE,
+    EVENT_ERROR,
     EVENT_LOG,
     EVENT_STATUS,
     PHASE_LOG_CLIPPED,
+    PHASE_LOG_TRUNCATED,
     PHASE_STEP,
     STEP_CACHED,
     STEP_CANCELLED,
@@ -84,4 +87,15 @@ def event_lines(payload: Mapping[str, Any]) -> list[str]:
                           payload.get("error"))
     if phase == PHASE_LOG_CLIPPED:
         return [clipped_line(payload.get("step"), f"[the engine clipped this log: {payload.get('message')}]")]
+    if phase == PHASE_LOG_TRUNCATED:
+        return [f"--- {payload.get('message')}"]
+    return []
+
+
+def terminal_lines(payload: Mapping[str, Any]) -> list[str]:
+    """The outcome line of a terminal event: `--- succeeded: <image_ref>`, `--- failed: <error>`."""
+    if payload.get("type") == EVENT_DONE:
+        return [f"--- {payload['status']}: {payload['image_ref']}"]
+    if payload.get("type") == EVENT_ERROR:
+        return [f"--- {payload['status']}: {payload['error']}"]
     return []

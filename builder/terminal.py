@@ -108,14 +108,19 @@ async def _build(client: BuilderClient, session: Session) -> int:
         print(session.build_id)
         return EXIT_OK
     log_stream = None if args.quiet else sys.stderr if args.json else sys.stdout
-    result = await client.wait(
-        session.build_id,
-        on_event=None if log_stream is None else _printer(log_stream),
-        # Flushed per batch that arrived together, so a closed pipe (`| head`) is noticed
-        # at the next batch, as with docker, without a write syscall per line.
-        on_batch_end=None if log_stream is None else log_stream.flush,
-        started=started,
-    )
+    printer = None if log_stream is None else Printer(log_stream)
+    try:
+        result = await client.wait(
+            session.build_id,
+            on_event=printer,
+            # Flushed per batch that arrived together, so a closed pipe (`| head`) is noticed
+            # at the next batch, as with docker, without a write syscall per line.
+            on_batch_end=None if log_stream is None else log_stream.flush,
+            started=started,
+        )
+    finally:
+        if printer is not None:
+            printer.close()
     _report(result, args)
     return EXIT_OK
 
@@ -130,13 +135,18 @@ def _report(result: BuildResult, args: argparse.Namespace) -> None:
         print(f"built {result.image_ref} in {result.duration:.1f}s (build {result.build_id})", file=sys.stderr)
 
 
-def _printer(stream: Any) -> Callable[[BuildEvent], None]:
+class Printer:
     """Events as `docker build --progress=plain` prints them (`#5 0.154 hi`, `#5 DONE 0.2s`)."""
-    def emit(event: BuildEvent) -> None:
-        if lines := event_lines(event.data):
-            stream.write("\n".join(lines) + "\n")
 
-    return emit
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def __call__(self, event: BuildEvent) -> None:
+        if lines := event_lines(event.data):
+            self._stream.write("\n".join(lines) + "\n")
+
+    def close(self) -> None:
+        self._stream.flush()
 
 
 class UploadProgress:
@@ -177,19 +187,20 @@ def _build_args(pairs: list[str]) -> dict[str, str]:
 async def _logs(client: BuilderClient, session: Session) -> int:
     args = session.args
     session.build_id = args.build_id
-    emit = _printer(sys.stdout)
+    printer = Printer(sys.stdout)
     async for batch in client.log_batches(args.build_id, after=args.after, follow=args.follow):
         for event in batch:
             if isinstance(event, DoneEvent):
-                sys.stdout.flush()
+                printer.close()
                 print(f"--- succeeded: {event.image_ref}", file=sys.stderr)
             elif isinstance(event, ErrorEvent):
-                sys.stdout.flush()
+                printer.close()
                 print(f"--- {event.status}: {event.error}", file=sys.stderr)
                 return EXIT_BUILD_FAILED
             else:
-                emit(event)
+                printer(event)
         sys.stdout.flush()
+    printer.close()
     return EXIT_OK
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiodocker
 import aiohttp
 import pytest
@@ -230,7 +232,9 @@ async def test_health_counts_what_runs_waits_and_follows(aiohttp_client, setting
     follower.close()
     assert (await client.delete(f"/builds/{running['build_id']}")).status == 200
     await wait_for(client, queued["build_id"], {"succeeded"})
-    health = await (await client.get("/healthz")).json()
+    async with asyncio.timeout(10):  # the build's task lets go of its slot just after its outcome
+        while (health := await (await client.get("/healthz")).json())["builds_running"]:
+            await asyncio.sleep(0.02)
     assert (health["builds_running"], health["builds_queued"], health["log_followers"]) == (0, 0, 0)
 
 

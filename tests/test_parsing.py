@@ -9,7 +9,7 @@ import pytest
 
 from builder.server.buildspec import BuildSpec, normalise_context_path
 from builder.server.engines.base import EngineFailure, ImageBuilt
-from builder.server.engines.legacy import BuildOutputParser, StepContainer, StepLayer
+from builder.server.engines.legacy import BuildOutputParser, LinePiece, StepContainer, StepLayer
 from builder.server.errors import InvalidField, InvalidImageReference
 from builder.server.events import EventLog
 from builder.server.hosts import is_loopback
@@ -161,3 +161,17 @@ async def test_waiting_follower_wakes_on_new_events() -> None:
 )
 def test_loopback_addresses(address: str, loopback: bool) -> None:
     assert is_loopback(address) is loopback
+
+
+def test_a_long_legacy_line_goes_out_in_pieces_that_join_back() -> None:
+    parser = BuildOutputParser(max_line=10)
+    events = _feed(parser, {"stream": "a" * 25}, {"stream": "b" * 3 + "\nshort\n" + "c" * 12 + "\n"})
+    pieces = [(e.text, e.continued) for e in events if isinstance(e, LinePiece)]
+    assert pieces == [("a" * 10, False), ("a" * 10, True), ("a" * 5 + "bbb", True), ("c" * 10, False), ("cc", True)]
+    assert "short" in events
+
+
+def test_a_legacy_line_in_many_chunks_is_joined_once() -> None:
+    parser = BuildOutputParser()
+    events = _feed(parser, *({"stream": "x" * 100} for _ in range(50)), {"stream": "\n"})
+    assert events == ["x" * 5000]

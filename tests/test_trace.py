@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from builder.server.engines.base import (
+    MAX_LINE,
     STDERR,
     STDOUT,
     STEP_CACHED,
@@ -438,11 +439,30 @@ def test_a_line_that_only_mentions_clipping_is_output() -> None:
     assert events == [Output(["grep '[output clipped, log limit ' build.log"], 1, STDOUT, 1.0)]
 
 
-def test_a_long_line_in_many_chunks_is_one_line() -> None:
+def test_a_line_in_many_chunks_is_one_line() -> None:
     tracker = started_tracker()
-    chunks = [b"x" * 32768] * 40
-    for chunk in chunks:
+    for chunk in [b"x" * 1000] * 40:
         assert tracker.feed(batch(log(chunk))) == []
     events = tracker.feed(batch(log(b"y\n")))
     assert len(events) == 1 and isinstance(events[0], Output)
-    assert events[0].lines == ["x" * 32768 * 40 + "y"]
+    assert events[0].lines == ["x" * 1000 * 40 + "y"]
+
+
+def test_a_line_over_the_limit_goes_out_in_pieces_as_it_comes_and_they_join_back() -> None:
+    tracker = started_tracker()
+    outputs: list[Output] = []
+    for chunk in [b"x" * 32768] * 40:  # 1.25 MiB with no newline yet: pieces go out already
+        outputs += [e for e in tracker.feed(batch(log(chunk))) if isinstance(e, Output)]
+    assert outputs and all(len(piece) == MAX_LINE for o in outputs for piece in o.lines)
+    outputs += [e for e in tracker.feed(batch(log(b"y\nnext\n"))) if isinstance(e, Output)]
+    assert [o.continued for o in outputs] == [False] + [True] * (len(outputs) - 1)
+    assert "".join(o.lines[0] for o in outputs) == "x" * 32768 * 40 + "y"
+    assert outputs[-1].lines[1:] == ["next"]
+
+
+def test_a_cut_never_splits_a_character() -> None:
+    tracker = started_tracker()
+    events = tracker.feed(batch(log(b"a" + "é".encode() * (MAX_LINE // 2) + b"\n")))
+    pieces = [line for e in events if isinstance(e, Output) for line in e.lines]
+    assert "".join(pieces) == "a" + "é" * (MAX_LINE // 2) and "\ufffd" not in "".join(pieces)
+    assert all(len(piece.encode()) <= MAX_LINE for piece in pieces)

@@ -71,6 +71,10 @@ class Settings:
     cancel_wait: float = 10.0
     # How often buffered log events are committed to the store, in one transaction.
     flush_interval: float = 0.05
+    # Longest output line kept whole (longer ones are cut into continuation events), and the most
+    # output a build's log keeps (past it, the build goes on and its log says so).
+    max_log_line: int = 64 * 1024
+    max_log_bytes: int = 100 * 1024 * 1024
     # Recent events kept in memory per running build, shared by its followers; one
     # further behind catches up from the store.
     log_window: int = 100_000

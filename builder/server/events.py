@@ -45,20 +45,11 @@ class EventLog:
 
     def extend(self, payloads: list[dict[str, Any]]) -> list[Event]:
         """Number and buffer a batch of events, then wake the followers once."""
-        return self._extend([protocol.dump_event(payload) for payload in payloads])
+        return self.extend_data([protocol.dump_event(payload) for payload in payloads])
 
-    def extend_lines(self, lines: list[str]) -> list[Event]:
-        """`extend` for build output lines, the hot path of a chatty build."""
-        return self._extend([protocol.dump_log_event(line) for line in lines])
-
-    def extend_step_lines(self, lines: list[str], step: int, stream: str, elapsed: float | None) -> list[Event]:
-        """`extend_lines` for the output of one build step, with its step number and stream."""
-        suffix = protocol.log_event_suffix(step, stream, elapsed)
-        prefix = '{"type":"log","line":'
-        encode = protocol.encode_basestring_ascii
-        return self._extend([prefix + encode(line) + suffix for line in lines])
-
-    def _extend(self, datas: list[str]) -> list[Event]:
+    def extend_data(self, datas: list[str]) -> list[Event]:
+        """Number and buffer a batch of events already dumped (`protocol.dump_*`), then wake the
+        followers once: a chatty build's engine read is one wake-up, not one per line."""
         if self.terminated and datas:
             raise RuntimeError(f"event log of {self.build_id} is terminated")
         first = self.last_id + 1

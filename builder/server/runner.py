@@ -57,6 +57,9 @@ class ActiveBuild:
     # Bounds the phases around the engine build (cache pull, push): a stop ends them at once.
     deadline: asyncio.Timeout | None = None
     log_clipped: bool = False
+    # Bytes of output lines logged so far, and whether the log stopped taking them.
+    log_bytes: int = 0
+    log_truncated: bool = False
     # Bytes of its context on the spool (they count against its tenant's spool quota).
     spooled_bytes: int = 0
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
@@ -74,7 +77,11 @@ class BuildRunner:
         *,
         save: Callable[[BuildRecord], Awaitable[None]],
         keep_local: bool,
+        max_log_bytes: int,
+        max_line: int,
     ) -> None:
+        self._max_log_bytes = max_log_bytes
+        self._max_line = max_line
         self._spool = spool
         self._publisher = publisher
         self._save = save
@@ -122,6 +129,7 @@ class BuildRunner:
                 context=build.pipe.pieces() if build.pipe is not None else self._spool.read(build.spool),
                 cache_from=cache_from,
                 tenant=record.namespace,
+                max_line=self._max_line,
                 on_context_sent=lambda: self._context_sent(build),
                 remember=lambda kind, ident: self._remember(record, kind, ident),
             )
@@ -157,27 +165,44 @@ class BuildRunner:
         """The engine's events into the build's log; the image id or the failure."""
         image_id: str | None = None
         failure: str | None = None
-        log_ = build.log
         async with contextlib.aclosing(run.events()) as batches:
             async for batch in batches:
+                datas: list[str] = []
                 for event in batch:
                     match event:
-                        case Output(lines, None):
-                            log_.extend_lines(lines)
-                        case Output(lines, step, stream, elapsed):
-                            log_.extend_step_lines(lines, step, stream, elapsed)
+                        case Output():
+                            self._output(build, event, datas)
                         case StepChanged():
-                            log_.append(_step_payload(event))
+                            datas.append(p.dump_event(_step_payload(event)))
                         case LogClipped(step, message):
                             if not build.log_clipped:
                                 build.log_clipped = True
-                                log_.append({"type": p.EVENT_STATUS, "status": "running",
-                                             "phase": p.PHASE_LOG_CLIPPED, "step": step, "message": message})
+                                datas.append(p.dump_event({"type": p.EVENT_STATUS, "status": "running",
+                                                           "phase": p.PHASE_LOG_CLIPPED, "step": step,
+                                                           "message": message}))
                         case ImageBuilt(image):
                             image_id = image
                         case EngineFailure(message):
                             failure = message
+                if datas:
+                    build.log.extend_data(datas)  # one wake-up of the followers per engine read
         return image_id, failure
+
+    def _output(self, build: ActiveBuild, output: Output, datas: list[str]) -> None:
+        """A step's lines as log events; past --max-log-bytes, no more lines (said once)."""
+        if build.log_truncated:
+            return
+        build.log_bytes += sum(map(len, output.lines))
+        if build.log_bytes > self._max_log_bytes:
+            build.log_truncated = True
+            datas.append(p.dump_event({
+                "type": p.EVENT_STATUS, "status": "running", "phase": p.PHASE_LOG_TRUNCATED,
+                "message": f"the build's log passed {self._max_log_bytes} bytes: no more output is kept "
+                           "(the build goes on)",
+            }))
+            return
+        datas.extend(p.dump_log_events(output.lines, output.step, output.stream, output.elapsed,
+                                       continued=output.continued))
 
     async def _context_sent(self, build: ActiveBuild) -> None:
         # The engine has every byte: a spooled copy is not needed any more.

@@ -91,7 +91,10 @@ class BuildService:
         self._store = store
         self._spool = spool
         self._publisher = Publisher(settings)
-        self._runner = BuildRunner(spool, self._publisher, save=store.save, keep_local=settings.keep_local)
+        self._runner = BuildRunner(
+            spool, self._publisher, save=store.save, keep_local=settings.keep_local,
+            max_log_bytes=settings.max_log_bytes, max_line=settings.max_log_line,
+        )
         self.metrics = Metrics()
         self.metrics.observe(
             queued=lambda: len(self._queue), running=lambda: len(self._running), streams=lambda: self.follower_count

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from builder import plainlog
-from builder import protocol as p
 from builder.server.records import Event
 
 
@@ -97,14 +96,9 @@ class PlainLogResponse(LogStreamResponse):
         self.charset = "utf-8"
 
     def render(self, events: Sequence[Event]) -> bytes:
+        # A line over the daemon's limit came in pieces ("cont"): each piece prints as a line.
         lines = []
         for event in events:
             payload = json.loads(event.data)
-            kind = payload.get("type")
-            if kind == p.EVENT_LOG or kind == p.EVENT_STATUS:
-                lines.extend(line + "\n" for line in plainlog.event_lines(payload))
-            elif kind == p.EVENT_DONE:
-                lines.append(f"--- {payload['status']}: {payload['image_ref']}\n")
-            elif kind == p.EVENT_ERROR:
-                lines.append(f"--- {payload['status']}: {payload['error']}\n")
-        return "".join(lines).encode()
+            lines.extend(plainlog.event_lines(payload) or plainlog.terminal_lines(payload))
+        return "".join(line + "\n" for line in lines).encode()

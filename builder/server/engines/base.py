@@ -39,6 +39,19 @@ __all__ = [
 ]
 
 
+# Longest line of a build's output kept whole; a longer one is cut into pieces of this size.
+MAX_LINE = 64 << 10
+
+
+def utf8_cut(data: bytes, at: int) -> int:
+    """`at`, moved back to the start of the UTF-8 character it falls in: a line cut there
+    decodes without a broken character on either side."""
+    back = at
+    while back > at - 3 and back > 0 and back < len(data) and data[back] & 0xC0 == 0x80:
+        back -= 1
+    return back if back > 0 else at
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Output:
     """Whole lines of the build's own output, from one step and one stream.
@@ -51,6 +64,9 @@ class Output:
     step: int | None = None
     stream: str = STDOUT
     elapsed: float | None = None
+    # The first line continues the previous Output's last one: a line over MAX_LINE comes in
+    # pieces, so that no line costs more than its share.
+    continued: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -98,6 +114,8 @@ class BuildJob:
     cache_from: list[str] = dataclasses.field(default_factory=list)
     # The tenant's namespace ("" in open mode): what the builder keeps apart per tenant.
     tenant: str = ""
+    # Longest output line kept whole; a longer one comes as pieces (Output.continued).
+    max_line: int = MAX_LINE
     # Called once the engine has every byte of the context.
     on_context_sent: Callable[[], Awaitable[object]] | None = None
     # Called with ("container" | "image", id) before the builder relies on a thing it created,

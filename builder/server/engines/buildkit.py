@@ -120,7 +120,7 @@ class BuildKitRun:
         self._deadline: asyncio.Timeout | None = None
         self._ended = asyncio.Event()
         self._image_id: str | None = None
-        self._tracker = StepTracker()
+        self._tracker = StepTracker(max_line=job.max_line)
         self._failed_step: str | None = None
 
     async def events(self) -> AsyncIterator[list[EngineEvent]]:

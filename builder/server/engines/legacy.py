@@ -20,7 +20,7 @@ import aiodocker
 import aiohttp
 import structlog
 
-from builder.server.engines.base import BuildJob, EngineEvent, EngineFailure, ImageBuilt, Output
+from builder.server.engines.base import MAX_LINE, BuildJob, EngineEvent, EngineFailure, ImageBuilt, Output
 from builder.server.engines.docker import (
     CALL_SECONDS,
     DockerEngine,
@@ -60,7 +60,15 @@ class StepLayer:
     new: bool
 
 
-LegacyEvent = str | StepContainer | StepLayer | ImageBuilt | EngineFailure
+@dataclasses.dataclass(frozen=True)
+class LinePiece:
+    """A piece of a line over the length limit; `continued` when it continues the one before."""
+
+    text: str
+    continued: bool
+
+
+LegacyEvent = str | LinePiece | StepContainer | StepLayer | ImageBuilt | EngineFailure
 
 
 class BuildOutputParser:
@@ -70,8 +78,12 @@ class BuildOutputParser:
     newline, and a trailing partial line is flushed at the end.
     """
 
-    def __init__(self) -> None:
-        self._partial = ""
+    def __init__(self, *, max_line: int = MAX_LINE) -> None:
+        # A line not finished yet, in pieces: joined once when its end comes, not once a chunk.
+        self._partial: list[str] = []
+        self._partial_size = 0
+        self._continuing = False  # the line has gone out in part already
+        self._max_line = max_line
         self._step_reuses_image = False
         self._instruction = ""
 
@@ -87,9 +99,7 @@ class BuildOutputParser:
             events.append(ImageBuilt(aux["ID"]))
         stream = chunk.get("stream")
         if isinstance(stream, str) and stream:
-            *lines, self._partial = (self._partial + stream).split("\n")
-            for line in lines:
-                self._line(line, events)
+            self._stream(stream, events)
         status = chunk.get("status")
         if isinstance(status, str):
             # Pull progress (with `pull=true`): one line per status update.
@@ -100,12 +110,42 @@ class BuildOutputParser:
     def finish(self) -> list[LegacyEvent]:
         events: list[LegacyEvent] = []
         if self._partial:
-            line, self._partial = self._partial, ""
+            line = "".join(self._partial)
+            self._partial, self._partial_size = [], 0
             self._line(line, events)
         return events
 
+    def _stream(self, text: str, events: list[LegacyEvent]) -> None:
+        cut = text.rfind("\n")
+        if cut < 0:
+            self._partial.append(text)
+            self._partial_size += len(text)
+            if self._partial_size >= self._max_line:
+                # Over the limit without an end in sight: out it goes in pieces of the limit.
+                line = "".join(self._partial)
+                start = 0
+                while len(line) - start >= self._max_line:
+                    events.append(LinePiece(line[start : start + self._max_line], self._continuing))
+                    self._continuing = True
+                    start += self._max_line
+                self._partial = [line[start:]] if start < len(line) else []
+                self._partial_size = len(line) - start
+            return
+        lines = ("".join(self._partial) + text[:cut] if self._partial else text[:cut]).split("\n")
+        rest = text[cut + 1 :]
+        self._partial, self._partial_size = ([rest], len(rest)) if rest else ([], 0)
+        for line in lines:
+            self._line(line, events)
+
     def _line(self, line: str, events: list[LegacyEvent]) -> None:
         line = line.removesuffix("\r")
+        if len(line) > self._max_line or self._continuing:
+            # A long line (or the end of one that went out in part): pieces, never a control line.
+            for start in range(0, max(len(line), 1), self._max_line):
+                events.append(LinePiece(line[start : start + self._max_line], self._continuing))
+                self._continuing = True
+            self._continuing = False
+            return
         events.append(line)
         if not line.startswith(("Step ", " ---> ")):
             return  # the build's own output: most lines of a chatty build
@@ -151,7 +191,7 @@ class LegacyRun:
         self._images: list[str] = []
 
     async def events(self) -> AsyncIterator[list[EngineEvent]]:
-        parser = BuildOutputParser()
+        parser = BuildOutputParser(max_line=self._job.max_line)
         failure: EngineFailure | None = None
         built = False
         try:
@@ -204,7 +244,9 @@ class LegacyRun:
             if lines:
                 batch.append(Output(lines))  # keep the log in engine order
                 lines = []
-            if isinstance(event, StepContainer):
+            if isinstance(event, LinePiece):
+                batch.append(Output([event.text], continued=event.continued))
+            elif isinstance(event, StepContainer):
                 await self._step_container(event)
             elif isinstance(event, StepLayer):
                 await self._step_layer(event)

@@ -13,6 +13,7 @@ import re
 from typing import NamedTuple
 
 from builder.server.engines.base import (
+    MAX_LINE,
     STDERR,
     STDOUT,
     STEP_CACHED,
@@ -24,6 +25,7 @@ from builder.server.engines.base import (
     LogClipped,
     Output,
     StepChanged,
+    utf8_cut,
 )
 from builder.server.engines.protowire import (
     LENGTH,
@@ -267,7 +269,7 @@ _CANCELED_SUFFIX = "context canceled"
 
 
 class _Step:
-    __slots__ = ("announced", "ended", "name", "number", "pending", "started")
+    __slots__ = ("announced", "continuing", "ended", "name", "number", "pending", "started")
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -277,6 +279,8 @@ class _Step:
         self.ended = False
         # Per stream: the bytes of a line not finished yet, and when the last of them came.
         self.pending: dict[int, tuple[list[bytes], int | None]] = {}
+        # Streams whose line has gone out in part already: what comes next continues it.
+        self.continuing: set[int] = set()
 
 
 class StepTracker:
@@ -288,8 +292,9 @@ class StepTracker:
     ended (new times, a late cache flag): the first end is the one reported.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_line: int = MAX_LINE) -> None:
         self._steps: dict[str, _Step] = {}
+        self._max_line = max_line
 
     def feed(self, status: TraceStatus) -> list[EngineEvent]:
         events: list[EngineEvent] = []
@@ -355,16 +360,28 @@ class StepTracker:
         cut = data.rfind(b"\n")
         if cut < 0:
             # Pieces in a list: a long line in many chunks is joined once, not once per chunk.
-            if held is None:
-                step.pending[log.stream] = ([data], log.timestamp)
-            else:
-                held[0].append(data)
-                step.pending[log.stream] = (held[0], log.timestamp)
+            pieces = [data] if held is None else [*held[0], data]
+            if sum(map(len, pieces)) >= self._max_line:
+                # Over the limit without an end in sight: out it goes in pieces of the limit.
+                rest = self._pieces(step, log.stream, b"".join(pieces), log.timestamp, events)
+                pieces = [rest] if rest else []
+            if pieces:
+                step.pending[log.stream] = (pieces, log.timestamp)
             return
         if cut + 1 < len(data):
             step.pending[log.stream] = ([data[cut + 1 :]], log.timestamp)
         complete = data[:cut] if held is None else b"".join([*held[0], data[:cut]])
         self._lines(step, log.stream, complete, log.timestamp, events)
+
+    def _pieces(self, step: _Step, stream: int, text: bytes, timestamp: int | None, events: list[EngineEvent]) -> bytes:
+        """Whole pieces of MAX_LINE bytes of a line too long to wait for, as Output; the rest."""
+        start = 0
+        while len(text) - start >= self._max_line:
+            end = utf8_cut(text, start + self._max_line)
+            self._emit(step, stream, [str(text[start:end], "utf-8", "replace")], timestamp, events)
+            step.continuing.add(stream)
+            start = end
+        return text[start:]
 
     def _flush(self, step: _Step, events: list[EngineEvent]) -> None:
         for stream, (pieces, timestamp) in list(step.pending.items()):
@@ -376,26 +393,44 @@ class StepTracker:
     ) -> None:
         """Lines (`text` without its final newline) as Output, joined to the previous
         event when that is the same step, stream and time."""
+        if len(text) > self._max_line and max(map(len, text.split(b"\n"))) > self._max_line:
+            # A line over the limit somewhere in there: each long one goes out in pieces.
+            for line in text.split(b"\n"):
+                if len(line) > self._max_line:
+                    line = self._pieces(step, stream, line, timestamp, events)
+                self._lines(step, stream, line, timestamp, events)
+            return
         lines = str(text, "utf-8", "replace").split("\n")
         if b"\r" in text:
             lines = [line.removesuffix("\r") for line in lines]
-        stream_name = STDERR if stream == 2 else STDOUT
-        elapsed = None
-        if timestamp is not None and step.started is not None:
-            elapsed = round((timestamp - step.started) / 1e9, 3)
         if _CLIP_MARK in text:
-            self._clipped(step, stream_name, elapsed, lines, events)
+            self._clipped(step, STDERR if stream == 2 else STDOUT, self._elapsed(step, timestamp), lines, events)
             return
+        self._emit(step, stream, lines, timestamp, events)
+
+    def _elapsed(self, step: _Step, timestamp: int | None) -> float | None:
+        if timestamp is None or step.started is None:
+            return None
+        return round((timestamp - step.started) / 1e9, 3)
+
+    def _emit(
+        self, step: _Step, stream: int, lines: list[str], timestamp: int | None, events: list[EngineEvent]
+    ) -> None:
+        stream_name = STDERR if stream == 2 else STDOUT
+        elapsed = self._elapsed(step, timestamp)
+        continued = stream in step.continuing
+        step.continuing.discard(stream)
         last = events[-1] if events else None
         if (
-            type(last) is Output
+            not continued
+            and type(last) is Output
             and last.step == step.number
             and last.stream == stream_name
             and last.elapsed == elapsed
         ):
             last.lines.extend(lines)
         else:
-            events.append(Output(lines, step.number, stream_name, elapsed))
+            events.append(Output(lines, step.number, stream_name, elapsed, continued))
 
     def _clipped(
         self,
