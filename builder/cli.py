@@ -88,6 +88,10 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="keep the local image after pushing it (default: keep)")
     serve.add_argument("--nydusify", default=defaults.nydusify,
                        help="nydus conversion tool, used when found (default: nydusify on PATH)")
+    serve.add_argument("--max-log-line", type=int, default=defaults.max_log_line,
+                       help="longest output line kept whole; longer ones come in pieces (default %(default)s)")
+    serve.add_argument("--max-log-bytes", type=int, default=defaults.max_log_bytes,
+                       help="most output a build's log keeps; past it the build goes on (default %(default)s)")
     serve.add_argument("--retention", type=_duration, default=defaults.retention,
                        help="keep finished builds and their logs this long: seconds, or 90m, 12h, 7d (default 7d)")
     serve.add_argument("--max-builds", type=int, default=defaults.max_builds,
@@ -164,6 +168,8 @@ def _serve(args: argparse.Namespace) -> int:
         keep_local=args.keep_local,
         nydusify=args.nydusify,
         retention=args.retention,
+        max_log_line=args.max_log_line,
+        max_log_bytes=args.max_log_bytes,
         max_builds=args.max_builds,
     )
     configure_logging(settings.log_format, settings.log_level)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +176,22 @@ def test_a_legacy_line_in_many_chunks_is_joined_once() -> None:
     parser = BuildOutputParser()
     events = _feed(parser, *({"stream": "x" * 100} for _ in range(50)), {"stream": "\n"})
     assert events == ["x" * 5000]
+
+
+async def test_a_data_dir_from_before_event_batches_keeps_its_logs(tmp_path: Path) -> None:
+    import sqlite3
+
+    from builder.server.store import SqliteBuildStore
+
+    path = tmp_path / "builds.sqlite3"
+    with sqlite3.connect(path) as old:
+        old.execute("CREATE TABLE event_runs (build_id TEXT NOT NULL, first_id INTEGER NOT NULL, "
+                    "last_id INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (build_id, first_id)) WITHOUT ROWID")
+        old.execute("INSERT INTO event_runs VALUES ('b1', 1, 2, ?)", ('{"type":"log","line":"a"}\n{"type":"log","line":"b"}',))
+    store = SqliteBuildStore(path)
+    await store.open()
+    try:
+        assert [json.loads(e.data)["line"] for e in await store.read_events("b1", after=0)] == ["a", "b"]
+        assert await store.last_event_id("b1") == 2
+    finally:
+        await store.close()

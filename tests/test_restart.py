@@ -35,7 +35,7 @@ from tests.steps import processes_running, unique_sleep, wait_for_process
 def _committed_lines(database: Path, build_id: str) -> list[str]:
     """The log lines of a build the daemon's store has committed (read from its SQLite file)."""
     with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as conn:
-        rows = conn.execute("SELECT data FROM event_runs WHERE build_id = ?", (build_id,)).fetchall()
+        rows = conn.execute("SELECT data FROM event_batches WHERE build_id = ?", (build_id,)).fetchall()
     return [json.loads(data).get("line", "") for (run,) in rows for data in run.split("\n")]
 
 

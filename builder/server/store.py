@@ -24,7 +24,9 @@ from builder.server.records import BuildRecord, Event, rfc3339, utcnow
 T = TypeVar("T")
 
 # Most events stored in one row: a reader of `limit` events touches at most a few rows.
-_RUN_LENGTH = 1000
+_BATCH_EVENTS = 1000
+# ...and at most this many bytes, so a batch of long lines stays a reasonable row.
+_BATCH_BYTES = 1 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS builds (
@@ -50,16 +52,23 @@ CREATE TABLE IF NOT EXISTS expired_builds (
     expired_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS builds_by_status ON builds (namespace, status);
--- Log events in runs of consecutive ids: `data` is their JSON lines joined by newlines
--- (a dumped event never contains one). A row per run, not per line, keeps a chatty
--- build from costing a database row per output line.
-CREATE TABLE IF NOT EXISTS event_runs (
+-- Log events in batches of consecutive ids: `data` is their JSON lines joined by newlines
+-- (a dumped event never contains one). A row per batch, not per line, keeps a chatty
+-- build from costing a database row per output line. A rowid table: rows are appended,
+-- so a big row never has to be read again to insert the next one beside it.
+CREATE TABLE IF NOT EXISTS event_batches (
     build_id TEXT NOT NULL,
     first_id INTEGER NOT NULL,
     last_id INTEGER NOT NULL,
-    data TEXT NOT NULL,
-    PRIMARY KEY (build_id, first_id)
-) WITHOUT ROWID;
+    data TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS event_batches_by_build ON event_batches (build_id, first_id);
+"""
+# Data dirs from before event_batches kept the same rows in a WITHOUT ROWID table.
+_MIGRATE_EVENT_RUNS = """
+INSERT OR IGNORE INTO event_batches (build_id, first_id, last_id, data)
+    SELECT build_id, first_id, last_id, data FROM event_runs;
+DROP TABLE event_runs;
 """
 
 
@@ -118,6 +127,8 @@ class SqliteBuildStore:
         conn.execute("PRAGMA busy_timeout=5000")
         if writer:
             conn.executescript(_SCHEMA)
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'event_runs'").fetchone():
+                conn.executescript(f"BEGIN; {_MIGRATE_EVENT_RUNS} COMMIT;")
         return conn
 
     @staticmethod
@@ -179,13 +190,19 @@ class SqliteBuildStore:
     async def append_events(self, events: Sequence[tuple[str, Event]]) -> None:
         rows = []
         for build_id, group in itertools.groupby(events, key=lambda item: item[0]):
-            run = [event for _, event in group]
-            for start in range(0, len(run), _RUN_LENGTH):
-                part = run[start : start + _RUN_LENGTH]
-                rows.append((build_id, part[0].id, part[-1].id, "\n".join(e.data for e in part)))
+            batch: list[Event] = []
+            size = 0
+            for _, event in group:
+                if batch and (len(batch) == _BATCH_EVENTS or size + len(event.data) > _BATCH_BYTES):
+                    rows.append((build_id, batch[0].id, batch[-1].id, "\n".join(e.data for e in batch)))
+                    batch, size = [], 0
+                batch.append(event)
+                size += len(event.data)
+            if batch:
+                rows.append((build_id, batch[0].id, batch[-1].id, "\n".join(e.data for e in batch)))
         await self._write(
             lambda c: c.executemany(
-                "INSERT OR IGNORE INTO event_runs (build_id, first_id, last_id, data) VALUES (?, ?, ?, ?)", rows
+                "INSERT OR IGNORE INTO event_batches (build_id, first_id, last_id, data) VALUES (?, ?, ?, ?)", rows
             )
         )
 
@@ -193,26 +210,28 @@ class SqliteBuildStore:
         self, build_id: str, *, after: int, upto: int | None = None, limit: int = 1000
     ) -> list[Event]:
         upper = upto if upto is not None else 2**62
-        runs = await self._read(
-            lambda c: c.execute(
-                "SELECT first_id, data FROM event_runs WHERE build_id = ? AND last_id > ? AND first_id <= ? "
-                "ORDER BY first_id LIMIT ?",
-                (build_id, after, upper, limit // _RUN_LENGTH + 2),
-            ).fetchall()
-        )
-        events: list[Event] = []
-        for first_id, data in runs:
-            for event_id, line in enumerate(data.split("\n"), start=first_id):
-                if after < event_id <= upper:
-                    events.append(Event.of(event_id, line))
-                    if len(events) == limit:
-                        return events
-        return events
+
+        def read(c: sqlite3.Connection) -> list[Event]:
+            events: list[Event] = []
+            rows = c.execute(
+                "SELECT first_id, data FROM event_batches WHERE build_id = ? AND last_id > ? AND first_id <= ? "
+                "ORDER BY first_id",
+                (build_id, after, upper),
+            )
+            for first_id, data in rows:  # row by row: only as many as `limit` needs are read
+                for event_id, line in enumerate(data.split("\n"), start=first_id):
+                    if after < event_id <= upper:
+                        events.append(Event.of(event_id, line))
+                        if len(events) == limit:
+                            return events
+            return events
+
+        return await self._read(read)
 
     async def last_event_id(self, build_id: str) -> int:
         rows = await self._read(
             lambda c: c.execute(
-                "SELECT COALESCE(MAX(last_id), 0) FROM event_runs WHERE build_id = ?", (build_id,)
+                "SELECT COALESCE(MAX(last_id), 0) FROM event_batches WHERE build_id = ?", (build_id,)
             ).fetchall()
         )
         return rows[0][0]
@@ -231,7 +250,7 @@ class SqliteBuildStore:
             expired = [(build_id, namespace) for build_id, namespace in rows if build_id not in exclude]
             now = rfc3339(utcnow())
             for build_id, namespace in expired:
-                c.execute("DELETE FROM event_runs WHERE build_id = ?", (build_id,))
+                c.execute("DELETE FROM event_batches WHERE build_id = ?", (build_id,))
                 c.execute("DELETE FROM builds WHERE build_id = ?", (build_id,))
                 c.execute("INSERT OR REPLACE INTO expired_builds VALUES (?, ?, ?)", (build_id, namespace, now))
             return [build_id for build_id, _ in expired]
