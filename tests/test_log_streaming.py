@@ -10,8 +10,10 @@ import socket
 import time
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
+from builder.client.models import BuildEvent, decode_frame
 from builder.client.sse import SSEDecoder
 from builder.server.app import create_app
 from builder.server.appkeys import SERVICE
@@ -36,13 +38,16 @@ NUMBERED = dockerfile(
 )
 
 
-async def test_reconnecting_client_gets_every_line_exactly_once(client: TestClient) -> None:
+@pytest.mark.parametrize("batched", [False, True], ids=["per-event", "batched"])
+async def test_reconnecting_client_gets_every_line_exactly_once(client: TestClient, batched: bool) -> None:
     accepted = await submit(client, {"Dockerfile": NUMBERED})
-    url = f"/builds/{accepted['build_id']}/logs"
+    url = f"/builds/{accepted['build_id']}/logs" + ("?batch=true" if batched else "")
     rng = random.Random(20261122)
     last_id, numbers, drops, mid_frame_drops, terminal = 0, [], 0, 0, None
     while terminal is None:
-        budget = rng.randint(1, 4000)  # bytes this connection may read before we cut it
+        # Bytes this connection may read before we cut it: a batch frame is a few KiB, and a cut
+        # connection must let one through now and then, or no client could ever get on.
+        budget = rng.randint(1, 8000 if batched else 4000)
         headers = {**SSE, "Last-Event-ID": str(last_id)} if last_id else SSE
         response = await client.get(url, headers=headers)
         assert response.status == 200
@@ -52,16 +57,17 @@ async def test_reconnecting_client_gets_every_line_exactly_once(client: TestClie
             if not chunk:
                 break
             read += len(chunk)
-            for event in decoder.feed(chunk):
+            for frame in decoder.feed(chunk):
                 if terminal is not None:
                     break
-                event_id, data = our_frame(event)
-                assert event_id == last_id + 1, f"expected id {last_id + 1}, got {event_id}"
-                last_id = event_id
-                if data["type"] == "log" and data["line"].startswith("line "):
-                    numbers.append(int(data["line"].split()[1]))
-                elif data["type"] in ("done", "error"):
-                    terminal = data
+                events = decode_frame(int(frame.id), frame.data) if batched else [_event(*our_frame(frame))]
+                for event in events:
+                    assert event.id == last_id + 1, f"expected id {last_id + 1}, got {event.id}"
+                    last_id = event.id
+                    if event.data["type"] == "log" and event.data["line"].startswith("line "):
+                        numbers.append(int(event.data["line"].split()[1]))
+                    elif event.data["type"] in ("done", "error"):
+                        terminal = event.data
         if terminal is None:
             drops += 1
             mid_frame_drops += decoder.incomplete
@@ -73,6 +79,10 @@ async def test_reconnecting_client_gets_every_line_exactly_once(client: TestClie
     assert mid_frame_drops >= 100, mid_frame_drops
     status = await wait_for(client, accepted["build_id"], {"succeeded"})
     assert status["last_event_id"] == last_id
+
+
+def _event(event_id: int, data: dict[str, Any]) -> BuildEvent:
+    return BuildEvent(event_id, data)
 
 
 async def test_concurrent_followers_all_get_the_identical_log(client: TestClient) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import msgspec
 from typing import Any
 
 from builder import protocol as p
@@ -63,9 +63,28 @@ _TYPES: dict[str, type[BuildEvent]] = {
 }
 
 
+_decode_json = msgspec.json.Decoder().decode
+
+
 def decode_event(event_id: int, data: str) -> BuildEvent:
-    payload = json.loads(data)
+    payload = _decode_json(data)
     return _TYPES.get(payload.get("type"), BuildEvent)(event_id, payload)
+
+
+def decode_frame(frame_id: int, data: str) -> list[BuildEvent]:
+    """The events of one SSE frame: a single event (`{...}`, the frame's id), or a batch frame
+    of the daemon's `?batch=true` stream (`<first id> [{...},{...}]`, consecutive ids ending at
+    the frame's id), decoded with one JSON parse."""
+    if data.startswith("{"):
+        return [decode_event(frame_id, data)]
+    first, _, array = data.partition(" ")
+    payloads = _decode_json(array)
+    start = int(first)
+    if not isinstance(payloads, list) or start + len(payloads) - 1 != frame_id:
+        raise ValueError(f"batch frame {frame_id} does not hold ids {first}..{frame_id}")
+    types = _TYPES
+    return [types.get(payload.get("type"), BuildEvent)(event_id, payload)
+            for event_id, payload in enumerate(payloads, start=start)]
 
 
 def terminal_event_from_status(status: dict[str, Any]) -> BuildEvent:
