@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
@@ -131,28 +133,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[str]:
-    """A real registry (Debian's docker-registry) on a free loopback port, storage in a temp dir."""
+@contextlib.contextmanager
+def run_registry(root: Path, extra_config: str = "") -> Iterator[str]:
+    """A real registry (Debian's docker-registry) on a free loopback port, storage under `root`;
+    `extra_config` is appended to its YAML config (an `auth:` section, say)."""
     port = free_port()
-    config = tmp_path / "registry.yml"
+    config = root / "registry.yml"
     config.write_text(
         "version: 0.1\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {tmp_path / 'registry'}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {root / 'registry'}\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n" + extra_config
     )
     binary = os.environ.get("BUILDER_REGISTRY_BIN", "/usr/bin/docker-registry")
-    log = (tmp_path / "registry.log").open("wb")
+    log = (root / "registry.log").open("wb")
     proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 15
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1) as response:
-                    if response.status == 200:
-                        break
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1):
+                    break
+            except urllib.error.HTTPError:
+                break  # it answers: 401 when it asks for a login
             except OSError:
-                assert proc.poll() is None, (tmp_path / "registry.log").read_text()
+                assert proc.poll() is None, (root / "registry.log").read_text()
                 assert time.monotonic() < deadline, "registry did not come up"
                 time.sleep(0.05)
         yield f"127.0.0.1:{port}"
@@ -160,6 +164,12 @@ def registry(tmp_path: Path) -> Iterator[str]:
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[str]:
+    with run_registry(tmp_path) as address:
+        yield address
 
 
 @pytest.fixture

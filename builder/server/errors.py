@@ -97,3 +97,10 @@ class ShuttingDown(BuilderError):
 class EngineUnavailable(BuilderError):
     status = 503
     code = "engine_unavailable"
+
+
+class EngineSessionFailed(BuilderError):
+    """The engine could not be reached for, or refused, the BuildKit session a build needs."""
+
+    status = 502
+    code = "engine_session_failed"
