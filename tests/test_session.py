@@ -353,3 +353,17 @@ def test_last_bytes_takes_the_last_occurrence_and_defaults_to_empty() -> None:
     message = protowire.field_bytes(1, b"a") + protowire.field_varint(2, 7) + protowire.field_bytes(1, b"b")
     assert protowire.last_bytes(message, 1) == b"b"
     assert protowire.last_bytes(message, 3) == b""
+
+
+async def test_from_a_private_registry_with_a_broken_login_lookup_fails_naming_the_host(
+    docker: aiodocker.Docker, login_registry: str, private_image: str
+) -> None:
+    def lookup(host: str) -> tuple[str, str] | None:
+        raise RuntimeError("vault unreachable")
+
+    async with BuildSession(credentials=lookup) as session:
+        build = await buildkit_build(docker, f"FROM {private_image}\nRUN echo pulled\n", session_id=session.session_id)
+        assert session.alive  # the lookup's failure ended one call, not the session
+    print(build.error)
+    assert build.error is not None and build.image_id is None
+    assert f"credentials lookup for {login_registry} failed" in build.error, build.error

@@ -164,6 +164,7 @@ class BuildSession:
             except h2.exceptions.ProtocolError:
                 pass  # the engine already ended the connection
         await self._close_socket()
+        self._secrets.clear()  # our copy: nothing is served from here on
         log.debug("build session closed", session_id=self.session_id, missing_secrets=self.missing_secrets)
 
     async def _close_socket(self) -> None:
