@@ -148,3 +148,10 @@ class EngineUnavailable(BuilderError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers={"Retry-After": "5"})
+
+
+class EngineSessionFailed(BuilderError):
+    """The engine could not be reached for, or refused, the BuildKit session a build needs."""
+
+    status = 502
+    code = "engine_session_failed"
