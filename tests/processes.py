@@ -23,6 +23,7 @@ from urllib.parse import quote, urlsplit
 
 import aiodocker
 import aiohttp
+import bcrypt
 import pytest
 import redis
 
@@ -101,6 +102,33 @@ def registry(tmp_path: Path) -> Iterator[str]:
     """A real registry without login, storage in a temp dir."""
     with run_registry(tmp_path) as address:
         yield address
+
+
+# A registry login the tests use.
+USER, PASSWORD = "builder", "correct horse"
+
+
+@pytest.fixture
+def login_registry(tmp_path: Path) -> Iterator[str]:
+    """A real registry that wants USER / PASSWORD (htpasswd, so HTTP basic auth)."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_bytes(USER.encode() + b":" + bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)) + b"\n")
+    with run_registry(tmp_path, f"auth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n") as address:
+        yield address
+
+
+@pytest.fixture
+async def private_image(login_registry: str, docker: aiodocker.Docker) -> AsyncIterator[str]:
+    """BASE_IMAGE pushed to `login_registry` with the right login, with no local tag left."""
+    name = f"{login_registry}/busybox"
+    await docker.images.tag(BASE_IMAGE, name, tag="latest")
+    try:
+        auth = {"username": USER, "password": PASSWORD, "serveraddress": login_registry}
+        pushed = await docker.images.push(name, tag="latest", auth=auth)
+        assert not any("error" in line for line in pushed), pushed
+    finally:
+        await docker.images.delete(f"{name}:latest")
+    yield f"{name}:latest"
 
 
 # ---------------------------------------------------------------- the second engine

@@ -9,11 +9,10 @@ import dataclasses
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiodocker
-import bcrypt
 import h2.config
 import h2.connection
 import h2.events
@@ -30,8 +29,8 @@ from builder.server.engines.session import (
     _unframe,
 )
 from builder.server.errors import EngineSessionFailed
-from tests.conftest import BASE_IMAGE, dockerfile, make_context
-from tests.processes import run_registry
+from tests.conftest import dockerfile, make_context
+from tests.processes import PASSWORD, USER
 
 SECRET = b"s3cret value\n"
 
@@ -248,31 +247,6 @@ async def test_methods_the_session_does_not_serve_get_unimplemented(tmp_path: Pa
 
 
 # Registry logins ---------------------------------------------------------------------------
-
-USER, PASSWORD = "builder", "correct horse"
-
-
-@pytest.fixture
-def login_registry(tmp_path: Path) -> Iterator[str]:
-    """A registry that wants USER / PASSWORD (htpasswd, so HTTP basic auth)."""
-    htpasswd = tmp_path / "htpasswd"
-    htpasswd.write_bytes(USER.encode() + b":" + bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)) + b"\n")
-    with run_registry(tmp_path, f"auth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n") as address:
-        yield address
-
-
-@pytest.fixture
-async def private_image(login_registry: str, docker: aiodocker.Docker) -> AsyncIterator[str]:
-    """BASE_IMAGE pushed to `login_registry` with the right login, with no local tag left."""
-    name = f"{login_registry}/busybox"
-    await docker.images.tag(BASE_IMAGE, name, tag="latest")
-    try:
-        auth = {"username": USER, "password": PASSWORD, "serveraddress": login_registry}
-        pushed = await docker.images.push(name, tag="latest", auth=auth)
-        assert not any("error" in line for line in pushed), pushed
-    finally:
-        await docker.images.delete(f"{name}:latest")
-    yield f"{name}:latest"
 
 
 def _login_for(registry: str, password: str, asked: list[str]) -> BuildSession:

@@ -155,3 +155,15 @@ class EngineSessionFailed(BuilderError):
 
     status = 502
     code = "engine_session_failed"
+
+
+class InvalidSecret(BadRequest):
+    """A build secret the daemon will not take: a bad id, a value over the limit, too many."""
+
+    code = "invalid_secret"
+
+
+class SecretsNotSupported(BadRequest):
+    """Build secrets for a build whose builder cannot take them (the legacy builder)."""
+
+    code = "secrets_not_supported"

@@ -21,6 +21,7 @@ from builder.server.contexts import ContextPipe, ContextSpool
 from builder.server.engines.base import (
     BuildJob,
     BuildRun,
+    CredentialsLookup,
     EngineFailure,
     ImageBuilt,
     LogClipped,
@@ -59,6 +60,8 @@ class ActiveBuild:
     log_clipped: bool = False
     # Bytes of its context on the spool (they count against its tenant's spool quota).
     spooled_bytes: int = 0
+    # Its secrets, in memory only: emptied when it ends, however it ends.
+    secrets: dict[str, bytes] = dataclasses.field(default_factory=dict)
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     @property
@@ -74,11 +77,14 @@ class BuildRunner:
         *,
         save: Callable[[BuildRecord], Awaitable[None]],
         keep_local: bool,
+        registry_logins: Callable[[str], CredentialsLookup | None] = lambda tenant: None,
     ) -> None:
         self._spool = spool
         self._publisher = publisher
         self._save = save
         self._keep_local = keep_local
+        # Per tenant: its logins for the registries builds pull from, if the daemon has any.
+        self._registry_logins = registry_logins
 
     async def run(self, build: ActiveBuild) -> tuple[BuildStatus, str | None]:
         """Build and publish; the outcome, once whatever must go is gone."""
@@ -124,6 +130,8 @@ class BuildRunner:
                 tenant=record.namespace,
                 on_context_sent=lambda: self._context_sent(build),
                 remember=lambda kind, ident: self._remember(record, kind, ident),
+                secrets=build.secrets,
+                registry_logins=self._registry_logins(record.namespace),
             )
             builder = engine.builders[spec.builder or "buildkit"]
             build.run = builder.start(job)

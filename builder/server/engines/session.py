@@ -30,12 +30,10 @@ import h2.exceptions
 import structlog
 
 from builder.server.engines import protowire
+from builder.server.engines.base import CredentialsLookup
 from builder.server.errors import EngineSessionFailed
 
 log = structlog.get_logger(__name__)
-
-# Host -> (username, secret), or None when we have no login for that registry.
-CredentialsLookup = Callable[[str], tuple[str, str] | None]
 
 GET_SECRET = "/moby.buildkit.secrets.v1.Secrets/GetSecret"
 CREDENTIALS = "/moby.filesync.v1.Auth/Credentials"
@@ -94,7 +92,10 @@ class BuildSession:
         self._secrets = dict(secrets or {})
         self._credentials = credentials
         self._name = name
-        self._address = _parse_docker_host(docker_host or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST)
+        try:
+            self._address = _parse_docker_host(docker_host or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST)
+        except ValueError as exc:
+            raise EngineSessionFailed(f"cannot open a BuildKit session on the engine: {exc}") from None
         self._methods: dict[str, Callable[[bytes], bytes]] = {
             GET_SECRET: self._get_secret,
             CREDENTIALS: self._get_credentials,
