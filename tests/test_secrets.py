@@ -23,8 +23,18 @@ from aiohttp.test_utils import TestClient
 
 from builder.client import BuilderClient, BuildFailed
 from builder.server.app import create_app
-from builder.server.build_secrets import MAX_SECRET_BYTES
+from builder.server.build_secrets import (
+    MAX_SECRET_BYTES,
+    MAX_SECRETS,
+    MAX_SECRETS_BYTES,
+    add_secret,
+    secrets_digest,
+    secrets_from_json,
+)
 from builder.server.config import Settings
+from builder.server.engines.buildkit import _session_needs
+from builder.server.errors import InvalidSecret
+from builder.terminal import _secrets as cli_secrets
 from tests.conftest import BASE_IMAGE, dockerfile, log_lines, make_context, read_log
 from tests.processes import PASSWORD, USER, StartDaemon
 from tests.steps import processes_running, unique_sleep, wait_for_process
@@ -52,8 +62,8 @@ async def post_multipart(
     """POST /builds as multipart: fields, a `secret.<id>` part per secret, then the context."""
     fields.setdefault("no_cache", "true")
     form = aiohttp.FormData()
-    for name, value in fields.items():
-        form.add_field(name, value)
+    for name, text in fields.items():
+        form.add_field(name, text)
     for secret_id, value in secret_parts.items():
         form.add_field(f"secret.{secret_id}", value, filename=secret_id, content_type="application/octet-stream")
     form.add_field("context", make_context(files), filename="context.tar.gz", content_type="application/gzip")
@@ -296,7 +306,8 @@ async def test_a_secret_is_nowhere_but_in_its_step(
     assert any(build_id.encode() in data for data in data_files.values())
     assert any(path.endswith("-wal") for path in data_files), sorted(data_files)
     assert b"build session opened" in daemon_log and build_id.encode() in daemon_log
-    assert all(b"/run/secrets/tok" in log for log in build_logs[:2]) and all(name.encode() in log for log in build_logs[2:])
+    assert all(b"/run/secrets/tok" in log for log in build_logs[:2])
+    assert all(name.encode() in log for log in build_logs[2:])
     assert b"builder_builds_total" in metrics
     for form in (value, encoded):
         assert form not in saved
@@ -317,7 +328,8 @@ async def test_cancel_mid_step_with_a_session_open_stops_the_step_and_closes_the
     sleep = unique_sleep()
     async with aiohttp.ClientSession(base_url=daemon.url) as client:
         build_id = await accepted(await post_multipart(
-            client, {"Dockerfile": dockerfile(f"RUN --mount=type=secret,id=tok sh -c 'test -s /run/secrets/tok && {sleep}'")},
+            client,
+            {"Dockerfile": dockerfile(f"RUN --mount=type=secret,id=tok sh -c 'test -s /run/secrets/tok && {sleep}'")},
             {"tok": new_secret()},
         ))
         await wait_for_process(sleep)
@@ -351,7 +363,8 @@ async def test_from_a_private_registry_pulls_with_the_daemons_registry_config(
 ) -> None:
     config = docker_config(tmp_path / "config.json", login_registry, PASSWORD, plain=plain)
     client = await _app(aiohttp_client, settings, registry_config=config)
-    build_id = await accepted(await post_multipart(client, {"Dockerfile": f"FROM {private_image}\nRUN echo pulled\n"}, {}))
+    files = {"Dockerfile": f"FROM {private_image}\nRUN echo pulled\n"}
+    build_id = await accepted(await post_multipart(client, files, {}))
     assert (await finished(client, build_id))["status"] == "succeeded"
     assert "pulled" in log_lines(await read_log(client, build_id))
 
@@ -390,3 +403,96 @@ async def test_sdk_build_failure_names_the_missing_secret(client: TestClient, tm
     async with BuilderClient(str(client.make_url("/"))) as sdk:
         with pytest.raises(BuildFailed, match="secrets not provided: tok"):
             await sdk.build(context, image_name="secrets-test/missing", no_cache=True, secrets={"other": b"x"})
+
+
+# Pure parts -----------------------------------------------------------------------------------
+
+
+def test_add_secret_takes_valid_ids_within_the_limits() -> None:
+    taken: dict[str, bytes] = {}
+    for secret_id in ("npmrc", "A.b_c-9", "x" * 64):
+        add_secret(taken, secret_id, b"v")
+    assert taken == {"npmrc": b"v", "A.b_c-9": b"v", "x" * 64: b"v"}
+
+
+@pytest.mark.parametrize(("given", "secret_id", "value", "message"), [
+    ({}, "", b"v", "must be 1 to 64"),
+    ({}, "a b", b"v", "must be 1 to 64"),
+    ({}, "é", b"v", "must be 1 to 64"),
+    ({"tok": b"v"}, "tok", b"v", "given twice"),
+    ({f"s{i}": b"" for i in range(MAX_SECRETS)}, "one-more", b"v", f"at most {MAX_SECRETS} secrets"),
+    ({}, "big", b"x" * (MAX_SECRET_BYTES + 1), f"larger than {MAX_SECRET_BYTES} bytes"),
+    ({"a": b"x" * MAX_SECRET_BYTES, "b": b"x" * MAX_SECRET_BYTES}, "c",
+     b"x" * (MAX_SECRETS_BYTES - 2 * MAX_SECRET_BYTES + 1), f"at most {MAX_SECRETS_BYTES} bytes in all"),
+])
+def test_add_secret_refuses_what_does_not_fit(
+    given: dict[str, bytes], secret_id: str, value: bytes, message: str
+) -> None:
+    with pytest.raises(InvalidSecret, match=message):
+        add_secret(dict(given), secret_id, value)
+
+
+def test_json_secrets_are_base64_line_breaks_allowed() -> None:
+    wrapped = base64.encodebytes(b"y" * 100).decode()  # wrapped at 76 columns, as `base64` prints it
+    assert secrets_from_json({"a": base64.b64encode(b"\x00\xff").decode(), "b": wrapped}) == {
+        "a": b"\x00\xff", "b": b"y" * 100,
+    }
+    assert secrets_from_json(None) == {}
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (["a"], "must be a JSON object"),
+    ({"a": 1}, "must be a base64 string"),
+    ({"a": "not base64!"}, "not valid base64"),
+    ({"a": "A" * (4 * (MAX_SECRET_BYTES // 3 + 2))}, "larger than"),
+])
+def test_json_secrets_that_are_not_base64_strings_are_refused(value: Any, message: str) -> None:
+    with pytest.raises(InvalidSecret, match=message) as refused:
+        secrets_from_json(value)
+    assert "not base64!" not in str(refused.value)
+
+
+def test_the_secrets_digest_stands_for_ids_and_values_without_holding_either_value() -> None:
+    one = secrets_digest({"a": b"first", "b": b"second"})
+    assert one == secrets_digest({"b": b"second", "a": b"first"})
+    assert one not in (secrets_digest({"a": b"first", "b": b"other"}), secrets_digest({"a": b"first", "c": b"second"}))
+    assert secrets_digest({}) == ""
+    assert len(one) == 64 and b"first" not in one.encode()
+
+
+@pytest.mark.parametrize(("step", "needs"), [
+    ("[2/2] RUN --mount=type=secret,id=tok cat /run/secrets/tok",
+     "RUN --mount=type=secret needs secrets this build was not given: tok"),
+    ("[2/2] RUN --mount=id=a,type=secret --mount=type=secret,target=/etc/npmrc true",
+     "RUN --mount=type=secret needs secrets this build was not given: a, npmrc"),
+    ("[2/2] RUN --mount=type=ssh --mount=type=secret,id=t true",
+     ("RUN --mount=type=secret needs secrets this build was not given: t; "
+      "RUN --mount=type=ssh needs SSH agent forwarding, which this daemon does not offer")),
+    ("[2/2] RUN true", "this build needs a BuildKit session (secrets or SSH forwarding), and had none"),
+])
+def test_what_a_step_needed_a_session_for(step: str, needs: str) -> None:
+    assert _session_needs(step) == needs
+
+
+def test_cli_secret_specs_read_as_docker_build_reads_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "npmrc").write_bytes(b"from-file")
+    monkeypatch.setenv("TOKEN", "from-env")
+    monkeypatch.setenv("OTHER", "from-other")
+    assert cli_secrets([
+        f"id=npmrc,src={tmp_path / 'npmrc'}", f"id=f2,source={tmp_path / 'npmrc'}", "id=TOKEN",
+        "id=t2,env=OTHER", "type=env,id=t3,src=OTHER",
+    ]) == {"npmrc": b"from-file", "f2": b"from-file", "TOKEN": b"from-env", "t2": b"from-other", "t3": b"from-other"}
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("src=/x", "has no id="),
+    ("id=a,colour=red", "expected id=ID"),
+    ("id=a,type=ssh", "type must be file or env"),
+    ("id=NOT_SET_ANYWHERE", "NOT_SET_ANYWHERE is not set"),
+])
+def test_cli_secret_specs_that_say_nothing_usable_are_refused(
+    spec: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    with pytest.raises(ValueError, match=message):
+        cli_secrets([spec])

@@ -51,7 +51,9 @@ def parse_docker_config(text: str, *, source: str = "config.json") -> dict[str, 
         raise ValueError(f"{source}: not valid JSON") from None
     if not isinstance(data, dict):
         raise ValueError(f"{source}: not a JSON object")
-    auths = data.get("auths") or {}
+    auths = data.get("auths")
+    if auths is None:
+        auths = {}
     if not isinstance(auths, dict):
         raise ValueError(f"{source}: auths must be an object")
     logins: dict[str, Login] = {}
