@@ -60,8 +60,9 @@ class ActiveBuild:
     log_clipped: bool = False
     # Bytes of its context on the spool (they count against its tenant's spool quota).
     spooled_bytes: int = 0
-    # Its secrets, in memory only: emptied when it ends, however it ends.
-    secrets: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    # Its secrets, in memory only: emptied when it ends, however it ends (and kept out of any repr:
+    # a traceback renderer that shows locals must not print them).
+    secrets: dict[str, bytes] = dataclasses.field(default_factory=dict, repr=False)
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     @property

@@ -108,7 +108,7 @@ class BuildJob:
     # so that a daemon restarted after a crash can still remove it.
     remember: Callable[[str, str], Awaitable[object]] | None = None
     # The build's secrets (`RUN --mount=type=secret`), in memory only, and only while it runs.
-    secrets: Mapping[str, bytes] = dataclasses.field(default_factory=dict)
+    secrets: Mapping[str, bytes] = dataclasses.field(default_factory=dict, repr=False)
     # Logins for the registries the build pulls from (FROM), when the daemon has any for it.
     registry_logins: CredentialsLookup | None = None
 
