@@ -20,7 +20,7 @@ from benchmarks import harness
 from benchmarks.harness import Bar, Daemon, Headline, Result
 from builder.server.engines.session import BuildSession
 
-PAIRS = 15
+PAIRS = 20
 WARMUPS = 2
 TARGET_MS = 30.0  # median added per build, through the daemon
 DOCKERFILE = harness.dockerfile("RUN echo small")
