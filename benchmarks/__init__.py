@@ -19,6 +19,7 @@ from benchmarks import (
     e2e,
     fanout,
     reconnect_memory,
+    session,
     ttfl,
     upload,
 )
@@ -43,5 +44,6 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("cancel", "Cancel a running build", cancel.run),
         Scenario("concurrency", "20 builds, two at a time", concurrency.run),
         Scenario("reconnect-memory", "Log-stream reconnect churn", reconnect_memory.run),
+        Scenario("session", "A BuildKit session's added time (build secrets)", session.run),
     )
 }

@@ -84,6 +84,12 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--registry", default=defaults.registry, metavar="HOST[:PORT]",
                        help="push every built image there (password: env BUILDER_REGISTRY_PASSWORD)")
     serve.add_argument("--registry-username", default=defaults.registry_username)
+    serve.add_argument("--registry-config", type=Path, default=defaults.registry_config, metavar="PATH",
+                       help="Docker config.json whose `auths` log builds in to the registries they pull "
+                            "from (FROM); reloaded on SIGHUP")
+    serve.add_argument("--tenant-registry-config", action="append", default=[], type=_tenant_registry_config,
+                       metavar="TENANT=PATH",
+                       help="a tenant's own config.json, over --registry-config for its builds (repeatable)")
     serve.add_argument("--keep-local", action=argparse.BooleanOptionalAction, default=defaults.keep_local,
                        help="keep the local image after pushing it (default: keep)")
     serve.add_argument("--nydusify", default=defaults.nydusify,
@@ -105,6 +111,13 @@ def _tenant_engine(text: str) -> tuple[str, str]:
     return tenant, host
 
 
+def _tenant_registry_config(text: str) -> tuple[str, Path]:
+    tenant, sep, path = text.partition("=")
+    if not sep or not tenant or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TENANT=PATH")
+    return tenant, Path(path)
+
+
 def _duration(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
@@ -120,7 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
     import gc
 
     from builder.observability import configure_logging
-    from builder.server.app import open_access_refusal, serve
+    from builder.server.app import open_access_refusal, registry_logins, serve
     from builder.server.config import Settings
 
     if args.max_concurrent < 1:
@@ -165,6 +178,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_followers_per_tenant=args.max_followers_per_tenant,
         registry=args.registry,
         registry_username=args.registry_username,
+        registry_config=args.registry_config,
+        tenant_registry_configs=tuple(args.tenant_registry_config),
         keep_local=args.keep_local,
         nydusify=args.nydusify,
         retention=args.retention,
@@ -181,6 +196,11 @@ def _serve(args: argparse.Namespace) -> int:
     if refusal:
         print(f"builder serve: {refusal}", file=sys.stderr)
         return 2
+    try:
+        registry_logins(settings)
+    except (OSError, ValueError) as exc:
+        print(f"builder serve: cannot read the registry logins: {exc}", file=sys.stderr)
+        return 2
     # A chatty build allocates objects by the million; collecting the young generation
     # every 700 allocations cost a third of the daemon's CPU (py-spy), so collect less often.
     gc.set_threshold(50_000, 20, 20)
@@ -195,6 +215,9 @@ def _client_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     build.add_argument("-f", "--file", default="Dockerfile", help="Dockerfile path inside the context")
     build.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE", help="build argument")
     build.add_argument("--target", help="build stage to stop at")
+    build.add_argument("--secret", action="append", default=[], metavar="id=ID[,src=FILE|,env=VAR]",
+                       help="a build secret (RUN --mount=type=secret,id=ID), from a file or an environment "
+                            "variable, as with docker build (repeatable)")
     build.add_argument("--no-cache", action="store_true", help="do not use the build cache")
     build.add_argument("--compress", choices=["auto", "zstd", "gzip", "none"], default="auto",
                        help="context compression; auto = zstd if the daemon takes it, else gzip (default auto)")

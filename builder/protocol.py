@@ -60,6 +60,9 @@ FIELD_NYDUS_CONVERT = "nydus_convert"
 FIELD_CACHE_KEY = "cache_key"
 FIELD_TIMEOUT = "timeout"
 FIELD_BUILDER = "builder"
+# Build secrets: multipart parts `secret.<id>`, or a JSON object `{"<id>": "<base64>"}`; never a query field.
+SECRET_PART_PREFIX = "secret."
+FIELD_SECRETS = "secrets"
 
 # The builders a request may ask for (`builder` field); the daemon picks one when it does not.
 BUILDERS = ("buildkit", "legacy")

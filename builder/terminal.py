@@ -94,13 +94,20 @@ async def _main(args: argparse.Namespace) -> int:
 async def _build(client: BuilderClient, session: Session) -> int:
     args = session.args
     started = time.monotonic()
+    try:
+        secrets = _secrets(args.secret)
+    except (ValueError, OSError) as exc:
+        print(f"error: --secret: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.image:
-        session.build_id = await client.submit_image(args.image, image_name=args.tag, no_cache=args.no_cache)
+        session.build_id = await client.submit_image(args.image, image_name=args.tag, no_cache=args.no_cache,
+                                                     secrets=secrets)
     else:
         progress = None if args.quiet else UploadProgress()
         session.build_id = await client.submit(
             args.path, image_name=args.tag, dockerfile=args.file, build_args=_build_args(args.build_arg),
             target=args.target, no_cache=args.no_cache, compress=args.compress, on_upload_progress=progress,
+            secrets=secrets,
         )
         if progress is not None:
             progress.finish()
@@ -182,6 +189,35 @@ def _build_args(pairs: list[str]) -> dict[str, str]:
             value = os.environ.get(key, "")
         args[key] = value
     return args
+
+
+def _secrets(specs: list[str]) -> dict[str, bytes]:
+    """`--secret` values, as docker build reads them: `id=ID,src=FILE` (or `source=`), `id=ID,env=VAR`,
+    `type=file|env` to say which `src` is, and `id=ID` alone for the environment variable ID."""
+    secrets = {}
+    for spec in specs:
+        options: dict[str, str] = {}
+        for option in spec.split(","):
+            key, sep, value = option.partition("=")
+            key = "src" if key == "source" else key
+            if not sep or key not in ("id", "src", "env", "type"):
+                raise ValueError(f"{spec!r}: expected id=ID[,src=FILE|,env=VAR], not {option!r}")
+            options[key] = value
+        secret_id, kind = options.get("id"), options.get("type")
+        if not secret_id:
+            raise ValueError(f"{spec!r} has no id=")
+        if kind not in (None, "file", "env"):
+            raise ValueError(f"{spec!r}: type must be file or env")
+        variable = options.get("env") or (options.get("src") if kind == "env" else None)
+        if variable is None and "src" in options:
+            with open(options["src"], "rb") as file:
+                secrets[secret_id] = file.read()
+            continue
+        variable = variable or secret_id
+        if variable not in os.environ:
+            raise ValueError(f"{spec!r}: environment variable {variable} is not set")
+        secrets[secret_id] = os.environb[variable.encode()]
+    return secrets
 
 
 async def _logs(client: BuilderClient, session: Session) -> int:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from urllib.parse import quote, urlsplit
 
 import aiodocker
 import aiohttp
+import bcrypt
 import pytest
 import redis
 
@@ -63,33 +65,70 @@ def _stop(proc: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGTERM, t
 # ---------------------------------------------------------------- docker-registry
 
 
-def _answers(url: str) -> bool:
+def _registry_answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
             return bool(response.status == 200)
+    except urllib.error.HTTPError as exc:
+        return exc.code == 401  # it answers, and wants a login (an `auth:` section)
     except OSError:
         return False
 
 
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[str]:
-    """A real registry (Debian's docker-registry) on a free loopback port, storage in a temp dir."""
+@contextlib.contextmanager
+def run_registry(root: Path, extra_config: str = "") -> Iterator[str]:
+    """A real registry (Debian's docker-registry) on a free loopback port, storage and log under `root`;
+    `extra_config` is appended to its YAML config (an `auth:` section, say).  Yields host:port."""
     port = free_port()
-    config = tmp_path / "registry.yml"
+    config = root / "registry.yml"
     config.write_text(
         "version: 0.1\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {tmp_path / 'registry'}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {root / 'registry'}\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n" + extra_config
     )
     binary = os.environ.get("BUILDER_REGISTRY_BIN", "/usr/bin/docker-registry")
-    log = tmp_path / "registry.log"
+    log = root / "registry.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([binary, "serve", str(config)], stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_until(lambda: _answers(f"http://127.0.0.1:{port}/v2/"), proc, "docker-registry", log)
+        _wait_until(lambda: _registry_answers(f"http://127.0.0.1:{port}/v2/"), proc, "docker-registry", log)
         yield f"127.0.0.1:{port}"
     finally:
         _stop(proc, timeout=10)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[str]:
+    """A real registry without login, storage in a temp dir."""
+    with run_registry(tmp_path) as address:
+        yield address
+
+
+# A registry login the tests use.
+USER, PASSWORD = "builder", "correct horse"
+
+
+@pytest.fixture
+def login_registry(tmp_path: Path) -> Iterator[str]:
+    """A real registry that wants USER / PASSWORD (htpasswd, so HTTP basic auth)."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_bytes(USER.encode() + b":" + bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)) + b"\n")
+    with run_registry(tmp_path, f"auth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n") as address:
+        yield address
+
+
+@pytest.fixture
+async def private_image(login_registry: str, docker: aiodocker.Docker) -> AsyncIterator[str]:
+    """BASE_IMAGE pushed to `login_registry` with the right login, with no local tag left."""
+    name = f"{login_registry}/busybox"
+    await docker.images.tag(BASE_IMAGE, name, tag="latest")
+    try:
+        auth = {"username": USER, "password": PASSWORD, "serveraddress": login_registry}
+        pushed = await docker.images.push(name, tag="latest", auth=auth)
+        assert not any("error" in line for line in pushed), pushed
+    finally:
+        await docker.images.delete(f"{name}:latest")
+    yield f"{name}:latest"
 
 
 # ---------------------------------------------------------------- the second engine

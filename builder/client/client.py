@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import builtins
 import contextlib
 import json
@@ -59,6 +60,8 @@ _COMPRESS_OPTIONS: tuple[CompressOption, ...] = ("auto", "zstd", "gzip", "none")
 
 LogCallback = Callable[[str], Awaitable[None] | None]
 ProgressCallback = Callable[[int], Awaitable[None] | None]
+# Build secrets: id -> value (text is sent as UTF-8).
+Secrets = Mapping[str, bytes | str]
 
 
 class RetryPolicy:
@@ -137,6 +140,7 @@ class BuilderClient:
         labels: Mapping[str, str] | None = None,
         no_cache: bool = False,
         compress: CompressOption = "auto",
+        secrets: Secrets | None = None,
         on_log: LogCallback | None = None,
         on_upload_progress: ProgressCallback | None = None,
     ) -> BuildResult:
@@ -144,17 +148,23 @@ class BuilderClient:
         started = time.monotonic()
         build_id = await self.submit(
             context_dir, image_name=image_name, dockerfile=dockerfile, build_args=build_args,
-            target=target, labels=labels, no_cache=no_cache, compress=compress,
+            target=target, labels=labels, no_cache=no_cache, compress=compress, secrets=secrets,
             on_upload_progress=on_upload_progress,
         )
         return await self.wait(build_id, on_log=on_log, started=started)
 
     async def build_image(
-        self, image: str, *, image_name: str, no_cache: bool = False, on_log: LogCallback | None = None
+        self,
+        image: str,
+        *,
+        image_name: str,
+        no_cache: bool = False,
+        secrets: Secrets | None = None,
+        on_log: LogCallback | None = None,
     ) -> BuildResult:
         """The synthetic `FROM <image>` build: brings an existing image into the builder's hands."""
         started = time.monotonic()
-        build_id = await self.submit_image(image, image_name=image_name, no_cache=no_cache)
+        build_id = await self.submit_image(image, image_name=image_name, no_cache=no_cache, secrets=secrets)
         return await self.wait(build_id, on_log=on_log, started=started)
 
     async def submit(
@@ -168,11 +178,14 @@ class BuilderClient:
         labels: Mapping[str, str] | None = None,
         no_cache: bool = False,
         compress: CompressOption = "auto",
+        secrets: Secrets | None = None,
         on_upload_progress: ProgressCallback | None = None,
     ) -> str:
         """Upload a context and queue its build; returns the build id without waiting.
 
-        `compress="auto"` sends zstd if the daemon advertises it, gzip otherwise.
+        `compress="auto"` sends zstd if the daemon advertises it, gzip otherwise. With `secrets`,
+        the request is multipart (secrets cannot ride in a URL), so the daemon spools the context
+        before the build starts; without, the context streams into the engine as it arrives.
         """
         context = Path(context_dir)
         dockerfile = check_context(context, dockerfile)
@@ -183,10 +196,15 @@ class BuilderClient:
                          labels=labels, target=target, no_cache=no_cache)
 
         def upload() -> dict[str, Any]:
+            # A fresh body per attempt: it streams from disk again.
+            body = stream_context(context, dockerfile, compression=compression, on_progress=on_upload_progress)
+            if secrets:
+                return {"data": _multipart(fields, secrets, body, CONTENT_TYPES[compression]),
+                        "timeout": UPLOAD_TIMEOUT}
             # The raw-body shape, fields in the query: the daemon can start the build while the
-            # context is still arriving. A fresh body per attempt: it streams from disk again.
+            # context is still arriving.
             return {
-                "data": stream_context(context, dockerfile, compression=compression, on_progress=on_upload_progress),
+                "data": body,
                 "params": fields,
                 "headers": {"Content-Type": CONTENT_TYPES[compression]},
                 "timeout": UPLOAD_TIMEOUT,
@@ -205,8 +223,14 @@ class BuilderClient:
             self._context_encodings = frozenset(e.strip().lower() for e in advertised.split(","))
         return "zstd" if "zstd" in self._context_encodings else "gzip"
 
-    async def submit_image(self, image: str, *, image_name: str, no_cache: bool = False) -> str:
-        payload = {p.FIELD_IMAGE: image, **_fields(image_name=image_name, no_cache=no_cache)}
+    async def submit_image(
+        self, image: str, *, image_name: str, no_cache: bool = False, secrets: Secrets | None = None
+    ) -> str:
+        payload: dict[str, Any] = {p.FIELD_IMAGE: image, **_fields(image_name=image_name, no_cache=no_cache)}
+        if secrets:
+            payload[p.FIELD_SECRETS] = {
+                secret_id: base64.b64encode(_secret_bytes(value)).decode() for secret_id, value in secrets.items()
+            }
         return await self._post_build(lambda: {"json": payload})
 
     async def _post_build(self, request: Callable[[], dict[str, Any]]) -> str:
@@ -425,6 +449,25 @@ def _fields(**values: Any) -> dict[str, str]:
             continue
         fields[name] = "true" if value is True else json.dumps(dict(value)) if isinstance(value, Mapping) else value
     return fields
+
+
+def _secret_bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+def _multipart(
+    fields: Mapping[str, str], secrets: Secrets, context: AsyncIterator[bytes], content_type: str
+) -> aiohttp.MultipartWriter:
+    """The multipart shape: fields and secrets first, the context last, streamed."""
+    writer = aiohttp.MultipartWriter("form-data")
+    for name, text in fields.items():
+        writer.append(text).set_content_disposition("form-data", name=name)
+    for secret_id, value in secrets.items():
+        part = writer.append(_secret_bytes(value), {"Content-Type": "application/octet-stream"})
+        part.set_content_disposition("form-data", name=p.SECRET_PART_PREFIX + secret_id)
+    part = writer.append(context, {"Content-Type": content_type})
+    part.set_content_disposition("form-data", name=p.FIELD_CONTEXT, filename="context")
+    return writer
 
 
 def _retry_after(response: aiohttp.ClientResponse) -> float | None:

@@ -17,6 +17,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from builder.server.appkeys import (
     ENGINES,
     NAMESPACE,
+    REGISTRY_LOGINS,
     SERVICE,
     SETTINGS,
     STORE,
@@ -32,6 +33,7 @@ from builder.server.engines.pool import EnginePool
 from builder.server.errors import BuilderError, Forbidden
 from builder.server.handlers import json_response, routes
 from builder.server.hosts import is_loopback, open_mode_refusal
+from builder.server.registry_auth import RegistryLogins
 from builder.server.service import BuildService
 from builder.server.store import SqliteBuildStore
 
@@ -82,8 +84,9 @@ async def serve(settings: Settings) -> None:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        # New tokens take effect for new requests; open streams are left alone.
-        loop.add_signal_handler(signal.SIGHUP, _reload_tokens, app)
+        # New tokens take effect for new requests, new registry logins for new builds; open
+        # streams are left alone.
+        loop.add_signal_handler(signal.SIGHUP, _reload, app)
         await stop.wait()
         log.info("shutdown_requested")
         await app[SERVICE].drain(settings.shutdown_grace)
@@ -103,11 +106,15 @@ class GuardedAppRunner(web.AppRunner):
         return self._guard.wrap(await super()._make_server())
 
 
-def _reload_tokens(app: web.Application) -> None:
+def _reload(app: web.Application) -> None:
     try:
         app[TOKENS].reload()
     except (OSError, ValueError) as exc:
         log.error("auth_tokens_reload_failed", error=str(exc))
+    try:
+        app[REGISTRY_LOGINS].reload()
+    except (OSError, ValueError) as exc:
+        log.error("registry_logins_reload_failed", error=str(exc))
 
 
 def open_access_refusal(settings: Settings) -> str | None:
@@ -121,10 +128,17 @@ def open_access_refusal(settings: Settings) -> str | None:
     )
 
 
+def registry_logins(settings: Settings) -> RegistryLogins:
+    """The registry logins of `--registry-config` and `--tenant-registry-config`; OSError or
+    ValueError if a file cannot be read or is not a Docker config.json."""
+    return RegistryLogins(settings.registry_config, dict(settings.tenant_registry_configs))
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[request_context_middleware, error_middleware, auth_middleware])
     app[SETTINGS] = settings
     app[TOKENS] = TokenTable(path=settings.auth_tokens_file, env=settings.auth_tokens)
+    app[REGISTRY_LOGINS] = registry_logins(settings)
     app[STREAMS] = weakref.WeakSet()
     app.add_routes(routes)
     app.cleanup_ctx.extend([_engine_ctx, _store_ctx, _service_ctx])
@@ -233,7 +247,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     spool = ContextSpool(settings.spool_dir, max_bytes_per_tenant=settings.max_spool_bytes_per_tenant)
-    service = BuildService(settings, app[ENGINES], app[STORE], spool, tenants=lambda: app[TOKENS].namespaces)
+    service = BuildService(settings, app[ENGINES], app[STORE], spool, tenants=lambda: app[TOKENS].namespaces,
+                           registry_logins=app[REGISTRY_LOGINS].for_tenant)
     await service.start()
     app[SERVICE] = service
     yield

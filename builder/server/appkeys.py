@@ -9,12 +9,14 @@ from aiohttp import web
 from builder.server.auth import TokenTable
 from builder.server.config import Settings
 from builder.server.engines.pool import EnginePool
+from builder.server.registry_auth import RegistryLogins
 from builder.server.service import BuildService
 from builder.server.store import BuildStore
 from builder.server.streams import LogStreamResponse
 
 SETTINGS = web.AppKey("settings", Settings)
 TOKENS = web.AppKey("tokens", TokenTable)
+REGISTRY_LOGINS = web.AppKey("registry_logins", RegistryLogins)
 # The caller's namespace, from its token ("" when the daemon runs without auth).
 NAMESPACE = web.RequestKey("namespace", str)
 ENGINES = web.AppKey("engines", EnginePool)

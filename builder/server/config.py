@@ -90,6 +90,10 @@ class Settings:
     registry_password: str | None = dataclasses.field(
         default_factory=lambda: os.environ.get("BUILDER_REGISTRY_PASSWORD"), repr=False
     )
+    # Docker config.json files with logins for the registries builds pull from (`FROM`): the
+    # daemon's, and (tenant, path) pairs of tenants' own.
+    registry_config: Path | None = None
+    tenant_registry_configs: tuple[tuple[str, Path], ...] = ()
     # Keep the local image after a push (a failed push keeps it either way when true).
     keep_local: bool = True
     # The nydus conversion tool; used only when found on PATH (or at this path).

@@ -148,3 +148,22 @@ class EngineUnavailable(BuilderError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers={"Retry-After": "5"})
+
+
+class EngineSessionFailed(BuilderError):
+    """The engine could not be reached for, or refused, the BuildKit session a build needs."""
+
+    status = 502
+    code = "engine_session_failed"
+
+
+class InvalidSecret(BadRequest):
+    """A build secret the daemon will not take: a bad id, a value over the limit, too many."""
+
+    code = "invalid_secret"
+
+
+class SecretsNotSupported(BadRequest):
+    """Build secrets for a build whose builder cannot take them (the legacy builder)."""
+
+    code = "secrets_not_supported"

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Any
 
 from aiohttp import BodyPartReader, web
@@ -14,6 +14,7 @@ from aiohttp import BodyPartReader, web
 from builder import protocol as p
 from builder.protocol import BuildStatus
 from builder.server.appkeys import ENGINES, NAMESPACE, SERVICE, SETTINGS, STREAMS
+from builder.server.build_secrets import MAX_SECRET_BYTES, MAX_SECRETS_BYTES, add_secret, secrets_from_json
 from builder.server.buildspec import BuildSpec, normalise_context_path, parse_flag
 from builder.server.contexts import SpooledContext
 from builder.server.errors import (
@@ -21,6 +22,7 @@ from builder.server.errors import (
     ContextTooLarge,
     EngineUnavailable,
     InvalidField,
+    InvalidSecret,
     StoreFailing,
     UnsupportedMediaType,
     UploadStalled,
@@ -50,8 +52,10 @@ _READ_CHUNK = 256 * 1024
 _DEFAULT_LIMIT = 50
 _MAX_LIMIT = 500
 _MAX_ID_DIGITS = 19
-# Multipart framing and the text fields ride in the same body as the context.
-_MULTIPART_OVERHEAD = 1 << 20
+# Multipart framing, the text fields and the secrets ride in the same body as the context.
+_MULTIPART_OVERHEAD = (1 << 20) + MAX_SECRETS_BYTES
+# A JSON body: the fields, and the secrets in base64 (4/3 of their bytes, with room for their ids).
+_MAX_JSON_BYTES = _MAX_FIELD_BYTES + 2 * MAX_SECRETS_BYTES
 
 
 @routes.get("/healthz")
@@ -98,22 +102,27 @@ async def create_build(request: web.Request) -> web.Response:
     key = _idempotency_key(request)
     limit = request.app[SETTINGS].max_context_bytes
     content_type = request.content_type
+    context: AsyncIterable[bytes] | SpooledContext | None
+    secrets: dict[str, bytes] = {}
     if content_type == "multipart/form-data":
         _reject_oversized(request, limit + _MULTIPART_OVERHEAD)
-        spec, context = await _read_multipart(request, digest=key is not None)
+        spec, context, secrets = await _read_multipart(request, digest=key is not None)
     elif content_type in _TAR_TYPES:
         # The streaming shape: the fields come first (in the query), so the build can start
         # while the body is still arriving.
         _reject_oversized(request, limit)
+        _refuse_secrets_in_query(request.query)
         spec, context = BuildSpec.from_fields(request.query), request.content.iter_chunked(_READ_CHUNK)
     elif content_type == "application/json":
-        spec, context = BuildSpec.from_fields(await _read_json(request), synthetic=True), None
+        fields = await _read_json(request)
+        secrets = secrets_from_json(fields.get(p.FIELD_SECRETS))
+        spec, context = BuildSpec.from_fields(fields, synthetic=True), None
     else:
         raise UnsupportedMediaType(
             f"unsupported Content-Type {content_type!r}: send multipart/form-data, "
             "application/x-tar, application/gzip or application/json"
         )
-    record, created = await service.submit(spec, context, namespace=request[NAMESPACE], key=key)
+    record, created = await service.submit(spec, context, namespace=request[NAMESPACE], key=key, secrets=secrets)
     body = _accepted_body(record, request)
     # A repeat of an earlier submit (same Idempotency-Key and request) answers 200, not 202.
     return json_response(body, status=202 if created else 200, headers={"Location": body["links"]["self"]})
@@ -210,10 +219,23 @@ def _reject_oversized(request: web.Request, limit: int) -> None:
         raise ContextTooLarge(f"build context is larger than the limit of {limit} bytes")
 
 
-async def _read_multipart(request: web.Request, *, digest: bool) -> tuple[BuildSpec, SpooledContext | None]:
+def _refuse_secrets_in_query(query: Mapping[str, str]) -> None:
+    """Secrets never travel in a URL (proxies and access logs keep URLs): the raw-body shape has
+    no place for them."""
+    if any(name == p.FIELD_SECRETS or name.startswith(p.SECRET_PART_PREFIX) for name in query):
+        raise InvalidSecret(
+            "secrets cannot be query parameters: send them as multipart parts "
+            f"'{p.SECRET_PART_PREFIX}<id>' or in a JSON body's {p.FIELD_SECRETS!r}"
+        )
+
+
+async def _read_multipart(
+    request: web.Request, *, digest: bool
+) -> tuple[BuildSpec, SpooledContext | None, dict[str, bytes]]:
     service = request.app[SERVICE]
     reader = await request.multipart()
     fields: dict[str, str] = {}
+    secrets: dict[str, bytes] = {}
     context: SpooledContext | None = None
     try:
         async for part in reader:
@@ -228,11 +250,13 @@ async def _read_multipart(request: web.Request, *, digest: bool) -> tuple[BuildS
                     _part_chunks(part), namespace=request[NAMESPACE],
                     dockerfile=normalise_context_path(dockerfile, p.FIELD_DOCKERFILE), digest=digest,
                 )
+            elif part.name.startswith(p.SECRET_PART_PREFIX):
+                add_secret(secrets, part.name.removeprefix(p.SECRET_PART_PREFIX), await _read_secret_part(part))
             else:
                 fields[part.name] = await _read_text_part(part)
         if context is None:
             raise BadRequest(f"multipart request has no {p.FIELD_CONTEXT!r} file part")
-        return BuildSpec.from_fields(fields), context
+        return BuildSpec.from_fields(fields), context, secrets
     except BaseException:
         if context is not None:
             await service.discard_context(context)
@@ -256,6 +280,16 @@ async def _read_text_part(part: BodyPartReader) -> str:
         raise InvalidField(f"field {part.name!r} is not UTF-8 text") from None
 
 
+async def _read_secret_part(part: BodyPartReader) -> bytes:
+    """A secret's value, in memory only, and not a byte over the limit."""
+    data = bytearray()
+    while chunk := await part.read_chunk(_READ_CHUNK):
+        data += chunk
+        if len(data) > MAX_SECRET_BYTES:
+            raise InvalidSecret(f"secret {part.name!r} is larger than {MAX_SECRET_BYTES} bytes")
+    return bytes(data)
+
+
 async def _read_json(request: web.Request) -> dict[str, Any]:
     # The whole body, however the network cut it, and not a byte over the limit; a small body,
     # so the idle bound covers all of it (a trickle of JSON ends too).
@@ -263,10 +297,10 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
     seconds = request.app[SETTINGS].upload_idle_timeout
     try:
         async with asyncio.timeout(seconds):
-            while chunk := await request.content.read(_MAX_FIELD_BYTES + 1 - len(body)):
+            while chunk := await request.content.read(_MAX_JSON_BYTES + 1 - len(body)):
                 body += chunk
-                if len(body) > _MAX_FIELD_BYTES:
-                    raise BadRequest(f"JSON body is longer than {_MAX_FIELD_BYTES} bytes")
+                if len(body) > _MAX_JSON_BYTES:
+                    raise BadRequest(f"JSON body is longer than {_MAX_JSON_BYTES} bytes")
     except TimeoutError:
         raise UploadStalled(f"the JSON body did not arrive within {seconds:g} seconds") from None
     try:

@@ -9,6 +9,7 @@ from typing import Any
 
 from builder import __version__
 from builder.protocol import BuildStatus
+from builder.server.build_secrets import MAX_SECRET_BYTES, MAX_SECRETS, MAX_SECRETS_BYTES
 
 _STATUSES = [s.value for s in BuildStatus]
 _NULLABLE_STRING = {"type": "string", "nullable": True}
@@ -42,6 +43,8 @@ _UNAUTHORIZED = _error("missing or invalid bearer token", "WWW-Authenticate")
 _NOT_FOUND = _error("no such build (or another tenant's)", "Retry-After")
 _GONE = _error("removed by retention")
 _BAD = _error("invalid request")
+_SECRET_LIMITS = (f"ids match [A-Za-z0-9._-]{{1,64}}; at most {MAX_SECRETS} secrets, {MAX_SECRET_BYTES} bytes each "
+                  f"and {MAX_SECRETS_BYTES} in all; BuildKit builds only")
 _BUILD_ID = {"name": "build_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
@@ -59,7 +62,10 @@ def openapi_document() -> dict[str, Any]:
         },
     }
     post_responses = {
-        "200": accepted, "202": accepted, "400": _BAD, "401": _UNAUTHORIZED,
+        "200": accepted, "202": accepted,
+        "400": _error("invalid request: a field, a secret (invalid_secret), or secrets for a builder that "
+                      "cannot take them (secrets_not_supported)"),
+        "401": _UNAUTHORIZED,
         "408": _error("the upload stalled"), "413": _error("context too large"),
         "415": _error("unsupported content type"), "422": _error("Idempotency-Key reused for another request"),
         "429": _error("queue full", "Retry-After"), "503": _error("shutting down", "Retry-After"),
@@ -146,7 +152,11 @@ def openapi_document() -> dict[str, Any]:
                         {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}},
                         *query_fields,
                     ],
-                    "requestBody": {"required": True, "content": {
+                    "requestBody": {"required": True, "description": (
+                        "Build secrets travel in the body only: multipart parts named `secret.<id>` (the raw "
+                        "value), or `secrets` in a JSON body (base64 values); the raw-body shape refuses them "
+                        f"in the query. {_SECRET_LIMITS}."
+                    ), "content": {
                         "multipart/form-data": {"schema": {
                             "type": "object", "required": ["context"],
                             "properties": {"context": {"type": "string", "format": "binary"}, **_FIELDS}}},
@@ -156,7 +166,10 @@ def openapi_document() -> dict[str, Any]:
                             "type": "object", "required": ["image"],
                             "properties": {"image": {"type": "string"}, "image_name": {"type": "string"},
                                            "no_cache": {"type": "boolean"}, "pull": {"type": "boolean"},
-                                           "build_args": _STRING_MAP, "labels": _STRING_MAP}}},
+                                           "build_args": _STRING_MAP, "labels": _STRING_MAP,
+                                           "secrets": {"type": "object", "description": f"id -> base64 value; "
+                                                       f"{_SECRET_LIMITS}", "additionalProperties": {
+                                                           "type": "string", "format": "byte"}}}}},
                     }},
                     "responses": post_responses,
                 },

@@ -21,6 +21,7 @@ from builder.server.contexts import ContextPipe, ContextSpool
 from builder.server.engines.base import (
     BuildJob,
     BuildRun,
+    CredentialsLookup,
     EngineFailure,
     ImageBuilt,
     LogClipped,
@@ -62,6 +63,9 @@ class ActiveBuild:
     log_truncated: bool = False
     # Bytes of its context on the spool (they count against its tenant's spool quota).
     spooled_bytes: int = 0
+    # Its secrets, in memory only: emptied when it ends, however it ends (and kept out of any repr:
+    # a traceback renderer that shows locals must not print them).
+    secrets: dict[str, bytes] = dataclasses.field(default_factory=dict, repr=False)
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     @property
@@ -79,6 +83,7 @@ class BuildRunner:
         keep_local: bool,
         max_log_bytes: int,
         max_line: int,
+        registry_logins: Callable[[str], CredentialsLookup | None] = lambda tenant: None,
     ) -> None:
         self._max_log_bytes = max_log_bytes
         self._max_line = max_line
@@ -86,6 +91,8 @@ class BuildRunner:
         self._publisher = publisher
         self._save = save
         self._keep_local = keep_local
+        # Per tenant: its logins for the registries builds pull from, if the daemon has any.
+        self._registry_logins = registry_logins
 
     async def run(self, build: ActiveBuild) -> tuple[BuildStatus, str | None]:
         """Build and publish; the outcome, once whatever must go is gone."""
@@ -132,6 +139,8 @@ class BuildRunner:
                 max_line=self._max_line,
                 on_context_sent=lambda: self._context_sent(build),
                 remember=lambda kind, ident: self._remember(record, kind, ident),
+                secrets=build.secrets,
+                registry_logins=self._registry_logins(record.namespace),
             )
             builder = engine.builders[spec.builder or "buildkit"]
             build.run = builder.start(job)

@@ -12,10 +12,10 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection, Mapping
 from pathlib import Path
+from secrets import token_urlsafe
 from typing import Any
 
 import aiodocker
@@ -25,10 +25,12 @@ import structlog
 from builder import protocol as p
 from builder.protocol import BuildStatus
 from builder.server import contexts
+from builder.server.build_secrets import secrets_digest
 from builder.server.buildspec import BuildSpec
 from builder.server.config import Settings
 from builder.server.contexts import CheckedContext, ContextLimits, ContextPipe, ContextSpool, SpooledContext
 from builder.server.dockerfile_refs import image_references, onbuild_references
+from builder.server.engines.base import CredentialsLookup
 from builder.server.engines.docker import DockerEngine
 from builder.server.engines.pool import EnginePool
 from builder.server.errors import (
@@ -39,6 +41,7 @@ from builder.server.errors import (
     InvalidContext,
     InvalidField,
     QueueFull,
+    SecretsNotSupported,
     ShuttingDown,
     StoreFailing,
     TenantQuotaExceeded,
@@ -83,6 +86,7 @@ class BuildService:
         spool: ContextSpool,
         *,
         tenants: Callable[[], Collection[str]] = frozenset,
+        registry_logins: Callable[[str], CredentialsLookup | None] = lambda tenant: None,
     ) -> None:
         self._settings = settings
         self._engines = engines
@@ -93,7 +97,7 @@ class BuildService:
         self._publisher = Publisher(settings)
         self._runner = BuildRunner(
             spool, self._publisher, save=store.save, keep_local=settings.keep_local,
-            max_log_bytes=settings.max_log_bytes, max_line=settings.max_log_line,
+            max_log_bytes=settings.max_log_bytes, max_line=settings.max_log_line, registry_logins=registry_logins,
         )
         self.metrics = Metrics()
         self.metrics.observe(
@@ -310,6 +314,7 @@ class BuildService:
         *,
         namespace: str = "",
         key: str | None = None,
+        secrets: Mapping[str, bytes] | None = None,
     ) -> tuple[BuildRecord, bool]:
         """Accept a build of an upload (streamed into the engine while it arrives when a build slot
         is free, else checked onto the spool to wait its turn), of a spooled context, or, with
@@ -318,11 +323,19 @@ class BuildService:
         Under an Idempotency-Key, a repeat within 24 h gets the original build (and False); the
         same key with a different request is refused. A tenant's images are named
         `<namespace>/<name>:<tag>`: the namespace comes from the token, never from the request.
+
+        `secrets` (id -> value) stay in memory, with the build, until it ends; a repeat is
+        compared by their digest, never by their values.
         """
+        secrets = dict(secrets or {})
         try:
             if namespace and spec.image_name:
                 spec = dataclasses.replace(spec, image_name=f"{namespace}/{spec.image_name}")
-            spec = dataclasses.replace(spec, builder=await self._builder_for(spec, self._engines.for_tenant(namespace)))
+            engine = self._engines.for_tenant(namespace)
+            builder = await self._builder_for(spec, engine)
+            spec = dataclasses.replace(spec, builder=builder)
+            if secrets and not engine.builders[builder].takes_secrets:
+                raise SecretsNotSupported(f"build secrets need BuildKit; this build would run on the {builder} builder")
             self.check_accepting(spec, namespace)
             if context is None:
                 if spec.base_image is None:
@@ -333,7 +346,7 @@ class BuildService:
                 await self.discard_context(context)
             raise
         if key is None:
-            build, _ = await self._accept(spec, context, namespace, digest=False)
+            build, _ = await self._accept(spec, context, namespace, secrets, digest=False)
             return build.record, True
         # One submit per key at a time, so two racing retries cannot both start a build.
         async with self._idempotency_locks.setdefault((namespace, key), asyncio.Lock()):
@@ -342,14 +355,14 @@ class BuildService:
                 if (seen := await self._store.find_idempotent(namespace, key, since)) is not None:
                     # A repeat: its upload is read to compare it, never built.
                     checked = await self._read_repeat(spec, context, namespace)
-                    if seen[0] != _fingerprint(spec, checked.digest):
+                    if seen[0] != _fingerprint(spec, checked.digest, secrets):
                         raise IdempotencyKeyReused(
                             "this Idempotency-Key was used for a different request in the last 24 h"
                         )
                     return await self.get(seen[1], namespace), False
-                build, checked = await self._accept(spec, context, namespace, digest=True)
+                build, checked = await self._accept(spec, context, namespace, secrets, digest=True)
                 await self._store.remember_idempotent(
-                    namespace, key, _fingerprint(spec, checked.digest), build.record.build_id
+                    namespace, key, _fingerprint(spec, checked.digest, secrets), build.record.build_id
                 )
                 return build.record, True
             finally:
@@ -364,15 +377,22 @@ class BuildService:
         return await self._receive(context, _discard, namespace, dockerfile=spec.dockerfile, digest=True)
 
     async def _accept(
-        self, spec: BuildSpec, context: AsyncIterable[bytes] | SpooledContext, namespace: str, *, digest: bool
+        self,
+        spec: BuildSpec,
+        context: AsyncIterable[bytes] | SpooledContext,
+        namespace: str,
+        secrets: dict[str, bytes],
+        *,
+        digest: bool,
     ) -> tuple[ActiveBuild, CheckedContext]:
         record = BuildRecord(
-            build_id=secrets.token_urlsafe(16), spec=spec, namespace=namespace, nydus_status=self._nydus_plan(spec)
+            build_id=token_urlsafe(16), spec=spec, namespace=namespace, nydus_status=self._nydus_plan(spec)
         )
         build = ActiveBuild(
             record=record,
             log=EventLog(record.build_id, window=self._settings.log_window, coalesce=self._settings.follower_coalesce),
             engine=self._engines.for_tenant(namespace),
+            secrets=secrets,
         )
         if isinstance(context, SpooledContext):
             checked = await self._adopt_spooled(build, context)
@@ -614,6 +634,7 @@ class BuildService:
         record.error = error
         record.finished_at = utcnow()
         record.last_event_id = terminal.id
+        build.secrets.clear()  # the engine's side is over: nothing may ask for them any more
         build.done.set()
         if not build.accepted:
             return  # a refused upload's build: never shown, nothing to keep
@@ -765,9 +786,12 @@ class BuildService:
             after = events[-1].id
 
 
-def _fingerprint(spec: BuildSpec, digest: str | None) -> str:
-    """What makes two submits the same request: their fields and their context's bytes."""
+def _fingerprint(spec: BuildSpec, digest: str | None, secrets: Mapping[str, bytes]) -> str:
+    """What makes two submits the same request: their fields, their context's bytes, and their
+    secrets (by digest: no value is kept)."""
     request = json.dumps(spec.to_dict(), sort_keys=True) + "\n" + (digest or "")
+    if secrets:
+        request += "\n" + secrets_digest(secrets)
     return hashlib.sha256(request.encode()).hexdigest()
 
 

@@ -7,7 +7,7 @@ them without knowing which builder produced them: no isinstance checks on engine
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Protocol
 
 # Step states and stream names are part of the wire contract: clients read them too.
@@ -30,6 +30,7 @@ __all__ = [
     "STEP_DONE",
     "STEP_ERROR",
     "STEP_STARTED",
+    "CredentialsLookup",
     "EngineEvent",
     "EngineFailure",
     "ImageBuilt",
@@ -101,6 +102,9 @@ class EngineFailure:
 
 EngineEvent = Output | StepChanged | LogClipped | ImageBuilt | EngineFailure
 
+# A registry host -> the (username, password) to pull from it with, or None for no login.
+CredentialsLookup = Callable[[str], tuple[str, str] | None]
+
 
 @dataclasses.dataclass(eq=False)
 class BuildJob:
@@ -121,6 +125,10 @@ class BuildJob:
     # Called with ("container" | "image", id) before the builder relies on a thing it created,
     # so that a daemon restarted after a crash can still remove it.
     remember: Callable[[str, str], Awaitable[object]] | None = None
+    # The build's secrets (`RUN --mount=type=secret`), in memory only, and only while it runs.
+    secrets: Mapping[str, bytes] = dataclasses.field(default_factory=dict, repr=False)
+    # Logins for the registries the build pulls from (FROM), when the daemon has any for it.
+    registry_logins: CredentialsLookup | None = None
 
 
 class BuildRun(Protocol):
@@ -144,6 +152,8 @@ class BuildRun(Protocol):
 
 class Builder(Protocol):
     name: str
+    # Whether its builds can be given secrets (`BuildJob.secrets`).
+    takes_secrets: bool
 
     def start(self, job: BuildJob) -> BuildRun: ...
 

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import posixpath
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -28,7 +29,9 @@ from builder.server.engines.base import (
     StepChanged,
 )
 from builder.server.engines.docker import DockerEngine, build_params, docker_message, error_message
+from builder.server.engines.session import BuildSession
 from builder.server.engines.trace import StepTracker, decode_status
+from builder.server.errors import EngineSessionFailed
 
 log = structlog.get_logger(__name__)
 
@@ -43,11 +46,14 @@ _SWEEP_SETTLE_SECONDS = 1.0
 _SETTLE_PASSES = 4
 _SWEEP_INTERVAL_SECONDS = 60.0
 _PRUNE_FINISH_SECONDS = 10.0
-_SESSION_FEATURES = re.compile(r"--mount=[^ ]*type=(secret|ssh)")
+_MOUNT = re.compile(r"--mount=(\S+)")
+_NO_SESSION = "no active session"
+_SSH_NOT_FORWARDED = "forwarded from the client"
 
 
 class BuildKitBuilder:
     name = "buildkit"
+    takes_secrets = True
 
     def __init__(self, engine: DockerEngine) -> None:
         self._engine = engine
@@ -122,14 +128,22 @@ class BuildKitRun:
         self._image_id: str | None = None
         self._tracker = StepTracker(max_line=job.max_line)
         self._failed_step: str | None = None
+        self._session: BuildSession | None = None
 
     async def events(self) -> AsyncIterator[list[EngineEvent]]:
         failure: EngineFailure | None = None
         try:
-            async with asyncio.timeout(None) as deadline:
+            async with asyncio.timeout(None) as deadline, contextlib.AsyncExitStack() as scope:
                 self._deadline = deadline
                 if self._stopped:
                     deadline.reschedule(asyncio.get_running_loop().time())
+                if self._job.secrets or self._job.registry_logins is not None:
+                    # Open before the build and closed after it, whatever its end: the engine
+                    # asks it for the secrets and logins while the build runs.
+                    self._session = await scope.enter_async_context(BuildSession(
+                        secrets=self._job.secrets, credentials=self._job.registry_logins,
+                        docker_host=self._engine.docker_host,
+                    ))
                 async with self._engine.request(
                     "build", "POST",
                     params=self._params(),
@@ -152,6 +166,8 @@ class BuildKitRun:
                 failure = EngineFailure("the Docker engine ended the build stream without naming an image")
         except TimeoutError:
             failure = EngineFailure("build stream closed after the stop grace period")
+        except EngineSessionFailed as exc:
+            failure = EngineFailure(exc.message)
         except aiodocker.DockerError as exc:
             failure = EngineFailure(docker_message(exc))
         except (aiohttp.ClientError, OSError) as exc:
@@ -167,6 +183,8 @@ class BuildKitRun:
         # BuildKit removes its own step containers; rm/forcerm are the legacy builder's.
         del params["rm"], params["forcerm"]
         params |= {"version": "2", "buildid": self._job.build_id}
+        if self._session is not None:
+            params["session"] = self._session.session_id
         build_args = dict(self._job.spec.build_args)
         if self._job.spec.cache_key:
             # The image carries its own cache metadata, so a later build can use it from a registry
@@ -230,13 +248,16 @@ class BuildKitRun:
 
     def _explain(self, error: str) -> str:
         """The engine's error, made plain where it is cryptic."""
-        if "no active session" in error:
-            features = sorted(set(_SESSION_FEATURES.findall(self._failed_step or "")))
-            what = " and ".join(f"RUN --mount=type={f}" for f in features) or "this build"
-            return (
-                f"{what} needs a BuildKit session (secrets or SSH forwarding), which this daemon "
-                f"does not provide for this build ({error})"
-            )
+        if self._session is not None:
+            error = self._session.failure_message(error)
+            if _NO_SESSION in error:
+                return f"the daemon's BuildKit session for this build was lost ({error})"
+        elif _NO_SESSION in error:
+            # A build runs without a session when it was given no secrets (and the daemon has no
+            # registry logins for it): the engine then refuses any mount that needs one.
+            return f"{_session_needs(self._failed_step or '')} ({error})"
+        if _SSH_NOT_FORWARDED in error:
+            return f"RUN --mount=type=ssh needs SSH agent forwarding, which this daemon does not offer ({error})"
         return error
 
     async def stop(self) -> None:
@@ -268,3 +289,23 @@ class BuildKitRun:
             # Only once no tag names it any more: the service removed the build's own tags first.
             if info is not None and not info.get("RepoTags"):
                 await self._engine.remove_image(self._image_id)
+
+
+def _session_needs(step: str) -> str:
+    """What the mounts of a step (`[2/2] RUN --mount=type=secret,id=tok …`) needed a session for."""
+    secret_ids: list[str] = []
+    ssh = False
+    for mount in _MOUNT.findall(step):
+        options = dict(option.partition("=")[::2] for option in mount.split(","))
+        if options.get("type") == "secret":
+            # As the Dockerfile frontend does: the id defaults to the target's file name.
+            target = options.get("target") or options.get("dst") or options.get("destination") or ""
+            secret_ids.append(options.get("id") or posixpath.basename(target))
+        elif options.get("type") == "ssh":
+            ssh = True
+    needs = []
+    if secret_ids:
+        needs.append(f"RUN --mount=type=secret needs secrets this build was not given: {', '.join(secret_ids)}")
+    if ssh:
+        needs.append("RUN --mount=type=ssh needs SSH agent forwarding, which this daemon does not offer")
+    return "; ".join(needs) or "this build needs a BuildKit session (secrets or SSH forwarding), and had none"

@@ -75,9 +75,13 @@ class PushDigest:
 class DockerEngine:
     """A Docker Engine, reached at one DOCKER_HOST."""
 
-    def __init__(self, docker: aiodocker.Docker, limits: BuildLimits | None = None) -> None:
+    def __init__(
+        self, docker: aiodocker.Docker, limits: BuildLimits | None = None, *, docker_host: str | None = None
+    ) -> None:
         self.docker = docker
         self.limits = limits or BuildLimits()
+        # As configured (None: $DOCKER_HOST, else the local socket): where a BuildKit session connects.
+        self.docker_host = docker_host
         self.builders: dict[str, Builder] = {}
         # (loop time, answered) of the last ping: a burst of submits asks the engine once.
         self._last_ping: tuple[float, bool] = (float("-inf"), False)
@@ -85,7 +89,8 @@ class DockerEngine:
     @classmethod
     def connect(cls, docker_host: str | None, *, limits: BuildLimits | None = None) -> DockerEngine:
         # No client-wide timeout: long calls (build) must not hit one; short ones pass their own.
-        engine = cls(aiodocker.Docker(url=docker_host, timeout=aiohttp.ClientTimeout()), limits)
+        engine = cls(aiodocker.Docker(url=docker_host, timeout=aiohttp.ClientTimeout()), limits,
+                     docker_host=docker_host)
         # Imported here: the builders import this module for its helpers.
         from builder.server.engines.buildkit import BuildKitBuilder
         from builder.server.engines.legacy import LegacyBuilder

@@ -163,6 +163,7 @@ class BuildOutputParser:
 
 class LegacyBuilder:
     name = "legacy"
+    takes_secrets = False  # no BuildKit session
 
     def __init__(self, engine: DockerEngine) -> None:
         self._engine = engine

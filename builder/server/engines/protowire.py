@@ -108,3 +108,13 @@ def field_bytes(number: int, value: bytes) -> bytes:
 
 def field_varint(number: int, value: int) -> bytes:
     return varint(number << 3 | VARINT) + varint(value)
+
+
+def last_bytes(data: bytes | memoryview, number: int) -> bytes:
+    """The LENGTH field `number` (a string or bytes), b"" when absent; as proto3 wants, the last one wins."""
+    found = b""
+    for field_number, wire_type, value in fields(data):
+        if field_number == number and wire_type == LENGTH:
+            assert isinstance(value, memoryview)
+            found = bytes(value)
+    return found
