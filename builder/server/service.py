@@ -217,8 +217,14 @@ class BuildService:
         return record
 
     async def list(self, *, namespace: str = "", status: BuildStatus | None, limit: int) -> list[BuildRecord]:
-        # Active records are saved on every state change, so the store's view is current.
-        return await self._store.list(namespace=namespace, status=status, limit=limit)
+        """Newest first. A build still in memory is shown as it is now: its finished record
+        reaches the store only once its log is durable, a moment after its outcome."""
+        found = {r.build_id: r for r in await self._store.list(namespace=namespace, status=status, limit=limit)}
+        for build in self._active.values():
+            if build.accepted and build.record.namespace == namespace:
+                found[build.record.build_id] = build.record
+        current = [r for r in found.values() if status is None or r.status is status]
+        return sorted(current, key=lambda r: r.created_at, reverse=True)[:limit]
 
     @property
     def queued_count(self) -> int:
@@ -635,14 +641,15 @@ class BuildService:
         record.finished_at = utcnow()
         record.last_event_id = terminal.id
         build.secrets.clear()  # the engine's side is over: nothing may ask for them any more
-        build.done.set()
         if not build.accepted:
+            build.done.set()
             return  # a refused upload's build: never shown, nothing to keep
         # The flush commits the terminal frame, then saves the final record (a restart never finds
         # a finished record whose terminal frame was lost); if the store cannot write now, the
-        # flusher keeps trying, backing off.
+        # flusher keeps trying, backing off. Done (DELETE answers) once the record says so.
         with contextlib.suppress(StoreUnavailable):
             await self._flush()
+        build.done.set()
         self.metrics.builds.labels(status.value).inc()
         if record.started_at is not None:
             self.metrics.build_seconds.observe((record.finished_at - record.started_at).total_seconds())
@@ -683,7 +690,7 @@ class BuildService:
                 for build, events in batches:
                     if events:
                         build.log.committed(events[-1].id)
-                    if build.log.fully_committed and build.done.is_set():
+                    if build.log.fully_committed and build.record.status.terminal:
                         await self._store.save(build.record)
                         del self._active[build.record.build_id]
             except StoreUnavailable as exc:
