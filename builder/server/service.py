@@ -25,7 +25,7 @@ import structlog
 from builder import protocol as p
 from builder.protocol import BuildStatus
 from builder.server import contexts
-from builder.server.buildspec import BuildSpec
+from builder.server.models import BuildSpec
 from builder.server.config import Settings
 from builder.server.contexts import CheckedContext, ContextLimits, ContextPipe, ContextSpool, SpooledContext
 from builder.server.dockerfile_refs import image_references, onbuild_references

@@ -20,7 +20,7 @@ from builder.protocol import (
     STEP_ERROR,
     STEP_STARTED,
 )
-from builder.server.buildspec import BuildSpec
+from builder.server.models import BuildSpec
 
 __all__ = [
     "STDERR",

@@ -18,7 +18,7 @@ import aiohttp
 import structlog
 
 from builder.protocol import DEFAULT_DOCKERFILE
-from builder.server.buildspec import BuildSpec
+from builder.server.models import BuildSpec
 from builder.server.engines.base import Builder, EngineFailure
 
 log = structlog.get_logger(__name__)
@@ -193,7 +193,8 @@ class DockerEngine:
             async with asyncio.timeout(CALL_SECONDS):
                 return await self.docker.images.inspect(image)
         except aiodocker.DockerError as exc:
-            if exc.status == 404:
+            # 400: a reference this engine cannot parse (an IPv6 registry host on 20.10) names no image of it.
+            if exc.status in (400, 404):
                 return None
             raise
 
