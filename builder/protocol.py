@@ -12,7 +12,7 @@ from json.encoder import encode_basestring_ascii
 from typing import Any
 
 
-class BuildStatus(str, enum.Enum):
+class BuildStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"

@@ -98,7 +98,7 @@ class BuildNotFound(BuilderError):
     status = 404
     code = "build_not_found"
     # Clients may reach us before the build is registered; tell them to retry.
-    response_headers = {"Retry-After": "1"}
+    response_headers: ClassVar[Mapping[str, str]] = {"Retry-After": "1"}
 
     def __init__(self, build_id: str) -> None:
         super().__init__(f"no build with id {build_id!r}")
@@ -117,7 +117,7 @@ class BuildExpired(BuilderError):
 class QueueFull(BuilderError):
     status = 429
     code = "queue_full"
-    response_headers = {"Retry-After": "10"}
+    response_headers: ClassVar[Mapping[str, str]] = {"Retry-After": "10"}
 
 
 class TenantQuotaExceeded(BuilderError):
@@ -125,22 +125,22 @@ class TenantQuotaExceeded(BuilderError):
 
     status = 429
     code = "tenant_quota_exceeded"
-    response_headers = {"Retry-After": "10"}
+    response_headers: ClassVar[Mapping[str, str]] = {"Retry-After": "10"}
 
 
 class ShuttingDown(BuilderError):
     status = 503
     code = "shutting_down"
-    response_headers = {"Retry-After": "5"}
+    response_headers: ClassVar[Mapping[str, str]] = {"Retry-After": "5"}
 
 
 class StoreFailing(BuilderError):
     status = 503
     code = "store_unavailable"
-    response_headers = {"Retry-After": "5"}
+    response_headers: ClassVar[Mapping[str, str]] = {"Retry-After": "5"}
 
 
 class EngineUnavailable(BuilderError):
     status = 503
     code = "engine_unavailable"
-    response_headers = {"Retry-After": "5"}
+    response_headers: ClassVar[Mapping[str, str]] = {"Retry-After": "5"}

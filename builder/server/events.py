@@ -10,6 +10,7 @@ event loop, nothing can slip between the two.
 from __future__ import annotations
 
 import asyncio
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from builder import protocol
@@ -55,7 +56,7 @@ class EventLog:
         """`extend_lines` for the output of one build step, with its step number and stream."""
         suffix = protocol.log_event_suffix(step, stream, elapsed)
         prefix = '{"type":"log","line":'
-        encode = protocol.encode_basestring_ascii
+        encode = encode_basestring_ascii
         return self._extend([prefix + encode(line) + suffix for line in lines])
 
     def _extend(self, datas: list[str]) -> list[Event]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 from aiohttp import BodyPartReader, web
@@ -24,12 +24,12 @@ from builder.server.errors import (
     UploadStalled,
 )
 from builder.server.models import (
+    MAX_LIST_LIMIT,
+    TAR_CONTENT_TYPES,
     Accepted,
     BuildList,
     BuildSpec,
     ListQuery,
-    MAX_LIST_LIMIT,
-    TAR_CONTENT_TYPES,
     LogQuery,
     Shape,
     parse_fields,
@@ -100,6 +100,7 @@ async def create_build(request: web.Request) -> web.Response:
     key = _idempotency_key(request)
     limit = request.app[SETTINGS].max_context_bytes
     content_type = request.content_type
+    context: SpooledContext | AsyncIterable[bytes] | None
     if content_type == "multipart/form-data":
         _reject_oversized(request, limit + _MULTIPART_OVERHEAD)
         spec, context = await _read_multipart(request, digest=key is not None)

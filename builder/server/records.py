@@ -13,7 +13,7 @@ NYDUS_NOT_PERFORMED = "not performed: no nydusify tool is available on this daem
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 @overload
@@ -23,7 +23,7 @@ def rfc3339(value: dt.datetime | None) -> str | None: ...
 def rfc3339(value: dt.datetime | None) -> str | None:
     if value is None:
         return None
-    return value.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _parse_time(value: str | None) -> dt.datetime | None:

@@ -97,7 +97,7 @@ class PlainLogResponse(LogStreamResponse):
         self.charset = "utf-8"
 
     def render(self, events: Sequence[Event]) -> bytes:
-        lines = []
+        lines: list[str] = []
         for event in events:
             payload = json.loads(event.data)
             kind = payload.get("type")

@@ -11,7 +11,7 @@ import base64
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import aiodocker
@@ -123,7 +123,7 @@ class BuildKitRun:
         self._tracker = StepTracker()
         self._failed_step: str | None = None
 
-    async def events(self) -> AsyncIterator[list[EngineEvent]]:
+    async def events(self) -> AsyncGenerator[list[EngineEvent], None]:
         failure: EngineFailure | None = None
         try:
             async with asyncio.timeout(None) as deadline:
@@ -183,7 +183,7 @@ class BuildKitRun:
             params["networkmode"] = self._engine.limits.network
         return params
 
-    async def _send_context(self) -> AsyncIterator[bytes]:
+    async def _send_context(self) -> AsyncIterator[bytes | memoryview]:
         async for chunk in self._job.context:
             yield chunk
         self._context_sent = True

@@ -18,8 +18,8 @@ import aiohttp
 import structlog
 
 from builder.protocol import DEFAULT_DOCKERFILE
-from builder.server.models import BuildSpec
 from builder.server.engines.base import Builder, EngineFailure
+from builder.server.models import BuildSpec
 
 log = structlog.get_logger(__name__)
 
@@ -102,7 +102,7 @@ class DockerEngine:
         try:
             async with self.docker._query("_ping", versioned_api=False, timeout=_PING_TIMEOUT) as response:
                 answered = (await response.read()) == b"OK"
-        except (aiodocker.DockerError, aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiodocker.DockerError, aiohttp.ClientError, OSError):
             answered = False
         self._last_ping = (asyncio.get_running_loop().time(), answered)
         return answered
@@ -308,10 +308,7 @@ def error_message(chunk: Mapping[str, Any], fallback: str) -> str | None:
 
 
 def docker_message(exc: aiodocker.DockerError) -> str:
-    message = exc.message
-    if isinstance(message, dict):
-        message = message.get("message", message)
-    return str(message).strip()
+    return str(exc.message).strip()
 
 
 _DIGEST_RE = re.compile(r"\S+: digest: (sha256:[0-9a-f]{64}) size: \d+")
