@@ -99,7 +99,8 @@ async def run() -> Result:
 {LABELS['builder-legacy']} (the same CLI command against a second daemon), alternating, one warm-up round
 then {PAIRS} measured rounds. The harness starts each command with its stdout and stderr on pipes, reads them to
 EOF and waits for the exit: the time is spawn → last byte read and exit. Then it counts the lines (of
-stdout; of stderr for docker with BuildKit, which prints its progress there) that are a number of the build's output (`#5 0.154 17` in BuildKit's plain style, `17` from the legacy
+stdout; of stderr for docker with BuildKit, which prints its progress there) that are a number of the build's
+output (`#5 0.154 17` in BuildKit's plain style, `17` from the legacy
 builder; step lines do not count) and checks they are exactly 1..{LINES:,} in order. The engine runs with
 BuildKit's step log limits raised (see README), so BuildKit does not clip. Images are removed after each run."""
     counts_table = harness.markdown_table(["command", "numeric lines per run (warm-up first)", f"all exactly {LINES:,} in order"],

@@ -375,7 +375,8 @@ submit. *Daemon CPU*: user + system time of the daemon process from the submit u
 done (from `/proc/<pid>/stat`). The notes give when the streams opened (response headers read) and the
 change of the kernel's TcpExt counters over the run: `ListenOverflows`/`ListenDrops` count connection
 attempts dropped because the daemon's accept queue (its listen backlog) was full, `TCPSynRetrans` the SYNs
-clients then had to resend, 1 s, 3 s, 7 s, 15 s … after the first. The harness raises its open-file limit (`RLIMIT_NOFILE`) before it starts
+clients then had to resend, 1 s, 3 s, 7 s, 15 s … after the first. The harness raises its open-file limit
+(`RLIMIT_NOFILE`) before it starts
 the daemon, which inherits it."""
     parts = [method, table]
     if notes:
@@ -388,7 +389,8 @@ the daemon, which inherits it."""
         body="\n\n".join(parts),
         headlines=[Headline(
             "fanout",
-            f"{top} followers: lag p99 {harness.fmt(p99, 0)} ms (p50 {harness.fmt(percentile(_lags(top_result), 50), 0)} ms), "
+            f"{top} followers: lag p99 {harness.fmt(p99, 0)} ms "
+            f"(p50 {harness.fmt(percentile(_lags(top_result), 50), 0)} ms), "
             f"{complete}/{top} clients complete",
             f"p99 < {TARGET_P99_MS:.0f} ms, all complete",
             p99 is not None and p99 < TARGET_P99_MS and complete == top,

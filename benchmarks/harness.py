@@ -109,7 +109,7 @@ class Daemon:
             *self._extra_args,
         ]
         # A plain Popen (not asyncio's) so poll() answers synchronously; both calls return at once.
-        with open(self.log_path, "wb") as log:  # noqa: ASYNC230
+        with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(  # noqa: ASYNC220
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )

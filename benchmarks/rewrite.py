@@ -112,7 +112,8 @@ def measure(name: str, source: Callable[[], Iterator[bytes]], floor: Callable[[I
             size, spent = run(source() if pieces is None else pieces)
             speeds[label].append(size / spent / 1e6)
     for label, runs in speeds.items():
-        print(f"{name:36} {label:10} {statistics.median(runs):7.0f} MB/s  (runs {', '.join(f'{s:.0f}' for s in runs)}; {size / 1e6:.0f} MB in)")
+        each = ", ".join(f"{s:.0f}" for s in runs)
+        print(f"{name:36} {label:10} {statistics.median(runs):7.0f} MB/s  (runs {each}; {size / 1e6:.0f} MB in)")
     ratios = [ours / theirs for ours, theirs in zip(speeds["rewriter"], speeds[floor_name], strict=True)]
     print(f"{name:36} ratio      {statistics.median(ratios):7.2f}  (per pair {', '.join(f'{r:.2f}' for r in ratios)})")
 

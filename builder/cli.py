@@ -49,7 +49,8 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--build-network", default=defaults.build_network,
                        help="network mode of build step containers: bridge (default), none, host")
     serve.add_argument("--auth-tokens-file", type=Path, default=defaults.auth_tokens_file,
-                       help="'token namespace' per line (# comments); reloaded on SIGHUP. Also env BUILDER_AUTH_TOKENS")
+                       help="'token namespace' per line (# comments); reloaded on SIGHUP (env BUILDER_AUTH_TOKENS_FILE). "
+                            "Also env BUILDER_AUTH_TOKENS")
     serve.add_argument("--metrics-token", default=defaults.metrics_token,
                        help="a token that may read /metrics only (env BUILDER_METRICS_TOKEN)")
     serve.add_argument("--allow-base-image", action="append", default=[], metavar="PATTERN",

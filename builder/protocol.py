@@ -12,7 +12,7 @@ from json.encoder import encode_basestring_ascii
 from typing import Any
 
 
-class BuildStatus(str, enum.Enum):
+class BuildStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -46,20 +46,10 @@ STEP_CANCELLED = "cancelled"
 STDOUT = "stdout"
 STDERR = "stderr"
 
-# Multipart / query / JSON field names of POST /builds.
+# POST /builds: the multipart part that carries the context, and the JSON shape's base image.
+# The other fields are declared, with their types, in builder/server/models.py (`BuildSpec`).
 FIELD_CONTEXT = "context"
 FIELD_IMAGE = "image"
-FIELD_IMAGE_NAME = "image_name"
-FIELD_DOCKERFILE = "dockerfile"
-FIELD_BUILD_ARGS = "build_args"
-FIELD_LABELS = "labels"
-FIELD_TARGET = "target"
-FIELD_NO_CACHE = "no_cache"
-FIELD_PULL = "pull"
-FIELD_NYDUS_CONVERT = "nydus_convert"
-FIELD_CACHE_KEY = "cache_key"
-FIELD_TIMEOUT = "timeout"
-FIELD_BUILDER = "builder"
 # Build secrets: multipart parts `secret.<id>`, or a JSON object `{"<id>": "<base64>"}`; never a query field.
 SECRET_PART_PREFIX = "secret."
 FIELD_SECRETS = "secrets"

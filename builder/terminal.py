@@ -256,7 +256,7 @@ async def _ls(client: BuilderClient, session: Session) -> int:
     rows += [(b["build_id"], b["status"], b["image_ref"] or b["image_name"] or "-", b["created_at"]) for b in builds]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[3])
     return EXIT_OK
 
 

@@ -3,6 +3,8 @@
 #
 #   source scripts/lib.sh
 #   ensure_venv         # .venv with `pip install -e '.[test]'`
+#   ensure_oldest_venv  # .venv-oldest: runtime dependencies at their lower bounds (run_oldest_unit_tests)
+#   run_static_checks   # ruff check, ruff format --check, mypy
 #   ensure_engine       # a Docker Engine that answers /_ping (starts dockerd)
 #   ensure_base_image   # $BASE_IMAGE built offline from dockerfiles/base.Dockerfile
 #   ensure_second_engine  # a second dockerd (own roots, socket, bridge) with $BASE_IMAGE;
@@ -188,6 +190,63 @@ ensure_venv() {
         return 1
     fi
     touch "$stamp"
+}
+
+# ---------------------------------------------------------------- ensure_oldest_venv
+
+# .venv-oldest: the oldest runtime dependency versions pyproject.toml allows (each pinned
+# to its lower bound by scripts/oldest_deps.py) plus pytest, pytest-aiohttp and redis (the
+# fixtures import it), for the tests marked `unit`.  The project itself is not installed:
+# PYTHONPATH points at it.
+# Reinstalled only when that list changes (stamp .venv-oldest/.installed-<sha256 of it>).
+ensure_oldest_venv() {
+    local venv="$BUILDER_ROOT/.venv-oldest" requirements sum stamp pip_log
+    requirements="$(python3 "$BUILDER_ROOT/scripts/oldest_deps.py" --with pytest --with pytest-aiohttp --with redis)" || {
+        _setup_log "scripts/oldest_deps.py failed"
+        return 1
+    }
+    sum="$(printf '%s\n' "$requirements" "$(python3 -V 2>&1)" | sha256sum | cut -d' ' -f1)"
+    stamp="$venv/.installed-$sum"
+    if [ -f "$stamp" ] && "$venv/bin/python" -c '' >/dev/null 2>&1; then
+        return 0
+    fi
+    _setup_log "creating $venv with the oldest allowed versions: $(printf '%s' "$requirements" | grep '==' | tr '\n' ' ')"
+    rm -rf "$venv"
+    python3 -m venv "$venv" || { _setup_log "python3 -m venv $venv failed"; return 1; }
+    pip_log="$venv/pip-install.log"
+    printf '%s\n' "$requirements" >"$venv/requirements.txt"
+    # One resolution for all: a test tool may not drag a runtime dependency past its pin.
+    if ! PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv/bin/python" -m pip install -q -r "$venv/requirements.txt" \
+        >"$pip_log" 2>&1; then
+        _setup_log "pip install into $venv failed; last lines of $pip_log:"
+        tail -n 30 "$pip_log" | sed 's/^/[setup]   /' >&2
+        return 1
+    fi
+    touch "$stamp"
+}
+
+# run_oldest_unit_tests: the tests marked `unit` in .venv-oldest (ensure_oldest_venv first).
+run_oldest_unit_tests() {
+    local files
+    # Only the files that carry the marker are collected: the others import test tools
+    # (schemathesis, redis) that .venv-oldest does not have.
+    mapfile -t files < <(cd "$BUILDER_ROOT" && grep -l '^pytestmark = pytest.mark.unit$\|^@pytest.mark.unit$' tests/test_*.py)
+    [ "${#files[@]}" -gt 0 ] || { _setup_log "no test is marked unit"; return 1; }
+    _setup_log "unit tests on the oldest allowed dependency versions (${#files[@]} files)"
+    (cd "$BUILDER_ROOT" && PYTHONPATH="$BUILDER_ROOT" .venv-oldest/bin/python -m pytest -q -m unit -p no:cacheprovider "${files[@]}")
+}
+
+# run_static_checks: ruff (lint and format) on builder/, tests/, benchmarks/; mypy (strict,
+# configured in pyproject.toml) on builder/.  Uses the tools in .venv.
+run_static_checks() {
+    local venv="$BUILDER_ROOT/.venv"
+    _setup_log "ruff check, ruff format --check, mypy"
+    (
+        cd "$BUILDER_ROOT" &&
+            "$venv/bin/ruff" check builder tests benchmarks &&
+            "$venv/bin/ruff" format --check builder tests benchmarks &&
+            "$venv/bin/mypy" builder
+    )
 }
 
 # ---------------------------------------------------------------- ensure_engine

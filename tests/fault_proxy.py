@@ -83,7 +83,7 @@ class FaultProxy:
             if self.cut_after is not None:
                 budget = self.rng.randint(*self.cut_after)
         lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")]
-        head = b"\r\n".join(lines[:1] + [b"Connection: close"] + lines[1:])
+        head = b"\r\n".join([*lines[:1], b"Connection: close", *lines[1:]])
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         up_writer.write(head)
         upload = asyncio.create_task(_pipe(reader, up_writer))

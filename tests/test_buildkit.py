@@ -51,7 +51,7 @@ async def test_independent_stages_run_in_parallel(client: TestClient) -> None:
     order = [(s["name"], s["state"]) for s in step_events(frames) if "sleep 1.5" in s["name"]]
     # Both sleeping steps started before either was done: their time spans overlap.
     assert [state for _, state in order] == ["started", "started", "done", "done"], order
-    assert ["left", "right"] == log_lines(frames)[-2:]
+    assert log_lines(frames)[-2:] == ["left", "right"]
 
 
 async def test_cache_mount_is_reused_by_the_next_build(client: TestClient) -> None:

@@ -89,7 +89,7 @@ def _big_file_context(steps: str, size: int) -> tuple[list[bytes], list[bytes]]:
     head = _header(_member("Dockerfile", len(docker_file))) + docker_file + _padding(len(docker_file))
     pieces = [head + _header(_member("big.bin", size))] + [b"z" * MIB] * (size // MIB)
     half = len(pieces) // 2
-    return pieces[:half], pieces[half:] + [bytes(1024)]
+    return pieces[:half], [*pieces[half:], bytes(1024)]
 
 
 async def test_the_engine_reads_the_context_while_the_upload_is_still_arriving(
@@ -125,7 +125,7 @@ async def test_a_check_failing_mid_upload_ends_the_engines_read_and_leaves_nothi
     bad = (_member("pipe", 0, type=tarfile.FIFOTYPE) if hostile == "fifo"
            else _member("link", 0, type=tarfile.SYMTYPE, linkname="../../../../etc/shadow"))
     # The hostile entry comes after the engine has been reading for a while.
-    upload = Upload(first, rest[:-1] + [_header(bad) + bytes(1024)])
+    upload = Upload(first, [*rest[:-1], _header(bad) + bytes(1024)])
     upload.release.set()
     response = await client.post("/builds", data=upload.body(), headers={"Content-Type": "application/x-tar"})
     body = await response.json()

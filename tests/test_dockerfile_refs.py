@@ -7,6 +7,8 @@ import pytest
 from builder.server.dockerfile_refs import image_references, onbuild_references
 from builder.server.errors import UnresolvableImageReference
 
+pytestmark = pytest.mark.unit
+
 
 def refs(text: str, **build_args: str) -> list[str]:
     return [ref.reference for ref in image_references(text, build_args)]

@@ -13,6 +13,8 @@ from builder.server.errors import (
 from builder.server.imagepolicy import ImagePolicy
 from builder.server.imageref import normalise_reference
 
+pytestmark = pytest.mark.unit
+
 TENANTS = ("tenant-a", "tenant-b", "acme.io")
 REGISTRY = "127.0.0.1:5000"
 DIGEST = "sha256:" + "ab" * 32

@@ -13,6 +13,8 @@ import structlog
 
 from builder.observability import configure_logging
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def json_logging() -> Iterator[None]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
 from aiohttp.test_utils import TestClient
 
+from builder.server.metrics import Metrics
 from tests.conftest import dockerfile, submit, wait_for, wait_for_line
 
 
@@ -35,3 +37,19 @@ async def test_metrics_count_builds_uploads_streams_and_teardown(client: TestCli
     assert _sample(text, "builder_builds_total", '{status="cancelled"}') == 1
     assert _sample(text, "builder_cancel_teardown_seconds_count") == 1
     assert _sample(text, "builder_build_duration_seconds_count") == 2
+
+
+@pytest.mark.unit
+def test_metrics_render_in_text_format_with_counter_totals_and_live_gauges() -> None:
+    metrics = Metrics()
+    metrics.builds.labels(status="succeeded").inc()
+    metrics.upload_bytes.inc(512)
+    metrics.build_seconds.observe(3)
+    metrics.observe(queued=lambda: 4, running=lambda: 2, streams=lambda: 7)
+    text = metrics.render().decode()
+    assert _sample(text, "builder_builds_total", '{status="succeeded"}') == 1
+    assert _sample(text, "builder_upload_bytes_total") == 512
+    assert _sample(text, "builder_build_duration_seconds_bucket", '{le="5.0"}') == 1
+    assert _sample(text, "builder_build_duration_seconds_count") == 1
+    assert (_sample(text, "builder_queue_depth"), _sample(text, "builder_builds_running")) == (4, 2)
+    assert _sample(text, "builder_log_streams") == 7

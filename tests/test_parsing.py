@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from builder.server.buildspec import BuildSpec, normalise_context_path
 from builder.server.engines.base import EngineFailure, ImageBuilt
 from builder.server.engines.legacy import BuildOutputParser, LinePiece, StepContainer, StepLayer
 from builder.server.errors import InvalidField, InvalidImageReference
 from builder.server.events import EventLog
 from builder.server.hosts import is_loopback
 from builder.server.imageref import parse_image_name, validate_reference
+from builder.server.models import BuildSpec, Shape, normalise_context_path
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.mark.parametrize(
@@ -53,7 +55,8 @@ def test_image_name_tag_defaults_to_latest() -> None:
 def test_build_spec_from_multipart_strings() -> None:
     spec = BuildSpec.from_fields(
         {"image_name": "app", "dockerfile": "./ci//Dockerfile", "build_args": '{"A": "1"}', "labels": "",
-         "no_cache": "true", "pull": "0", "nydus_convert": "false", "target": "final", "cache_key": "k"}
+         "no_cache": "true", "pull": "0", "nydus_convert": "false", "target": "final", "cache_key": "k"},
+        Shape.MULTIPART,
     )
     assert spec == BuildSpec(image_name="app:latest", dockerfile="ci/Dockerfile", build_args={"A": "1"},
                              target="final", no_cache=True, cache_key="k")
@@ -61,10 +64,10 @@ def test_build_spec_from_multipart_strings() -> None:
 
 
 def test_build_spec_from_json_values() -> None:
-    spec = BuildSpec.from_fields({"image": "busybox", "no_cache": True, "build_args": {"X": "y"}}, synthetic=True)
+    spec = BuildSpec.from_fields({"image": "busybox", "no_cache": True, "build_args": {"X": "y"}}, Shape.JSON)
     assert spec.base_image == "busybox" and spec.no_cache and spec.build_args == {"X": "y"}
     with pytest.raises(InvalidField):
-        BuildSpec.from_fields({"image": "busybox", "no_cache": 1}, synthetic=True)
+        BuildSpec.from_fields({"image": "busybox", "no_cache": 1}, Shape.JSON)
 
 
 @pytest.mark.parametrize("path", ["..", "../x", "a/../../x", ".", ""])

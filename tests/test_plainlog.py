@@ -15,6 +15,8 @@ from builder.protocol import (
 from builder.server.engines.base import EngineEvent, LogClipped, Output, StepChanged
 from tests.test_trace import track
 
+pytestmark = pytest.mark.unit
+
 
 def render(events: list[EngineEvent]) -> list[str]:
     lines: list[str] = []

@@ -18,6 +18,8 @@ from builder.server.engines.protowire import (
     varint,
 )
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 2**32, 2**64 - 1])
 def test_read_varint_reads_what_varint_writes(value: int) -> None:

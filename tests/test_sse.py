@@ -8,6 +8,8 @@ import pytest
 
 from builder.client.sse import ServerSentEvent, SSEDecoder
 
+pytestmark = pytest.mark.unit
+
 
 def decode(*chunks: bytes) -> list[ServerSentEvent]:
     decoder = SSEDecoder()

@@ -42,6 +42,8 @@ from builder.server.engines.trace import (
     decode_status,
 )
 
+pytestmark = pytest.mark.unit
+
 DATA = Path(__file__).parent / "data" / "buildkit"
 SECOND = 1_000_000_000
 

@@ -43,7 +43,7 @@ class _Pattern:
 
     def could_match_under(self, dir_parts: list[str]) -> bool:
         """Conservative: False only if no path strictly inside the directory can match."""
-        for part, name in zip(self.parts, dir_parts):
+        for part, name in zip(self.parts, dir_parts, strict=False):
             if part is None:
                 return True
             if not part.fullmatch(name):

@@ -23,21 +23,24 @@ class BuildEvent:
 class LogEvent(BuildEvent):
     @property
     def line(self) -> str:
-        return self.data["line"]
+        line: str = self.data["line"]
+        return line
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class StatusEvent(BuildEvent):
     @property
     def status(self) -> str:
-        return self.data["status"]
+        status: str = self.data["status"]
+        return status
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DoneEvent(BuildEvent):
     @property
     def image_ref(self) -> str:
-        return self.data["image_ref"]
+        image_ref: str = self.data["image_ref"]
+        return image_ref
 
     @property
     def image_id(self) -> str | None:
@@ -48,11 +51,13 @@ class DoneEvent(BuildEvent):
 class ErrorEvent(BuildEvent):
     @property
     def error(self) -> str:
-        return self.data["error"]
+        error: str = self.data["error"]
+        return error
 
     @property
     def status(self) -> str:
-        return self.data["status"]
+        status: str = self.data["status"]
+        return status
 
 
 _TYPES: dict[str, type[BuildEvent]] = {

@@ -257,7 +257,7 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _close_streams(app: web.Application) -> None:
     """After a drain every build has its terminal frame: let streams deliver it, then end them."""
-    streams = list(app[STREAMS])
+    streams = [*app[STREAMS]]
     pending = [task for s in streams if (task := s.handler_task) is not None and not task.done()]
     if pending:
         await asyncio.wait(pending, timeout=_STREAM_FINISH_SECONDS)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hmac
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import ClassVar
 
 import structlog
 
@@ -19,9 +21,7 @@ _NAMESPACE_RE = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?", re.ASCII)
 class Unauthorized(BuilderError):
     status = 401
     code = "unauthorized"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="builder"'})
+    response_headers: ClassVar[Mapping[str, str]] = {"WWW-Authenticate": 'Bearer realm="builder"'}
 
 
 class TokenTable:

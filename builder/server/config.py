@@ -40,8 +40,11 @@ class Settings:
     docker_host: str | None = dataclasses.field(default_factory=lambda: os.environ.get("DOCKER_HOST"))
     # Tenants whose builds run on an engine of their own: (namespace, DOCKER_HOST) pairs.
     tenant_engines: tuple[tuple[str, str], ...] = ()
-    # Bearer tokens: `token namespace` lines in a file, and/or "t1=ns1,t2=ns2" (env BUILDER_AUTH_TOKENS).
-    auth_tokens_file: Path | None = None
+    # Bearer tokens: `token namespace` lines in a file (env BUILDER_AUTH_TOKENS_FILE), and/or
+    # "t1=ns1,t2=ns2" (env BUILDER_AUTH_TOKENS).
+    auth_tokens_file: Path | None = dataclasses.field(
+        default_factory=lambda: Path(path) if (path := os.environ.get("BUILDER_AUTH_TOKENS_FILE")) else None
+    )
     auth_tokens: str | None = dataclasses.field(
         default_factory=lambda: os.environ.get("BUILDER_AUTH_TOKENS"), repr=False
     )

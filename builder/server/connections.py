@@ -94,7 +94,7 @@ class GuardedServer:
 class _GuardedProtocol(asyncio.Protocol):
     """Forwards to aiohttp's request handler once the connection is admitted."""
 
-    __slots__ = ("_inner", "_guard", "_client")
+    __slots__ = ("_client", "_guard", "_inner")
 
     def __init__(self, inner: asyncio.Protocol, guard: ConnectionGuard) -> None:
         self._inner: asyncio.Protocol | None = inner

@@ -290,7 +290,7 @@ async def _guarded(
                     ))
                     return
                 await queue.put(chunk)
-        except Exception as exc:  # the connection broke, a malformed body: the consumer raises it
+        except Exception as exc:  # noqa: BLE001 (the connection broke, a malformed body: the consumer raises it)
             await queue.put(exc)
 
     reader = asyncio.create_task(read())

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 
 class BuilderError(Exception):
     """Base of every error the daemon reports to a client."""
 
     status = 500
     code = "internal_error"
+    # Sent with every error of the class (and described in /openapi.json).
+    response_headers: ClassVar[Mapping[str, str]] = {}
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.headers = headers or {}
+        self.headers = {**self.response_headers, **(headers or {})}
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -92,10 +97,11 @@ class UnsupportedMediaType(BuilderError):
 class BuildNotFound(BuilderError):
     status = 404
     code = "build_not_found"
+    # Clients may reach us before the build is registered; tell them to retry.
+    response_headers: ClassVar[Mapping[str, str]] = {"Retry-After": "1"}
 
     def __init__(self, build_id: str) -> None:
-        # Clients may reach us before the build is registered; tell them to retry.
-        super().__init__(f"no build with id {build_id!r}", headers={"Retry-After": "1"})
+        super().__init__(f"no build with id {build_id!r}")
         self.build_id = build_id
 
 
@@ -111,9 +117,7 @@ class BuildExpired(BuilderError):
 class QueueFull(BuilderError):
     status = 429
     code = "queue_full"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"Retry-After": "10"})
+    response_headers: ClassVar[Mapping[str, str]] = {"Retry-After": "10"}
 
 
 class TenantQuotaExceeded(BuilderError):
@@ -121,33 +125,25 @@ class TenantQuotaExceeded(BuilderError):
 
     status = 429
     code = "tenant_quota_exceeded"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"Retry-After": "10"})
+    response_headers: ClassVar[Mapping[str, str]] = {"Retry-After": "10"}
 
 
 class ShuttingDown(BuilderError):
     status = 503
     code = "shutting_down"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"Retry-After": "5"})
+    response_headers: ClassVar[Mapping[str, str]] = {"Retry-After": "5"}
 
 
 class StoreFailing(BuilderError):
     status = 503
     code = "store_unavailable"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"Retry-After": "5"})
+    response_headers: ClassVar[Mapping[str, str]] = {"Retry-After": "5"}
 
 
 class EngineUnavailable(BuilderError):
     status = 503
     code = "engine_unavailable"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"Retry-After": "5"})
+    response_headers: ClassVar[Mapping[str, str]] = {"Retry-After": "5"}
 
 
 class EngineSessionFailed(BuilderError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Any
 
@@ -15,7 +14,6 @@ from builder import protocol as p
 from builder.protocol import BuildStatus
 from builder.server.appkeys import ENGINES, NAMESPACE, SERVICE, SETTINGS, STREAMS
 from builder.server.build_secrets import MAX_SECRET_BYTES, MAX_SECRETS_BYTES, add_secret, secrets_from_json
-from builder.server.buildspec import BuildSpec, normalise_context_path, parse_flag
 from builder.server.contexts import SpooledContext
 from builder.server.errors import (
     BadRequest,
@@ -26,6 +24,17 @@ from builder.server.errors import (
     StoreFailing,
     UnsupportedMediaType,
     UploadStalled,
+)
+from builder.server.models import (
+    MAX_LIST_LIMIT,
+    TAR_CONTENT_TYPES,
+    Accepted,
+    BuildList,
+    BuildSpec,
+    ListQuery,
+    LogQuery,
+    Shape,
+    parse_fields,
 )
 from builder.server.openapi import openapi_document
 from builder.server.records import BuildRecord
@@ -43,14 +52,8 @@ def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | Non
     # The trailing newline keeps an operator's shell prompt off the end of `curl` output.
     return web.json_response(data, status=status, headers=headers, dumps=lambda obj: json.dumps(obj) + "\n")
 
-_TAR_TYPES = frozenset({
-    "application/x-tar", "application/tar", "application/gzip", "application/x-gzip", "application/zstd",
-    "application/x-bzip2", "application/x-xz", "application/octet-stream",
-})
 _MAX_FIELD_BYTES = 64 * 1024
 _READ_CHUNK = 256 * 1024
-_DEFAULT_LIMIT = 50
-_MAX_LIMIT = 500
 _MAX_ID_DIGITS = 19
 # Multipart framing, the text fields and the secrets ride in the same body as the context.
 _MULTIPART_OVERHEAD = (1 << 20) + MAX_SECRETS_BYTES
@@ -102,21 +105,21 @@ async def create_build(request: web.Request) -> web.Response:
     key = _idempotency_key(request)
     limit = request.app[SETTINGS].max_context_bytes
     content_type = request.content_type
-    context: AsyncIterable[bytes] | SpooledContext | None
+    context: SpooledContext | AsyncIterable[bytes] | None
     secrets: dict[str, bytes] = {}
     if content_type == "multipart/form-data":
         _reject_oversized(request, limit + _MULTIPART_OVERHEAD)
         spec, context, secrets = await _read_multipart(request, digest=key is not None)
-    elif content_type in _TAR_TYPES:
+    elif content_type in TAR_CONTENT_TYPES:
         # The streaming shape: the fields come first (in the query), so the build can start
         # while the body is still arriving.
         _reject_oversized(request, limit)
         _refuse_secrets_in_query(request.query)
-        spec, context = BuildSpec.from_fields(request.query), request.content.iter_chunked(_READ_CHUNK)
+        spec, context = BuildSpec.from_fields(request.query, Shape.QUERY), request.content.iter_chunked(_READ_CHUNK)
     elif content_type == "application/json":
         fields = await _read_json(request)
-        secrets = secrets_from_json(fields.get(p.FIELD_SECRETS))
-        spec, context = BuildSpec.from_fields(fields, synthetic=True), None
+        secrets = secrets_from_json(fields.pop(p.FIELD_SECRETS, None))
+        spec, context = BuildSpec.from_fields(fields, Shape.JSON), None
     else:
         raise UnsupportedMediaType(
             f"unsupported Content-Type {content_type!r}: send multipart/form-data, "
@@ -139,16 +142,13 @@ def _idempotency_key(request: web.Request) -> str | None:
 
 @routes.get("/builds")
 async def list_builds(request: web.Request) -> web.Response:
-    status = None
-    if raw_status := request.query.get("status"):
-        try:
-            status = BuildStatus(raw_status)
-        except ValueError:
-            allowed = ", ".join(s.value for s in BuildStatus)
-            raise InvalidField(f"status must be one of {allowed}") from None
-    limit = min(_int_query(request, "limit", _DEFAULT_LIMIT, minimum=1), _MAX_LIMIT)
-    records = await request.app[SERVICE].list(namespace=request[NAMESPACE], status=status, limit=limit)
-    return json_response({"builds": [r.to_public() for r in records]})
+    query = parse_fields(ListQuery, request.query, Shape.QUERY)
+    status = BuildStatus(query.status) if query.status else None
+    records = await request.app[SERVICE].list(
+        namespace=request[NAMESPACE], status=status, limit=min(query.limit, MAX_LIST_LIMIT)
+    )
+    body: BuildList = {"builds": [r.to_public() for r in records]}
+    return json_response(body)
 
 
 @routes.get("/builds/{build_id}", name="build")
@@ -167,9 +167,9 @@ async def cancel_build(request: web.Request) -> web.Response:
 async def stream_logs(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     build_id = request.match_info["build_id"]
-    after = _resume_after(request)
-    follow = parse_flag(request.query.get("follow"), "follow", default=True)
-    response = _log_response(request)
+    query = parse_fields(LogQuery, request.query, Shape.QUERY)
+    after = _resume_after(request, query)
+    response = _log_response(request, query)
     # Unknown (404) or expired (410) builds are answered before any byte of the stream.
     await service.get(build_id, request[NAMESPACE])
     service.check_follower(request[NAMESPACE])
@@ -180,7 +180,7 @@ async def stream_logs(request: web.Request) -> web.StreamResponse:
     request.app[STREAMS].add(response)
     try:
         async with contextlib.aclosing(
-            service.follow(build_id, after=after, follow=follow, namespace=request[NAMESPACE])
+            service.follow(build_id, after=after, follow=query.follow, namespace=request[NAMESPACE])
         ) as events:
             async for batch in events:
                 await response.send_events(build_id, batch)
@@ -191,24 +191,22 @@ async def stream_logs(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _log_response(request: web.Request) -> LogStreamResponse:
+def _log_response(request: web.Request, query: LogQuery) -> LogStreamResponse:
     """SSE for EventSource and SDKs; plain text for `curl -N` (Accept: */*) or `?format=text`."""
-    fmt = request.query.get("format")
-    if fmt not in (None, "sse", "text"):
-        raise InvalidField("format must be sse or text")
+    fmt = query.format
     if fmt == "text" or (fmt is None and "text/event-stream" not in request.headers.get("Accept", "")):
         return PlainLogResponse()
     settings = request.app[SETTINGS]
     # Batched frames for clients that ask (ours): one frame and one JSON parse per batch.
-    kind = BatchedEventStreamResponse if parse_flag(request.query.get("batch"), "batch") else EventStreamResponse
+    kind = BatchedEventStreamResponse if query.batch else EventStreamResponse
     return kind(retry_ms=settings.sse_retry_ms, ping_interval=settings.sse_ping_interval)
 
 
-def _accepted_body(record: BuildRecord, request: web.Request) -> dict[str, Any]:
+def _accepted_body(record: BuildRecord, request: web.Request) -> Accepted:
     self_url = str(request.app.router["build"].url_for(build_id=record.build_id))
     return {
         "build_id": record.build_id,
-        "status": record.status.value,
+        "status": record.status,
         "image_name": record.spec.image_name,
         "links": {"self": self_url, "logs": f"{self_url}/logs"},
     }
@@ -244,11 +242,11 @@ async def _read_multipart(
             if part.name == p.FIELD_CONTEXT:
                 if context is not None:
                     raise BadRequest("more than one context part")
-                # Fields may still follow: the context waits on the spool, checked.
-                dockerfile = fields.get(p.FIELD_DOCKERFILE) or p.DEFAULT_DOCKERFILE
+                # Fields may still follow: the context waits on the spool, checked. Those that came
+                # first are checked now, before the context is read.
+                dockerfile = BuildSpec.from_fields(fields, Shape.MULTIPART).dockerfile
                 context = await service.receive_context(
-                    _part_chunks(part), namespace=request[NAMESPACE],
-                    dockerfile=normalise_context_path(dockerfile, p.FIELD_DOCKERFILE), digest=digest,
+                    _part_chunks(part), namespace=request[NAMESPACE], dockerfile=dockerfile, digest=digest,
                 )
             elif part.name.startswith(p.SECRET_PART_PREFIX):
                 add_secret(secrets, part.name.removeprefix(p.SECRET_PART_PREFIX), await _read_secret_part(part))
@@ -256,7 +254,7 @@ async def _read_multipart(
                 fields[part.name] = await _read_text_part(part)
         if context is None:
             raise BadRequest(f"multipart request has no {p.FIELD_CONTEXT!r} file part")
-        return BuildSpec.from_fields(fields), context, secrets
+        return BuildSpec.from_fields(fields, Shape.MULTIPART), context, secrets
     except BaseException:
         if context is not None:
             await service.discard_context(context)
@@ -312,7 +310,7 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def _resume_after(request: web.Request) -> int:
+def _resume_after(request: web.Request, query: LogQuery) -> int:
     """The `Last-Event-ID` header (what EventSource sends on reconnect), else `?after=N`.
 
     The header wins: an EventSource opened on `?after=N` sends both when it reconnects, and
@@ -321,7 +319,7 @@ def _resume_after(request: web.Request) -> int:
     header = request.headers.get("Last-Event-ID", "").strip()
     if header:
         return _event_id(header, "Last-Event-ID")
-    return _int_query(request, "after", 0, minimum=0)
+    return query.after
 
 
 def _event_id(raw: str, name: str) -> int:
@@ -333,16 +331,3 @@ def _event_id(raw: str, name: str) -> int:
         raise InvalidField(f"{name} must be an event id: a non-negative integer below 2^63")
     return value
 
-
-def _int_query(request: web.Request, name: str, default: int, *, minimum: int) -> int:
-    raw = request.query.get(name)
-    if raw is None or raw == "":
-        return default
-    if not re.fullmatch(r"-?[0-9]{1,19}", raw):
-        raise InvalidField(f"{name} must be an integer")
-    value = int(raw)
-    if value < minimum:
-        raise InvalidField(f"{name} must be at least {minimum}")
-    if value >= 2**63:
-        raise InvalidField(f"{name} must be below 2^63")
-    return value

@@ -14,11 +14,14 @@ _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _DOMAIN_NAME = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*"
 _IPV6 = r"\[(?:[a-fA-F0-9:]+)\]"
 _DOMAIN = rf"(?:{_DOMAIN_NAME}|{_IPV6})(?::[0-9]+)?"
-_TAG = r"[\w][\w.-]{0,127}"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
 _DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
 _NAME = rf"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
+# The grammar as patterns both Python and ECMA-262 read alike (the OpenAPI document carries them).
+REFERENCE_PATTERN = rf"{_NAME}(?::{_TAG})?(?:@{_DIGEST})?"
+IMAGE_NAME_PATTERN = rf"{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*(?::{_TAG})?"  # a repository path: no host
 
-# re.ASCII: `\w` must not admit non-ASCII letters; fullmatch: no trailing newline slips past `$`.
+# fullmatch: no trailing newline slips past `$`.
 _REFERENCE_RE = re.compile(rf"(?P<name>{_NAME})(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?", re.ASCII)
 _IMAGE_NAME_RE = re.compile(rf"(?P<name>{_NAME})(?::(?P<tag>{_TAG}))?", re.ASCII)
 

@@ -97,7 +97,7 @@ class Publisher:
                     if current and now - last_progress < _PROGRESS_INTERVAL:
                         continue
                     last_progress = now
-                    event_data = {"type": p.EVENT_STATUS, "status": "running", "phase": phase, "layer": layer,
+                    event_data: dict[str, Any] = {"type": p.EVENT_STATUS, "status": "running", "phase": phase, "layer": layer,
                                   "progress": status}
                     if total:
                         event_data |= {"current": current, "total": total}

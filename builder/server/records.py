@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 from builder.protocol import BuildStatus, is_terminal_data
-from builder.server.buildspec import BuildSpec
+from builder.server.models import BuildSpec, BuildView
 
 NYDUS_NOT_PERFORMED = "not performed: no nydusify tool is available on this daemon"
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
+@overload
+def rfc3339(value: dt.datetime) -> str: ...
+@overload
+def rfc3339(value: dt.datetime | None) -> str | None: ...
 def rfc3339(value: dt.datetime | None) -> str | None:
     if value is None:
         return None
-    return value.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _parse_time(value: str | None) -> dt.datetime | None:
@@ -68,12 +72,12 @@ class BuildRecord:
     created_images: list[str] = dataclasses.field(default_factory=list)
     tags: list[str] = dataclasses.field(default_factory=list)
 
-    def to_public(self) -> dict[str, Any]:
+    def to_public(self) -> BuildView:
         """The status JSON of GET /builds/{id}."""
         spec = self.spec
         return {
             "build_id": self.build_id,
-            "status": self.status.value,
+            "status": self.status,
             "image_name": spec.image_name,
             "image_ref": self.image_ref,
             "image_id": self.image_id,

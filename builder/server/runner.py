@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +130,16 @@ class BuildRunner:
             cache_from = await self._bounded(
                 build, self._publisher.cache_sources(engine, record.namespace, spec.cache_key, build.log.append)
             ) if spec.cache_key else []
+            context: AsyncIterable[bytes | memoryview]
+            if build.pipe is not None:
+                context = build.pipe.pieces()
+            else:
+                assert build.spool is not None  # no pipe: the context waited on the spool
+                context = self._spool.read(build.spool)
             job = BuildJob(
                 build_id=record.build_id,
                 spec=spec,
-                context=build.pipe.pieces() if build.pipe is not None else self._spool.read(build.spool),
+                context=context,
                 cache_from=cache_from,
                 tenant=record.namespace,
                 max_line=self._max_line,

@@ -6,6 +6,7 @@ queued -> running -> succeeded | failed | cancelled   (queued -> cancelled too)
 from __future__ import annotations
 
 import asyncio
+import builtins
 import collections
 import contextlib
 import dataclasses
@@ -13,7 +14,7 @@ import datetime
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from secrets import token_urlsafe
 from typing import Any
@@ -26,7 +27,6 @@ from builder import protocol as p
 from builder.protocol import BuildStatus
 from builder.server import contexts
 from builder.server.build_secrets import secrets_digest
-from builder.server.buildspec import BuildSpec
 from builder.server.config import Settings
 from builder.server.contexts import CheckedContext, ContextLimits, ContextPipe, ContextSpool, SpooledContext
 from builder.server.dockerfile_refs import image_references, onbuild_references
@@ -49,6 +49,7 @@ from builder.server.errors import (
 from builder.server.events import UNCOMMITTED_LIMIT, EventLog
 from builder.server.imagepolicy import ImagePolicy
 from builder.server.metrics import Metrics
+from builder.server.models import BuildSpec
 from builder.server.publish import Publisher
 from builder.server.records import (
     NYDUS_NOT_PERFORMED,
@@ -205,6 +206,7 @@ class BuildService:
 
     async def get(self, build_id: str, namespace: str = "") -> BuildRecord:
         """A build of `namespace`; another tenant's build is exactly as unknown as no build."""
+        record: BuildRecord | None
         if (build := self._active.get(build_id)) is not None:
             record = build.record
             record.last_event_id = build.log.last_id
@@ -667,7 +669,7 @@ class BuildService:
             except Exception:
                 log.exception("background_job_failed", job=job.__name__)
 
-    async def expire_old_builds(self) -> list[str]:
+    async def expire_old_builds(self) -> builtins.list[str]:
         """Retention: drop finished builds past --retention or beyond the newest --max-builds."""
         cutoff = rfc3339(utcnow() - datetime.timedelta(seconds=self._settings.retention))
         expired = await self._store.expire(
@@ -739,7 +741,7 @@ class BuildService:
 
     async def follow(
         self, build_id: str, *, after: int = 0, follow: bool = True, namespace: str = ""
-    ) -> AsyncIterator[list[Event]]:
+    ) -> AsyncGenerator[builtins.list[Event], None]:
         """Batches of every event with id > `after`, then live ones until the terminal event.
 
         With `follow=False`, only what exists now. A follower that falls behind the in-memory
@@ -756,7 +758,7 @@ class BuildService:
             if not self._followers[namespace]:
                 del self._followers[namespace]
 
-    async def _follow(self, build_id: str, *, after: int, follow: bool) -> AsyncIterator[list[Event]]:
+    async def _follow(self, build_id: str, *, after: int, follow: bool) -> AsyncIterator[builtins.list[Event]]:
         last = after
         while True:
             build = self._active.get(build_id)
@@ -784,7 +786,7 @@ class BuildService:
                 return
             await log.wait_for_events(last)
 
-    async def _replay(self, build_id: str, *, after: int, upto: int | None) -> AsyncIterator[list[Event]]:
+    async def _replay(self, build_id: str, *, after: int, upto: int | None) -> AsyncIterator[builtins.list[Event]]:
         while upto is None or after < upto:
             events = await self._store.read_events(build_id, after=after, upto=upto, limit=_FOLLOW_BATCH)
             if not events:

@@ -8,6 +8,7 @@ reader; WAL lets them overlap) so the event loop never blocks on disk.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import concurrent.futures
 import contextlib
 import functools
@@ -82,13 +83,13 @@ class BuildStore(Protocol):
     async def save(self, record: BuildRecord) -> None: ...
     async def get(self, build_id: str) -> BuildRecord | None: ...
     async def list(self, *, namespace: str, status: BuildStatus | None, limit: int) -> list[BuildRecord]: ...
-    async def unfinished(self) -> list[BuildRecord]: ...
+    async def unfinished(self) -> builtins.list[BuildRecord]: ...
     async def append_events(self, events: Sequence[tuple[str, Event]]) -> None: ...
     async def read_events(
         self, build_id: str, *, after: int, upto: int | None = None, limit: int = 1000
-    ) -> list[Event]: ...
+    ) -> builtins.list[Event]: ...
     async def last_event_id(self, build_id: str) -> int: ...
-    async def expire(self, *, finished_before: str, keep: int, exclude: Set[str]) -> list[str]: ...
+    async def expire(self, *, finished_before: str, keep: int, exclude: Set[str]) -> builtins.list[str]: ...
     async def is_expired(self, build_id: str, namespace: str) -> bool: ...
     async def find_idempotent(self, namespace: str, key: str, since: str) -> tuple[str, str] | None: ...
     async def remember_idempotent(self, namespace: str, key: str, fingerprint: str, build_id: str) -> None: ...
@@ -178,7 +179,7 @@ class SqliteBuildStore:
         rows = await self._read(lambda c: c.execute(query, args).fetchall())
         return [BuildRecord.from_storage(json.loads(r[0])) for r in rows]
 
-    async def unfinished(self) -> list[BuildRecord]:
+    async def unfinished(self) -> builtins.list[BuildRecord]:
         rows = await self._read(
             lambda c: c.execute(
                 "SELECT record FROM builds WHERE status IN (?, ?) ORDER BY rowid",
@@ -208,7 +209,7 @@ class SqliteBuildStore:
 
     async def read_events(
         self, build_id: str, *, after: int, upto: int | None = None, limit: int = 1000
-    ) -> list[Event]:
+    ) -> builtins.list[Event]:
         upper = upto if upto is not None else 2**62
 
         def read(c: sqlite3.Connection) -> list[Event]:
@@ -234,9 +235,9 @@ class SqliteBuildStore:
                 "SELECT COALESCE(MAX(last_id), 0) FROM event_batches WHERE build_id = ?", (build_id,)
             ).fetchall()
         )
-        return rows[0][0]
+        return int(rows[0][0])
 
-    async def expire(self, *, finished_before: str, keep: int, exclude: Set[str]) -> list[str]:
+    async def expire(self, *, finished_before: str, keep: int, exclude: Set[str]) -> builtins.list[str]:
         """Remove finished builds older than `finished_before` (RFC 3339) or beyond each tenant's newest `keep`."""
 
         def expire(c: sqlite3.Connection) -> list[str]:

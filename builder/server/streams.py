@@ -161,7 +161,7 @@ class PlainLogResponse(LogStreamResponse):
 
     def render(self, events: Sequence[Event]) -> bytes:
         # A line over the daemon's limit came in pieces ("cont"): each piece prints as a line.
-        lines = []
+        lines: list[str] = []
         for event in events:
             payload = json.loads(event.data)
             lines.extend(plainlog.event_lines(payload) or plainlog.terminal_lines(payload))

@@ -319,7 +319,8 @@ class ContextRewriter:
             size = _pax_size(pax[b"size"], entry)
             if header.size and header.size != size:
                 raise InvalidContext(
-                    f"build context entry {entry!r} has a pax size ({size}) that disagrees with its header ({header.size})"
+                    f"build context entry {entry!r} has a pax size ({size}) "
+                    f"that disagrees with its header ({header.size})"
                 )
         mtime = _pax_time(pax[b"mtime"], entry) if b"mtime" in pax else header.mtime
         return name, linkname, size, mtime

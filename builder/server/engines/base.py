@@ -7,7 +7,7 @@ them without knowing which builder produced them: no isinstance checks on engine
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping
 from typing import Protocol
 
 # Step states and stream names are part of the wire contract: clients read them too.
@@ -20,7 +20,7 @@ from builder.protocol import (
     STEP_ERROR,
     STEP_STARTED,
 )
-from builder.server.buildspec import BuildSpec
+from builder.server.models import BuildSpec
 
 __all__ = [
     "STDERR",
@@ -114,7 +114,7 @@ class BuildJob:
     # With `dockerfile` resolved to the path inside the context.
     spec: BuildSpec
     # The checked context tar, streamed to the engine as it comes.
-    context: AsyncIterable[bytes]
+    context: AsyncIterable[bytes | memoryview]
     cache_from: list[str] = dataclasses.field(default_factory=list)
     # The tenant's namespace ("" in open mode): what the builder keeps apart per tenant.
     tenant: str = ""
@@ -134,7 +134,7 @@ class BuildJob:
 class BuildRun(Protocol):
     """A build under way on an engine."""
 
-    def events(self) -> AsyncIterator[list[EngineEvent]]:
+    def events(self) -> AsyncGenerator[list[EngineEvent], None]:
         """The build's events, a batch per read from the engine; ends with exactly one
         `ImageBuilt` or `EngineFailure` (a stream that stops without naming an image fails)."""
         ...

@@ -12,7 +12,7 @@ import contextlib
 import json
 import posixpath
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import aiodocker
@@ -130,7 +130,7 @@ class BuildKitRun:
         self._failed_step: str | None = None
         self._session: BuildSession | None = None
 
-    async def events(self) -> AsyncIterator[list[EngineEvent]]:
+    async def events(self) -> AsyncGenerator[list[EngineEvent], None]:
         failure: EngineFailure | None = None
         try:
             async with asyncio.timeout(None) as deadline, contextlib.AsyncExitStack() as scope:
@@ -201,7 +201,7 @@ class BuildKitRun:
             params["networkmode"] = self._engine.limits.network
         return params
 
-    async def _send_context(self) -> AsyncIterator[bytes]:
+    async def _send_context(self) -> AsyncIterator[bytes | memoryview]:
         async for chunk in self._job.context:
             yield chunk
         self._context_sent = True

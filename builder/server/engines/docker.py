@@ -18,8 +18,8 @@ import aiohttp
 import structlog
 
 from builder.protocol import DEFAULT_DOCKERFILE
-from builder.server.buildspec import BuildSpec
 from builder.server.engines.base import Builder, EngineFailure
+from builder.server.models import BuildSpec
 
 log = structlog.get_logger(__name__)
 
@@ -107,7 +107,7 @@ class DockerEngine:
         try:
             async with self.docker._query("_ping", versioned_api=False, timeout=_PING_TIMEOUT) as response:
                 answered = (await response.read()) == b"OK"
-        except (aiodocker.DockerError, aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiodocker.DockerError, aiohttp.ClientError, OSError):
             answered = False
         self._last_ping = (asyncio.get_running_loop().time(), answered)
         return answered
@@ -198,7 +198,8 @@ class DockerEngine:
             async with asyncio.timeout(CALL_SECONDS):
                 return await self.docker.images.inspect(image)
         except aiodocker.DockerError as exc:
-            if exc.status == 404:
+            # 400: a reference this engine cannot parse (an IPv6 registry host on 20.10) names no image of it.
+            if exc.status in (400, 404):
                 return None
             raise
 
@@ -312,10 +313,7 @@ def error_message(chunk: Mapping[str, Any], fallback: str) -> str | None:
 
 
 def docker_message(exc: aiodocker.DockerError) -> str:
-    message = exc.message
-    if isinstance(message, dict):
-        message = message.get("message", message)
-    return str(message).strip()
+    return str(exc.message).strip()
 
 
 _DIGEST_RE = re.compile(r"\S+: digest: (sha256:[0-9a-f]{64}) size: \d+")

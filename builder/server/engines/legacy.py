@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -191,7 +191,7 @@ class LegacyRun:
         self._containers: list[str] = []
         self._images: list[str] = []
 
-    async def events(self) -> AsyncIterator[list[EngineEvent]]:
+    async def events(self) -> AsyncGenerator[list[EngineEvent], None]:
         parser = BuildOutputParser(max_line=self._job.max_line)
         failure: EngineFailure | None = None
         built = False
@@ -227,7 +227,7 @@ class LegacyRun:
         tail = await self._batch(parser.finish())
         yield tail + ([failure] if failure is not None else [])
 
-    async def _send_context(self) -> AsyncIterator[bytes]:
+    async def _send_context(self) -> AsyncIterator[bytes | memoryview]:
         async for chunk in self._job.context:
             yield chunk
         self._context_sent = True
