@@ -145,3 +145,13 @@ async def test_an_engine_that_hangs_gets_503_in_seconds(aiohttp_client: Any, set
         server.close()
         for writer in connections:
             writer.close()
+
+
+async def test_a_build_whose_timeout_passes_while_its_context_arrives_gets_408_not_500(client: TestClient) -> None:
+    for _ in range(5):  # the timeout fires at different points of the upload
+        response = await client.post("/builds", json={"image": "builder-busybox:latest", "timeout": 1e-9})
+        body = await response.json()
+        assert response.status in (202, 408), body
+        if response.status == 408:
+            assert body["code"] == "upload_stalled" and "timed out" in body["error"]
+    assert (await client.get("/healthz")).status == 200

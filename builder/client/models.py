@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import msgspec
 from typing import Any
+
+import msgspec
 
 from builder import protocol as p
 

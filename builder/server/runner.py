@@ -27,6 +27,7 @@ from builder.server.engines.base import (
     LogClipped,
     Output,
     StepChanged,
+    bring_forward,
 )
 from builder.server.engines.docker import DockerEngine
 from builder.server.events import EventLog
@@ -108,7 +109,7 @@ class BuildRunner:
     async def stop(self, build: ActiveBuild) -> None:
         """Stop a running build now; returns once the engine runs nothing of it."""
         if build.deadline is not None:
-            build.deadline.reschedule(asyncio.get_running_loop().time())
+            bring_forward(build.deadline)
         elif build.run is not None:
             await build.run.stop()
 
@@ -170,7 +171,7 @@ class BuildRunner:
         async with asyncio.timeout(None) as deadline:
             build.deadline = deadline
             if build.stop_reason is not None:
-                deadline.reschedule(asyncio.get_running_loop().time())
+                bring_forward(deadline)
             try:
                 return await work
             finally:

@@ -28,7 +28,14 @@ from builder.protocol import BuildStatus
 from builder.server import contexts
 from builder.server.build_secrets import secrets_digest
 from builder.server.config import Settings
-from builder.server.contexts import CheckedContext, ContextLimits, ContextPipe, ContextSpool, SpooledContext
+from builder.server.contexts import (
+    CheckedContext,
+    ContextAborted,
+    ContextLimits,
+    ContextPipe,
+    ContextSpool,
+    SpooledContext,
+)
 from builder.server.dockerfile_refs import image_references, onbuild_references
 from builder.server.engines.base import CredentialsLookup
 from builder.server.engines.docker import DockerEngine
@@ -45,6 +52,7 @@ from builder.server.errors import (
     ShuttingDown,
     StoreFailing,
     TenantQuotaExceeded,
+    UploadStalled,
 )
 from builder.server.events import UNCOMMITTED_LIMIT, EventLog
 from builder.server.imagepolicy import ImagePolicy
@@ -446,6 +454,12 @@ class BuildService:
                 before_end=lambda checked: self._check_context(build, checked),
             )
             await build.pipe.close()
+        except ContextAborted:
+            # The engine stopped reading: the build was stopped while its context was still
+            # arriving (its timeout passed). The client hears why, not a broken pipe.
+            reason = build.stop_reason[1] if build.stop_reason else "the engine stopped reading the context"
+            await asyncio.shield(self._drop(build))
+            raise UploadStalled(f"the build ended before its context had arrived: {reason}") from None
         except BaseException as exc:
             build.pipe.fail(exc)
             await asyncio.shield(self._drop(build))

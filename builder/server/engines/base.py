@@ -6,6 +6,7 @@ them without knowing which builder produced them: no isinstance checks on engine
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping
 from typing import Protocol
@@ -42,6 +43,17 @@ __all__ = [
 
 # Longest line of a build's output kept whole; a longer one is cut into pieces of this size.
 MAX_LINE = 64 << 10
+
+
+def bring_forward(deadline: asyncio.Timeout | None, delay: float = 0.0) -> None:
+    """Make `deadline` fall `delay` seconds from now, if that is sooner: a stop never gives a
+    build more time, and one already expiring is left to expire (asyncio refuses to move it)."""
+    if deadline is None or deadline.expired():
+        return
+    when = asyncio.get_running_loop().time() + delay
+    current = deadline.when()
+    if current is None or when < current:
+        deadline.reschedule(when)
 
 
 def utf8_cut(data: bytes, at: int) -> int:

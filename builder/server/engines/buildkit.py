@@ -27,6 +27,7 @@ from builder.server.engines.base import (
     ImageBuilt,
     Output,
     StepChanged,
+    bring_forward,
 )
 from builder.server.engines.docker import DockerEngine, build_params, docker_message, error_message
 from builder.server.engines.session import BuildSession
@@ -136,7 +137,7 @@ class BuildKitRun:
             async with asyncio.timeout(None) as deadline, contextlib.AsyncExitStack() as scope:
                 self._deadline = deadline
                 if self._stopped:
-                    deadline.reschedule(asyncio.get_running_loop().time())
+                    bring_forward(deadline)
                 if self._job.secrets or self._job.registry_logins is not None:
                     # Open before the build and closed after it, whatever its end: the engine
                     # asks it for the secrets and logins while the build runs.
@@ -266,9 +267,9 @@ class BuildKitRun:
             return  # not started, or already over
         if not self._context_sent:
             # No step can run before the engine has the whole context: drop the upload.
-            self._deadline.reschedule(asyncio.get_running_loop().time())
+            bring_forward(self._deadline)
             return
-        self._deadline.reschedule(asyncio.get_running_loop().time() + STOP_WAIT)
+        bring_forward(self._deadline, STOP_WAIT)
         try:
             async with self._engine.request(
                 "build/cancel", "POST", params={"id": self._job.build_id}, timeout=_CANCEL_TIMEOUT
@@ -278,7 +279,7 @@ class BuildKitRun:
             # Dropping the connection cancels the build too.
             log.warning("buildkit_cancel_failed", error=str(exc))
             if self._deadline is not None:
-                self._deadline.reschedule(asyncio.get_running_loop().time())
+                bring_forward(self._deadline)
         # The stream ends once the engine has stopped the build's steps.
         await asyncio.shield(self._ended.wait())
 

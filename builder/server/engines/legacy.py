@@ -20,7 +20,15 @@ import aiodocker
 import aiohttp
 import structlog
 
-from builder.server.engines.base import MAX_LINE, BuildJob, EngineEvent, EngineFailure, ImageBuilt, Output
+from builder.server.engines.base import (
+    MAX_LINE,
+    BuildJob,
+    EngineEvent,
+    EngineFailure,
+    ImageBuilt,
+    Output,
+    bring_forward,
+)
 from builder.server.engines.docker import (
     CALL_SECONDS,
     DockerEngine,
@@ -200,7 +208,7 @@ class LegacyRun:
             async with asyncio.timeout(None) as deadline:
                 self._deadline = deadline
                 if self._stopped:
-                    deadline.reschedule(asyncio.get_running_loop().time())
+                    bring_forward(deadline)
                 async with self._engine.request(
                     "build", "POST",
                     params=build_params(self._job.spec, self._job.cache_from) | self._engine.limits.params(),
@@ -326,7 +334,7 @@ class LegacyRun:
             # Read on to catch late step containers; but no step starts before the engine
             # has the whole context.
             grace = STOP_GRACE if self._context_sent else 0
-            self._deadline.reschedule(asyncio.get_running_loop().time() + grace)
+            bring_forward(self._deadline, grace)
         if self._current_container is not None:
             # Shielded: a client hanging up on its DELETE must not stop the teardown.
             await asyncio.shield(self._engine.remove_container(self._current_container))
