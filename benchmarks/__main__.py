@@ -29,6 +29,7 @@ def _memory_gib() -> str:
 
 def _git_revision() -> str:
     """The daemon code measured: HEAD, flagged when the working tree differs from it."""
+
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=harness.REPO_ROOT, capture_output=True, text=True, check=True
@@ -65,7 +66,10 @@ async def _header(total_seconds: float | None, fd_limit: tuple[int, int], load: 
         ("harness", f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}, same machine as the daemon"),
         ("load average (1, 5, 15 min) at start / now", f"{load} / {_load_average()}"),
         ("open-file limit (harness and daemon)", f"{fd_limit[0]} (hard {fd_limit[1]})"),
-        ("total run time", "still running" if total_seconds is None else f"{total_seconds:.0f} s ({total_seconds / 60:.1f} min)"),
+        (
+            "total run time",
+            "still running" if total_seconds is None else f"{total_seconds:.0f} s ({total_seconds / 60:.1f} min)",
+        ),
     ]
     return "# Benchmarks\n\nWritten by `scripts/bench`; rerun it to refresh.\n\n" + harness.markdown_table(
         ["", ""], rows
@@ -76,7 +80,10 @@ def _docker_cli_version() -> str:
     try:
         return subprocess.run(
             [harness.DOCKER_CLI, "version", "--format", "{{.Client.Version}}"],
-            capture_output=True, text=True, timeout=30, check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "?"
@@ -168,13 +175,20 @@ async def _main(names: list[str], out: Path, chart: Path | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
     parser.add_argument(
-        "scenarios", nargs="*", metavar="SCENARIO",
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
         help=f"scenarios to run, in report order: {', '.join(SCENARIOS)} (default: all)",
     )
-    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"),
-                        help="report to write, overwriting it (default %(default)s)")
-    parser.add_argument("--chart", type=Path, default=Path("benchmarks/ratios.png"),
-                        help="ratio chart to write, overwriting it (default %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("BENCHMARKS.md"), help="report to write, overwriting it (default %(default)s)"
+    )
+    parser.add_argument(
+        "--chart",
+        type=Path,
+        default=Path("benchmarks/ratios.png"),
+        help="ratio chart to write, overwriting it (default %(default)s)",
+    )
     parser.add_argument("--no-chart", action="store_true", help="do not draw the chart")
     args = parser.parse_args(argv)
     unknown = [n for n in args.scenarios if n not in SCENARIOS]

@@ -30,8 +30,9 @@ BUILDERS = ("buildkit", "legacy")
 async def _one(session: aiohttp.ClientSession, daemon: Daemon, builder: str) -> dict:
     sleep = unique_sleep()
     dockerfile = harness.dockerfile(f"RUN {sleep}")
-    build_id = await harness.submit_build(session, daemon, harness.make_context({"Dockerfile": dockerfile}),
-                                          no_cache="true", builder=builder)
+    build_id = await harness.submit_build(
+        session, daemon, harness.make_context({"Dockerfile": dockerfile}), no_cache="true", builder=builder
+    )
     try:
         await wait_for_process(sleep, STEP_TIMEOUT)
     except TimeoutError:
@@ -78,19 +79,30 @@ async def run() -> Result:
         delete = [r["delete_ms"] for r in measured]
         gone = [r["gone_ms"] for r in measured if r["gone_ms"] is not None]
         summary[builder] = (delete, gone)
-        rows.append([builder, "DELETE returns", f"{harness.median(delete):.0f}", f"{min(delete):.0f}",
-                     f"{max(delete):.0f}"])
+        rows.append(
+            [builder, "DELETE returns", f"{harness.median(delete):.0f}", f"{min(delete):.0f}", f"{max(delete):.0f}"]
+        )
         if gone:
-            rows.append([builder, "step process gone", f"{harness.median(gone):.0f}", f"{min(gone):.0f}",
-                         f"{max(gone):.0f}"])
+            rows.append(
+                [builder, "step process gone", f"{harness.median(gone):.0f}", f"{min(gone):.0f}", f"{max(gone):.0f}"]
+            )
         if never := sum(r["gone_ms"] is None for r in measured):
-            notes.append(f"**{builder}: {never} run(s) left the step's process running {GONE_TIMEOUT:.0f} s "
-                         "after the DELETE.**")
+            notes.append(
+                f"**{builder}: {never} run(s) left the step's process running {GONE_TIMEOUT:.0f} s after the DELETE.**"
+            )
         if bad := [r for r in measured if r["code"] != 200 or r["status"] != "cancelled"]:
             notes.append(f"**{builder}: {len(bad)} DELETE(s) did not answer 200 `cancelled`.**")
-        per_run += [[builder, "warm-up" if r["warmup"] else i, f"{r['delete_ms']:.0f}",
-                     "never" if r["gone_ms"] is None else f"{r['gone_ms']:.0f}", r["code"], r["status"]]
-                    for i, r in enumerate(runs[builder])]
+        per_run += [
+            [
+                builder,
+                "warm-up" if r["warmup"] else i,
+                f"{r['delete_ms']:.0f}",
+                "never" if r["gone_ms"] is None else f"{r['gone_ms']:.0f}",
+                r["code"],
+                r["status"],
+            ]
+            for i, r in enumerate(runs[builder])
+        ]
     table = harness.markdown_table(["builder", "time after DELETE sent", "median (ms)", "min (ms)", "max (ms)"], rows)
     per_run_table = harness.markdown_table(
         ["builder", "run", "DELETE (ms)", "process gone (ms)", "HTTP", "status in answer"], per_run
@@ -108,22 +120,30 @@ run, then {RUNS} measured runs per builder. No alternation: `docker build` has n
     delete, gone = summary["buildkit"]
     worst = max([*delete, *gone])
     ok = (
-        len(gone) == len(delete) and not notes
-        and max(harness.median(delete), harness.median(gone)) < TARGET_MEDIAN_MS and worst < TARGET_MAX_MS
+        len(gone) == len(delete)
+        and not notes
+        and max(harness.median(delete), harness.median(gone)) < TARGET_MEDIAN_MS
+        and worst < TARGET_MAX_MS
     )
     return Result(
         body="\n\n".join([method, table, per_run_table, *(["\n".join(f"- {n}" for n in notes)] if notes else [])]),
-        headlines=[Headline(
-            "cancel",
-            f"BuildKit: DELETE returns median {harness.median(delete):.0f} ms, max {max(delete):.0f} ms; step "
-            "process gone: " + (f"median {harness.median(gone):.0f} ms, max {max(gone):.0f} ms" if gone else "never")
-            + f" ({RUNS} runs)",
-            f"median < {TARGET_MEDIAN_MS:.0f} ms, max < {TARGET_MAX_MS:.0f} ms",
-            bool(ok),
-        )],
+        headlines=[
+            Headline(
+                "cancel",
+                f"BuildKit: DELETE returns median {harness.median(delete):.0f} ms, max {max(delete):.0f} ms; step "
+                "process gone: "
+                + (f"median {harness.median(gone):.0f} ms, max {max(gone):.0f} ms" if gone else "never")
+                + f" ({RUNS} runs)",
+                f"median < {TARGET_MEDIAN_MS:.0f} ms, max < {TARGET_MAX_MS:.0f} ms",
+                bool(ok),
+            )
+        ],
         bars=[
-            Bar("cancel: median ÷ 100 ms", max(harness.median(delete), harness.median(gone) if gone else 0)
-                / TARGET_MEDIAN_MS, 1.0),
+            Bar(
+                "cancel: median ÷ 100 ms",
+                max(harness.median(delete), harness.median(gone) if gone else 0) / TARGET_MEDIAN_MS,
+                1.0,
+            ),
             Bar("cancel: max ÷ 500 ms", worst / TARGET_MAX_MS, 1.0),
         ],
     )

@@ -41,8 +41,10 @@ def write_chart(bars: Sequence[Bar], path: Path) -> None:
     ax.set_xticks(list(xs))
     ax.set_xticklabels([_tick(b) for b in shown], rotation=35, ha="right", rotation_mode="anchor", fontsize=8)
     ax.set_ylabel("ratio (log scale)")
-    ax.set_title("builder vs its reference, per scenario — black marker: the target;\n"
-                 "green: met, red: missed, grey: no target", fontsize=9)
+    ax.set_title(
+        "builder vs its reference, per scenario — black marker: the target;\ngreen: met, red: missed, grey: no target",
+        fontsize=9,
+    )
     ax.grid(axis="y", which="both", alpha=0.25, zorder=0)
     if not math.isfinite(max(values)):
         raise ValueError("non-finite ratio")

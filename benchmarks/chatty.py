@@ -59,24 +59,46 @@ async def run() -> Result:
 
             def docker(name: str, buildkit: str) -> compare.Command:
                 async def run(n: int) -> float:
-                    argv = [harness.DOCKER_CLI, "build", "--no-cache", "--progress=plain", "-t",
-                            f"bench-chatty-{name}:{n}", str(workdir)]
+                    argv = [
+                        harness.DOCKER_CLI,
+                        "build",
+                        "--no-cache",
+                        "--progress=plain",
+                        "-t",
+                        f"bench-chatty-{name}:{n}",
+                        str(workdir),
+                    ]
                     if buildkit == "0":
                         argv.remove("--progress=plain")  # the legacy builder's CLI has no such flag
                     return await measure(name, n, argv, {"DOCKER_BUILDKIT": buildkit})
+
                 return run
 
             def builder(name: str, target: Daemon) -> compare.Command:
                 async def run(n: int) -> float:
-                    argv = [BUILDER, "--url", target.base_url, "build", "--no-cache", "-t",
-                            f"bench-chatty-{name}:{n}", str(workdir)]
+                    argv = [
+                        BUILDER,
+                        "--url",
+                        target.base_url,
+                        "build",
+                        "--no-cache",
+                        "-t",
+                        f"bench-chatty-{name}:{n}",
+                        str(workdir),
+                    ]
                     return await measure(name, n, argv, None)
+
                 return run
 
             comparison = await compare.alternate(
-                [("buildkit", docker("buildkit", "1")), ("builder", builder("builder", daemon)),
-                 ("legacy", docker("legacy", "0")), ("builder-legacy", builder("builder-legacy", legacy_daemon))],
-                pairs=PAIRS, label="chatty",
+                [
+                    ("buildkit", docker("buildkit", "1")),
+                    ("builder", builder("builder", daemon)),
+                    ("legacy", docker("legacy", "0")),
+                    ("builder-legacy", builder("builder-legacy", legacy_daemon)),
+                ],
+                pairs=PAIRS,
+                label="chatty",
             )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -85,8 +107,11 @@ async def run() -> Result:
     legacy_ratio = comparison.median_ratio_to("builder-legacy", "legacy")
     exact = {name: all(n == LINES and ordered for n, ordered in runs) for name, runs in counts.items()}
     count_rows = [
-        [LABELS[name], ", ".join(f"{n:,}" + ("" if ordered else " (not 1..N in order)") for n, ordered in runs),
-         "yes" if exact[name] else "**no**"]
+        [
+            LABELS[name],
+            ", ".join(f"{n:,}" + ("" if ordered else " (not 1..N in order)") for n, ordered in runs),
+            "yes" if exact[name] else "**no**",
+        ]
         for name, runs in counts.items()
     ]
     method = f"""\
@@ -94,20 +119,23 @@ async def run() -> Result:
 {DOCKERFILE.rstrip()}
 ```
 
-{LABELS['buildkit']} `--no-cache --progress=plain -t … DIR` (the reference), {LABELS['builder']}
-`.venv/bin/builder --url <daemon> build --no-cache -t … DIR`, {LABELS['legacy']} `--no-cache -t … DIR` and
-{LABELS['builder-legacy']} (the same CLI command against a second daemon), alternating, one warm-up round
+{LABELS["buildkit"]} `--no-cache --progress=plain -t … DIR` (the reference), {LABELS["builder"]}
+`.venv/bin/builder --url <daemon> build --no-cache -t … DIR`, {LABELS["legacy"]} `--no-cache -t … DIR` and
+{LABELS["builder-legacy"]} (the same CLI command against a second daemon), alternating, one warm-up round
 then {PAIRS} measured rounds. The harness starts each command with its stdout and stderr on pipes, reads them to
 EOF and waits for the exit: the time is spawn → last byte read and exit. Then it counts the lines (of
 stdout; of stderr for docker with BuildKit, which prints its progress there) that are a number of the build's
 output (`#5 0.154 17` in BuildKit's plain style, `17` from the legacy
 builder; step lines do not count) and checks they are exactly 1..{LINES:,} in order. The engine runs with
 BuildKit's step log limits raised (see README), so BuildKit does not clip. Images are removed after each run."""
-    counts_table = harness.markdown_table(["command", "numeric lines per run (warm-up first)", f"all exactly {LINES:,} in order"],
-                                          count_rows)
-    notes = [comparison.runs_note(LABELS),
-             f"builder (legacy daemon) / legacy docker build = {legacy_ratio:.3f} (median of per-round ratios)."]
-    if measured := submit_to_done[-comparison.rounds:]:
+    counts_table = harness.markdown_table(
+        ["command", "numeric lines per run (warm-up first)", f"all exactly {LINES:,} in order"], count_rows
+    )
+    notes = [
+        comparison.runs_note(LABELS),
+        f"builder (legacy daemon) / legacy docker build = {legacy_ratio:.3f} (median of per-round ratios).",
+    ]
+    if measured := submit_to_done[-comparison.rounds :]:
         notes.append(
             "From the CLI's own stderr (`built … in`, 0.1 s resolution; BuildKit daemon): submit → `done` frame "
             f"{harness.median([b for _, b in measured]):.1f} s median; the rest of the process's time is "
@@ -124,9 +152,15 @@ BuildKit's step log limits raised (see README), so BuildKit does not clip. Image
                 f"≤ {TARGET}",
                 ratio <= TARGET and all_exact,
             ),
-            Headline("chatty (legacy)", f"{legacy_ratio:.3f} builder `--builder legacy` / legacy docker build",
-                     f"≤ {TARGET}", legacy_ratio <= TARGET and all_exact),
+            Headline(
+                "chatty (legacy)",
+                f"{legacy_ratio:.3f} builder `--builder legacy` / legacy docker build",
+                f"≤ {TARGET}",
+                legacy_ratio <= TARGET and all_exact,
+            ),
         ],
-        bars=[Bar("chatty: builder / BuildKit", ratio, TARGET), Bar("chatty: legacy builder / legacy", legacy_ratio,
-                                                                    TARGET)],
+        bars=[
+            Bar("chatty: builder / BuildKit", ratio, TARGET),
+            Bar("chatty: legacy builder / legacy", legacy_ratio, TARGET),
+        ],
     )

@@ -67,14 +67,16 @@ class Comparison:
                 ratios = self.ratios(name)
                 ratio = f"**{harness.median(ratios):.3f}**"
                 spread = f"{min(ratios):.3f} – {max(ratios):.3f}"
-            rows.append([
-                labels.get(name, name),
-                len(values),
-                f"{harness.median(values):.{d}f}",
-                f"{min(values):.{d}f} – {max(values):.{d}f}",
-                ratio,
-                spread,
-            ])
+            rows.append(
+                [
+                    labels.get(name, name),
+                    len(values),
+                    f"{harness.median(values):.{d}f}",
+                    f"{min(values):.{d}f} – {max(values):.{d}f}",
+                    ratio,
+                    spread,
+                ]
+            )
         return harness.markdown_table(headers, rows)
 
     def runs_note(self, labels: dict[str, str] | None = None) -> str:
@@ -104,8 +106,12 @@ async def alternate(
     """
     names = [name for name, _ in commands]
     comparison = Comparison(
-        names=names, reference=names[0], unit=unit, digits=digits,
-        samples={n: [] for n in names}, warmups={n: [] for n in names},
+        names=names,
+        reference=names[0],
+        unit=unit,
+        digits=digits,
+        samples={n: [] for n in names},
+        warmups={n: [] for n in names},
     )
     for round_no in range(warmups + pairs):
         warm = round_no < warmups

@@ -74,8 +74,9 @@ async def run() -> Result:
             async def builder(n: int) -> float:
                 return await _daemon_round(session, daemon, contexts, n)
 
-            comparison = await compare.alternate([("legacy", legacy), ("builder", builder)], pairs=PAIRS,
-                                                 label="concurrency")
+            comparison = await compare.alternate(
+                [("legacy", legacy), ("builder", builder)], pairs=PAIRS, label="concurrency"
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     ratio = comparison.median_ratio("builder")
@@ -87,9 +88,9 @@ async def run() -> Result:
 {DOCKERFILE.rstrip()}
 ```
 
-- {LABELS['legacy']} (reference): {BUILDS} `docker build --no-cache -t … DIR` processes, at most {PARALLEL} running
+- {LABELS["legacy"]} (reference): {BUILDS} `docker build --no-cache -t … DIR` processes, at most {PARALLEL} running
   at once (an asyncio semaphore in the harness, like `xargs -P{PARALLEL}`); stdout to `/dev/null`.
-- {LABELS['builder']}: a daemon started with `--max-concurrent {PARALLEL}`; the harness POSTs all {BUILDS} raw
+- {LABELS["builder"]}: a daemon started with `--max-concurrent {PARALLEL}`; the harness POSTs all {BUILDS} raw
   tar.gz contexts concurrently (`no_cache=true`) and follows each log over SSE to its `done` frame, all
   over one aiohttp session. (The HTTP API rather than {BUILDS} builder CLI processes: {BUILDS} Python start-ups
   at once on 2 cores would measure the interpreter, not the queue.)
@@ -99,13 +100,15 @@ Time: the first submit/spawn until all {BUILDS} have succeeded. The sleeps alone
 Alternating, one warm-up round, then {PAIRS} measured rounds; all {BUILDS} images removed after each round."""
     return Result(
         body="\n\n".join([method, comparison.table(LABELS), "- " + comparison.runs_note(LABELS)]),
-        headlines=[Headline(
-            "concurrency",
-            f"{ratio:.3f} daemon / docker build ×{PARALLEL} ({comparison.median('builder'):.1f} s vs "
-            f"{comparison.median('legacy'):.1f} s for {BUILDS} builds)",
-            f"≤ {TARGET}",
-            ratio <= TARGET,
-        )],
+        headlines=[
+            Headline(
+                "concurrency",
+                f"{ratio:.3f} daemon / docker build ×{PARALLEL} ({comparison.median('builder'):.1f} s vs "
+                f"{comparison.median('legacy'):.1f} s for {BUILDS} builds)",
+                f"≤ {TARGET}",
+                ratio <= TARGET,
+            )
+        ],
         bars=[Bar("concurrency: builder / legacy ×2", ratio, TARGET)],
     )
 

@@ -48,7 +48,7 @@ async def run() -> Result:
             comparison = await _compare(daemon, legacy_daemon, context_dir, breakdown)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return _report(comparison, compressed, breakdown[-comparison.rounds:])
+    return _report(comparison, compressed, breakdown[-comparison.rounds :])
 
 
 async def _compare(
@@ -78,8 +78,9 @@ async def _compare(
             stderr = run.stderr.decode(errors="replace")
             uploaded = re.search(r"uploaded context: ([\d.]+) MiB in ([\d.]+)s", stderr)
             built = re.search(r"built \S+ in ([\d.]+)s", stderr)
-            breakdown.append((run.seconds, float(uploaded[2]) if uploaded else None,
-                              float(built[1]) if built else None))
+            breakdown.append(
+                (run.seconds, float(uploaded[2]) if uploaded else None, float(built[1]) if built else None)
+            )
         return run.seconds
 
     async def buildkit(n: int) -> float:
@@ -95,13 +96,18 @@ async def _compare(
         return await builder_build(n, legacy_daemon, "builder-legacy")
 
     commands: list[tuple[str, compare.Command]] = [
-        ("buildkit", buildkit), ("builder", builder), ("legacy", legacy), ("builder-legacy", builder_legacy),
+        ("buildkit", buildkit),
+        ("builder", builder),
+        ("legacy", legacy),
+        ("builder-legacy", builder_legacy),
     ]
     return await compare.alternate(commands, pairs=PAIRS, label="e2e")
 
 
 def _report(
-    comparison: compare.Comparison, compressed: int, breakdown: list[tuple[float, float | None, float | None]],
+    comparison: compare.Comparison,
+    compressed: int,
+    breakdown: list[tuple[float, float | None, float | None]],
 ) -> Result:
     # The first command is the reference of every ratio: BuildKit.
     ratio = comparison.median_ratio("builder")
@@ -125,8 +131,10 @@ def _report(
     )
     commands = [
         (f"- {LABELS['buildkit']} `--no-cache -t bench-e2e-buildkit:N DIR` (the reference; `/usr/bin/docker`),"),
-        (f"- {LABELS['builder']}: `.venv/bin/builder --url <daemon> build --no-cache -t bench-e2e-builder:N DIR` "
-         "against a `builder serve` started for this scenario (BuildKit, its default),"),
+        (
+            f"- {LABELS['builder']}: `.venv/bin/builder --url <daemon> build --no-cache -t bench-e2e-builder:N DIR` "
+            "against a `builder serve` started for this scenario (BuildKit, its default),"
+        ),
         f"- {LABELS['legacy']} `--no-cache -t bench-e2e-legacy:N DIR`,",
         f"- {LABELS['builder-legacy']}: the same CLI command against a second daemon started with `--builder legacy`,",
     ]
@@ -149,8 +157,12 @@ is removed right after it (`DELETE /images/<tag>?force=1`, which also removes it
         body="\n\n".join([method, comparison.table(LABELS), "\n".join(f"- {n}" for n in notes)]),
         headlines=[
             Headline("e2e", f"{ratio:.3f} builder / `DOCKER_BUILDKIT=1 docker build`", f"≤ {TARGET}", ratio <= TARGET),
-            Headline("e2e (legacy)", f"{legacy_ratio:.3f} builder `--builder legacy` / legacy docker build",
-                     f"≤ {TARGET}", legacy_ratio <= TARGET),
+            Headline(
+                "e2e (legacy)",
+                f"{legacy_ratio:.3f} builder `--builder legacy` / legacy docker build",
+                f"≤ {TARGET}",
+                legacy_ratio <= TARGET,
+            ),
         ],
         bars=[Bar("e2e: builder / BuildKit", ratio, TARGET), Bar("e2e: legacy builder / legacy", legacy_ratio, TARGET)],
     )

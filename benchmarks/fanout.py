@@ -35,9 +35,9 @@ RUN_TIMEOUT = 180.0
 # processes, ~0.1 s in all), prints "<n> <sec>.<µs>" instead of "<n>", and
 # flushes right after, so a stamped line never waits in awk's output buffer.
 AWK = (
-    "NR % " + str(STAMP_EVERY) + " == 0 { c = \"adjtimex\"; while ((c | getline l) > 0) "
-    "{ if (l ~ /tv_sec/) { split(l, f, \" \"); s = f[2] } else if (l ~ /tv_usec/) { split(l, f, \" \"); u = f[2] } } "
-    "close(c); printf \"%d %d.%06d\\n\", NR, s, u; fflush(); next } { print }"
+    "NR % " + str(STAMP_EVERY) + ' == 0 { c = "adjtimex"; while ((c | getline l) > 0) '
+    '{ if (l ~ /tv_sec/) { split(l, f, " "); s = f[2] } else if (l ~ /tv_usec/) { split(l, f, " "); u = f[2] } } '
+    'close(c); printf "%d %d.%06d\\n", NR, s, u; fflush(); next } { print }'
 )
 DOCKERFILE = harness.dockerfile(f"RUN seq 1 {LINES} | awk '{AWK}'")
 
@@ -66,7 +66,8 @@ class NumberedFrames:
             frames, offset = [], 0
             for k in range(j * STAMP_EVERY + 1, (j + 1) * STAMP_EVERY):
                 frame = b"id: %d\ndata: %s\n\n" % (
-                    first_id + k - 1, json.dumps({"type": "log", "line": str(k)}, separators=(",", ":")).encode()
+                    first_id + k - 1,
+                    json.dumps({"type": "log", "line": str(k)}, separators=(",", ":")).encode(),
                 )
                 self.offsets[k] = offset
                 offset += len(frame)
@@ -216,8 +217,15 @@ async def _run_once(count: int) -> RunResult:
             harness.progress(f"daemon died; log tail:\n{daemon.log_tail()}")
     await harness.remove_images([status.get("image_id")])
     return RunResult(
-        followers=followers, status=status, idle_rss_mib=idle, peak_rss_mib=peak, daemon_cpu_s=daemon_cpu,
-        harness_cpu_s=harness_cpu, daemon_alive=alive, submitted_at=submitted_at, tcp=tcp,
+        followers=followers,
+        status=status,
+        idle_rss_mib=idle,
+        peak_rss_mib=peak,
+        daemon_cpu_s=daemon_cpu,
+        harness_cpu_s=harness_cpu,
+        daemon_alive=alive,
+        submitted_at=submitted_at,
+        tcp=tcp,
     )
 
 
@@ -232,10 +240,15 @@ async def _engine_baseline() -> tuple[list[float], int]:
     numbers = 0
     pending = b""
     text = ""  # the engine cuts its output into "stream" messages anywhere, even mid-line
-    async with harness.engine_session() as engine, engine.post(
-        f"{harness.ENGINE_API}/build", data=context, params={"t": tag, "nocache": "1", "rm": "1", "forcerm": "1"},
-        headers={"Content-Type": "application/x-tar"},
-    ) as response:
+    async with (
+        harness.engine_session() as engine,
+        engine.post(
+            f"{harness.ENGINE_API}/build",
+            data=context,
+            params={"t": tag, "nocache": "1", "rm": "1", "forcerm": "1"},
+            headers={"Content-Type": "application/x-tar"},
+        ) as response,
+    ):
         async for chunk in response.content.iter_any():
             received_at = time.time()
             *messages, pending = (pending + chunk).split(b"\n")
@@ -319,11 +332,21 @@ async def run() -> Result:
     harness.raise_fd_limit()
     rows, notes, results = [], [], {}
     engine_lags, engine_numbers = await _engine_baseline()
-    rows.append([
-        "engine directly, 1 client (reference)", "—", f"{engine_numbers} numbered", f"{len(engine_lags)}",
-        harness.fmt(percentile(engine_lags, 50), 0), harness.fmt(percentile(engine_lags, 99), 0),
-        harness.fmt(max(engine_lags) if engine_lags else None, 0), "—", "—", "—", "—",
-    ])
+    rows.append(
+        [
+            "engine directly, 1 client (reference)",
+            "—",
+            f"{engine_numbers} numbered",
+            f"{len(engine_lags)}",
+            harness.fmt(percentile(engine_lags, 50), 0),
+            harness.fmt(percentile(engine_lags, 99), 0),
+            harness.fmt(max(engine_lags) if engine_lags else None, 0),
+            "—",
+            "—",
+            "—",
+            "—",
+        ]
+    )
     for count in FOLLOWER_COUNTS:
         harness.progress(f"fanout: {count} follower(s)")
         result = await _run_once(count)
@@ -387,13 +410,15 @@ the daemon, which inherits it."""
     complete = sum(f.complete for f in top_result.followers)
     return Result(
         body="\n\n".join(parts),
-        headlines=[Headline(
-            "fanout",
-            f"{top} followers: lag p99 {harness.fmt(p99, 0)} ms "
-            f"(p50 {harness.fmt(percentile(_lags(top_result), 50), 0)} ms), "
-            f"{complete}/{top} clients complete",
-            f"p99 < {TARGET_P99_MS:.0f} ms, all complete",
-            p99 is not None and p99 < TARGET_P99_MS and complete == top,
-        )],
+        headlines=[
+            Headline(
+                "fanout",
+                f"{top} followers: lag p99 {harness.fmt(p99, 0)} ms "
+                f"(p50 {harness.fmt(percentile(_lags(top_result), 50), 0)} ms), "
+                f"{complete}/{top} clients complete",
+                f"p99 < {TARGET_P99_MS:.0f} ms, all complete",
+                p99 is not None and p99 < TARGET_P99_MS and complete == top,
+            )
+        ],
         bars=[Bar(f"fanout {top}: p99 lag ÷ 500 ms", None if p99 is None else max(p99, 1) / TARGET_P99_MS, 1.0)],
     )

@@ -42,6 +42,7 @@ TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 STARTUP_TIMEOUT = 30.0
 STOP_GRACE = 10.0
 
+
 # Daemons that died on their own or exited non-zero when stopped, in order: the report names them
 # under the scenario they happened in (a crash is a finding, not something to work around).
 @dataclass(frozen=True)
@@ -103,9 +104,16 @@ class Daemon:
 
     async def start(self) -> None:
         cmd = [
-            str(REPO_ROOT / ".venv" / "bin" / "builder"), "serve",
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--data-dir", str(self.workdir / "data"), "--log-format", "json",
+            str(REPO_ROOT / ".venv" / "bin" / "builder"),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.workdir / "data"),
+            "--log-format",
+            "json",
             *self._extra_args,
         ]
         # A plain Popen (not asyncio's) so poll() answers synchronously; both calls return at once.
@@ -147,12 +155,20 @@ class Daemon:
         if self.died_early or self.exit_code != 0:
             progress(f"daemon exit code {self.exit_code}; keeping {self.workdir}")
             what = "died before the harness stopped it" if self.died_early else "exited non-zero on SIGTERM"
-            last = next((line for line in reversed(self.log_tail(40).splitlines()) if line.strip()
-                         and not line.startswith("sys:")), "")
-            DAEMON_PROBLEMS.append(DaemonProblem(
-                f"`builder serve` {what} (exit code {self.exit_code}), last log line `{last.strip()[:300]}`",
-                self.workdir,
-            ))
+            last = next(
+                (
+                    line
+                    for line in reversed(self.log_tail(40).splitlines())
+                    if line.strip() and not line.startswith("sys:")
+                ),
+                "",
+            )
+            DAEMON_PROBLEMS.append(
+                DaemonProblem(
+                    f"`builder serve` {what} (exit code {self.exit_code}), last log line `{last.strip()[:300]}`",
+                    self.workdir,
+                )
+            )
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

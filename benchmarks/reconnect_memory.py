@@ -49,7 +49,9 @@ async def _wait_for_step_container(session: aiohttp.ClientSession, daemon: Daemo
         task.cancel()
     await asyncio.gather(follow, seen, return_exceptions=True)
     if not watcher.seen.is_set():
-        raise RuntimeError(f"build {build_id} did not start its RUN step within {RUNNING_TIMEOUT:.0f}s: {watcher.error}")
+        raise RuntimeError(
+            f"build {build_id} did not start its RUN step within {RUNNING_TIMEOUT:.0f}s: {watcher.error}"
+        )
 
 
 async def _snapshot(session: aiohttp.ClientSession, daemon: Daemon, build_id: str) -> dict:

@@ -103,7 +103,12 @@ def inflate(pieces: Iterable[bytes]) -> tuple[int, float]:
     return size, spent
 
 
-def measure(name: str, source: Callable[[], Iterator[bytes]], floor: Callable[[Iterable[bytes]], tuple[int, float]], floor_name: str) -> None:
+def measure(
+    name: str,
+    source: Callable[[], Iterator[bytes]],
+    floor: Callable[[Iterable[bytes]], tuple[int, float]],
+    floor_name: str,
+) -> None:
     """Rewriter and floor alternate (the machine is shared): medians, and the median of per-pair ratios."""
     pieces: Iterable[bytes] | None = None if source is one_big_file else list(source())  # generated outside the timing
     speeds: dict[str, list[float]] = {"rewriter": [], floor_name: []}

@@ -27,8 +27,9 @@ DOCKERFILE = harness.dockerfile("RUN echo small")
 SECRET = b"bench-secret"
 
 
-async def _daemon_build(session: aiohttp.ClientSession, daemon: Daemon, context: bytes, *, secret: bool,
-                        images: list[str]) -> float:
+async def _daemon_build(
+    session: aiohttp.ClientSession, daemon: Daemon, context: bytes, *, secret: bool, images: list[str]
+) -> float:
     """One build through the daemon, with or without a secret; seconds from POST to terminal frame."""
     form = aiohttp.FormData()
     form.add_field("no_cache", "true")
@@ -49,14 +50,16 @@ async def _daemon_build(session: aiohttp.ClientSession, daemon: Daemon, context:
     return elapsed
 
 
-async def _engine_build(engine: aiohttp.ClientSession, context: bytes, session_id: str | None,
-                        images: list[str]) -> None:
+async def _engine_build(
+    engine: aiohttp.ClientSession, context: bytes, session_id: str | None, images: list[str]
+) -> None:
     params = {"version": "2", "nocache": "1", "buildid": uuid.uuid4().hex}
     if session_id is not None:
         params["session"] = session_id
     image_id = ""
-    async with engine.post(f"{harness.ENGINE_API}/build", params=params, data=context,
-                           headers={"Content-Type": "application/x-tar"}) as response:
+    async with engine.post(
+        f"{harness.ENGINE_API}/build", params=params, data=context, headers={"Content-Type": "application/x-tar"}
+    ) as response:
         async for line in response.content:
             message = json.loads(line)
             if "error" in message:
@@ -68,8 +71,9 @@ async def _engine_build(engine: aiohttp.ClientSession, context: bytes, session_i
     images.append(image_id)
 
 
-async def _alternate(first: Callable[[], Awaitable[float]], second: Callable[[], Awaitable[float]],
-                     rounds: int) -> tuple[list[float], list[float]]:
+async def _alternate(
+    first: Callable[[], Awaitable[float]], second: Callable[[], Awaitable[float]], rounds: int
+) -> tuple[list[float], list[float]]:
     """`rounds` pairs after WARMUPS, which of the two goes first alternating; each one's seconds."""
     a: list[float] = []
     b: list[float] = []
@@ -99,6 +103,7 @@ async def run() -> Result:
         harness.progress(f"session: through the daemon, {PAIRS} pairs done")
 
         async with harness.engine_session() as engine:
+
             async def engine_bare() -> float:
                 started = time.perf_counter()
                 await _engine_build(engine, context, None, images)
@@ -128,14 +133,17 @@ async def run() -> Result:
     def row(what: str, values: list[float]) -> list[str]:
         return [what, f"{harness.median(values) * ms:.1f}", f"{min(values) * ms:.1f}", f"{max(values) * ms:.1f}"]
 
-    table = harness.markdown_table(["build", "median (ms)", "min (ms)", "max (ms)"], [
-        row("daemon, no secret (no session)", bare),
-        row("daemon, one secret (a session)", secret),
-        row("engine, bare", engine_plain),
-        row("engine, in a BuildSession", engine_with),
-        row("BuildSession open (connect + upgrade)", opens),
-        row("BuildSession close", closes),
-    ])
+    table = harness.markdown_table(
+        ["build", "median (ms)", "min (ms)", "max (ms)"],
+        [
+            row("daemon, no secret (no session)", bare),
+            row("daemon, one secret (a session)", secret),
+            row("engine, bare", engine_plain),
+            row("engine, in a BuildSession", engine_with),
+            row("BuildSession open (connect + upgrade)", opens),
+            row("BuildSession close", closes),
+        ],
+    )
     method = f"""\
 ```Dockerfile
 {DOCKERFILE.rstrip()}
@@ -152,12 +160,14 @@ Added per build (median of the per-pair differences): **{added:+.1f} ms** throug
     met = added < TARGET_MS
     return Result(
         body="\n\n".join([method, table]),
-        headlines=[Headline(
-            "session",
-            f"a BuildKit session adds median {added:+.1f} ms to a small build through the daemon "
-            f"({engine_added:+.1f} ms on the engine; {PAIRS} pairs)",
-            f"< {TARGET_MS:.0f} ms",
-            met,
-        )],
+        headlines=[
+            Headline(
+                "session",
+                f"a BuildKit session adds median {added:+.1f} ms to a small build through the daemon "
+                f"({engine_added:+.1f} ms on the engine; {PAIRS} pairs)",
+                f"< {TARGET_MS:.0f} ms",
+                met,
+            )
+        ],
         bars=[Bar("session: added ÷ 30 ms", max(added, 0.0) / TARGET_MS, 1.0)],
     )

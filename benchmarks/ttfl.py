@@ -54,11 +54,14 @@ class _Timings:
         self.image_ids: list[str] = []
 
 
-async def _daemon_ttfl(session: aiohttp.ClientSession, daemon: Daemon, context: bytes, tag: str,
-                       timings: _Timings) -> float:
+async def _daemon_ttfl(
+    session: aiohttp.ClientSession, daemon: Daemon, context: bytes, tag: str, timings: _Timings
+) -> float:
     started = time.perf_counter()
     async with session.post(
-        f"{daemon.base_url}/builds", data=context, params={"image_name": tag, "no_cache": "true"},
+        f"{daemon.base_url}/builds",
+        data=context,
+        params={"image_name": tag, "no_cache": "true"},
         headers={"Content-Type": "application/gzip"},
     ) as response:
         body = await response.json()
@@ -88,7 +91,8 @@ async def _engine_ttfl(engine: aiohttp.ClientSession, context: bytes, tag: str) 
     first: float | None = None
     output = b""
     async with engine.post(
-        f"{harness.ENGINE_API}/build", data=context,
+        f"{harness.ENGINE_API}/build",
+        data=context,
         params={"t": tag, "nocache": "1", "rm": "1", "forcerm": "1"},
         headers={"Content-Type": "application/x-tar"},
     ) as response:
@@ -120,11 +124,16 @@ async def run() -> Result:
             async def engine_cmd(n: int, context: bytes = context, slug: str = slug) -> float:
                 return 1000 * await _engine_ttfl(engine, context, f"bench-ttfl-engine-{slug}:{n}")
 
-            async def daemon_cmd(n: int, context: bytes = context, slug: str = slug, timings: _Timings = timings) -> float:
+            async def daemon_cmd(
+                n: int, context: bytes = context, slug: str = slug, timings: _Timings = timings
+            ) -> float:
                 return 1000 * await _daemon_ttfl(session, daemon, context, f"bench-ttfl-builder-{slug}:{n}", timings)
 
             comparison = await compare.alternate(
-                [("engine", engine_cmd), ("daemon", daemon_cmd)], pairs=PAIRS, unit="ms", digits=1,
+                [("engine", engine_cmd), ("daemon", daemon_cmd)],
+                pairs=PAIRS,
+                unit="ms",
+                digits=1,
                 label=f"ttfl {size}",
             )
             results[size] = (comparison, timings)
@@ -138,24 +147,32 @@ def _report(contexts: dict[str, bytes], results: dict[str, tuple[compare.Compari
     for size, (comparison, timings) in results.items():
         engine_ms, daemon_ms = comparison.median("engine"), comparison.median("daemon")
         diffs = [d - e for d, e in zip(comparison.samples["daemon"], comparison.samples["engine"], strict=True)]
-        accepted = timings.accepted[-comparison.rounds:]
-        rows.append([
-            size,
-            f"{len(contexts[size]) / 2**20:.2f} MiB" if len(contexts[size]) > 2**20 else f"{len(contexts[size])} B",
-            f"{engine_ms:.1f}", f"{daemon_ms:.1f}",
-            f"{harness.median(diffs):+.1f}", f"{comparison.median_ratio('daemon'):.2f}",
-            f"{harness.median(accepted) * 1000:.1f}",
-        ])
+        accepted = timings.accepted[-comparison.rounds :]
+        rows.append(
+            [
+                size,
+                f"{len(contexts[size]) / 2**20:.2f} MiB" if len(contexts[size]) > 2**20 else f"{len(contexts[size])} B",
+                f"{engine_ms:.1f}",
+                f"{daemon_ms:.1f}",
+                f"{harness.median(diffs):+.1f}",
+                f"{comparison.median_ratio('daemon'):.2f}",
+                f"{harness.median(accepted) * 1000:.1f}",
+            ]
+        )
         sections.append(f"**{size} context**\n\n{comparison.table(labels)}\n\n- {comparison.runs_note(labels)}")
     small, _ = results["1 KiB"]
-    small_diff = harness.median(
-        [d - e for d, e in zip(small.samples["daemon"], small.samples["engine"], strict=True)]
-    )
+    small_diff = harness.median([d - e for d, e in zip(small.samples["daemon"], small.samples["engine"], strict=True)])
     large, _ = results["100 MiB"]
     summary = harness.markdown_table(
-        ["context", "tar.gz bytes sent", "engine median (ms)", "daemon median (ms)",
-         "daemon − engine, median of per-pair differences (ms)", "daemon / engine (median of per-pair ratios)",
-         "of which POST → 202 (daemon, median ms)"],
+        [
+            "context",
+            "tar.gz bytes sent",
+            "engine median (ms)",
+            "daemon median (ms)",
+            "daemon − engine, median of per-pair differences (ms)",
+            "daemon / engine (median of per-pair ratios)",
+            "of which POST → 202 (daemon, median ms)",
+        ],
         rows,
     )
     method = f"""\

@@ -61,11 +61,21 @@ async def curl_upload(path: Path, url: str) -> tuple[dict, float, int]:
     """POST the file with curl, streamed from disk; returns (JSON answer, seconds, bytes) from curl's own timing."""
     run = await harness.run_command(
         [
-            "curl", "-sS", "--fail-with-body", "-X", "POST", "-T", str(path),
-            "-H", "Content-Type: application/x-tar",
+            "curl",
+            "-sS",
+            "--fail-with-body",
+            "-X",
+            "POST",
+            "-T",
+            str(path),
+            "-H",
+            "Content-Type: application/x-tar",
             # No 100-continue round trip: the body goes at once, to either server alike.
-            "-H", "Expect:",
-            "-w", "\n%{http_code} %{time_total} %{size_upload}", url,
+            "-H",
+            "Expect:",
+            "-w",
+            "\n%{http_code} %{time_total} %{size_upload}",
+            url,
         ],
         capture_stdout=True,
     )
@@ -80,8 +90,11 @@ async def curl_upload(path: Path, url: str) -> tuple[dict, float, int]:
 async def sink_server():
     port = harness.free_port()
     proc = subprocess.Popen(  # noqa: ASYNC220
-        [sys.executable, "-m", "benchmarks.sink", str(port)], cwd=harness.REPO_ROOT,
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "benchmarks.sink", str(port)],
+        cwd=harness.REPO_ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -133,7 +146,10 @@ async def run() -> Result:
 
             comparison = await compare.alternate(
                 [("sink", sink), ("engine", engine), ("streamed", streamed), ("spooled", spooled)],
-                pairs=PAIRS, unit="MB/s", digits=0, label="upload",
+                pairs=PAIRS,
+                unit="MB/s",
+                digits=0,
+                label="upload",
             )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -143,8 +159,10 @@ async def run() -> Result:
 async def _into_daemon(context: Path, rss: list[dict[str, Any]], sizes: set[int], *, blocked: bool) -> float:
     """One upload into a fresh daemon (VmHWM is a lifetime peak: only a fresh process isolates one
     upload). With `blocked`, its one build slot is taken, so the context is checked onto the spool."""
-    async with Daemon("--max-context-bytes", str(MAX_CONTEXT), "--max-concurrent", "1") as d, \
-            harness.client_session() as s:
+    async with (
+        Daemon("--max-context-bytes", str(MAX_CONTEXT), "--max-concurrent", "1") as d,
+        harness.client_session() as s,
+    ):
         blocker = None
         if blocked:
             blocker = await harness.submit_build(s, d, harness.make_context({"Dockerfile": BLOCKER}))
@@ -158,8 +176,16 @@ async def _into_daemon(context: Path, rss: list[dict[str, Any]], sizes: set[int]
             await harness.cancel_build(s, d, blocker)
         if code not in (200, 202):
             raise RuntimeError(f"DELETE answered {code}: {status}")
-    rss.append({"idle": idle, "peak": peak, "cancel_s": cancel_s, "cancel_code": code,
-                "status": status.get("status"), "spooled": blocked})
+    rss.append(
+        {
+            "idle": idle,
+            "peak": peak,
+            "cancel_s": cancel_s,
+            "cancel_code": code,
+            "status": status.get("status"),
+            "spooled": blocked,
+        }
+    )
     sizes.add(size)
     return size / seconds / 1e6
 
@@ -167,10 +193,26 @@ async def _into_daemon(context: Path, rss: list[dict[str, Any]], sizes: set[int]
 async def curl_engine(path: Path, build_id: str) -> tuple[float, int]:
     """POST the tar straight to the engine's BuildKit (`/build?version=2`); (seconds, bytes) from curl."""
     run = await harness.run_command(
-        ["curl", "-sS", "--fail", "-o", "/dev/null", "--unix-socket", harness.DOCKER_SOCKET, "-X", "POST",
-         "-T", str(path), "-H", "Content-Type: application/x-tar", "-H", "Expect:",
-         "-w", "%{time_total} %{size_upload}",
-         f"http://localhost/v1.41/build?version=2&nocache=1&buildid={build_id}&t={build_id}"],
+        [
+            "curl",
+            "-sS",
+            "--fail",
+            "-o",
+            "/dev/null",
+            "--unix-socket",
+            harness.DOCKER_SOCKET,
+            "-X",
+            "POST",
+            "-T",
+            str(path),
+            "-H",
+            "Content-Type: application/x-tar",
+            "-H",
+            "Expect:",
+            "-w",
+            "%{time_total} %{size_upload}",
+            f"http://localhost/v1.41/build?version=2&nocache=1&buildid={build_id}&t={build_id}",
+        ],
         capture_stdout=True,
     )
     await harness.remove_images([build_id])
@@ -187,15 +229,26 @@ def _report(comparison: compare.Comparison, rss: list[dict[str, Any]], tar_bytes
     }
     spooled_ratio = comparison.median_ratio("spooled")
     streamed_ratio = comparison.median_ratio_to("streamed", "engine")
-    measured = [r for r in rss if r in rss[-2 * comparison.rounds:]]
+    measured = [r for r in rss if r in rss[-2 * comparison.rounds :]]
     growth = [r["peak"] - r["idle"] for r in measured]
-    rss_rows = [[
-        "spooled" if r["spooled"] else "streamed", f"{r['idle']:.1f}", f"{r['peak']:.1f}",
-        f"**{r['peak'] - r['idle']:.1f}**", f"{r['cancel_s'] * 1000:.0f} ({r['cancel_code']}, {r['status']})",
-    ] for r in measured]
+    rss_rows = [
+        [
+            "spooled" if r["spooled"] else "streamed",
+            f"{r['idle']:.1f}",
+            f"{r['peak']:.1f}",
+            f"**{r['peak'] - r['idle']:.1f}**",
+            f"{r['cancel_s'] * 1000:.0f} ({r['cancel_code']}, {r['status']})",
+        ]
+        for r in measured
+    ]
     rss_table = harness.markdown_table(
-        ["daemon run", "idle RSS (MiB)", "VmHWM after the 202 (MiB)", "peak growth during upload (MiB)",
-         "DELETE took (ms)"],
+        [
+            "daemon run",
+            "idle RSS (MiB)",
+            "VmHWM after the 202 (MiB)",
+            "peak growth during upload (MiB)",
+            "DELETE took (ms)",
+        ],
         rss_rows,
     )
     method = f"""\
@@ -227,14 +280,26 @@ Alternating in that order; one warm-up round, then {PAIRS} measured rounds. Peak
     return Result(
         body="\n\n".join([method, comparison.table(labels), rss_table, "\n".join(f"- {n}" for n in notes)]),
         headlines=[
-            Headline("upload (spooled)", f"{spooled_ratio:.2f} of raw loopback throughput "
-                                         f"({comparison.median('spooled'):.0f} vs {comparison.median('sink'):.0f} MB/s)",
-                     f"≥ {TARGET_RATIO:.2f}", spooled_ratio >= TARGET_RATIO),
-            Headline("upload (streamed)", f"{streamed_ratio:.2f} of the engine's own intake "
-                                          f"({comparison.median('streamed'):.0f} vs {comparison.median('engine'):.0f} MB/s)",
-                     f"≥ {TARGET_RATIO:.2f}", streamed_ratio >= TARGET_RATIO),
-            Headline("upload", f"daemon peak RSS growth {harness.median(growth):.1f} MiB median, "
-                               f"{max(growth):.1f} MiB max", f"< {TARGET_RSS_MIB:.0f} MiB", rss_ok),
+            Headline(
+                "upload (spooled)",
+                f"{spooled_ratio:.2f} of raw loopback throughput "
+                f"({comparison.median('spooled'):.0f} vs {comparison.median('sink'):.0f} MB/s)",
+                f"≥ {TARGET_RATIO:.2f}",
+                spooled_ratio >= TARGET_RATIO,
+            ),
+            Headline(
+                "upload (streamed)",
+                f"{streamed_ratio:.2f} of the engine's own intake "
+                f"({comparison.median('streamed'):.0f} vs {comparison.median('engine'):.0f} MB/s)",
+                f"≥ {TARGET_RATIO:.2f}",
+                streamed_ratio >= TARGET_RATIO,
+            ),
+            Headline(
+                "upload",
+                f"daemon peak RSS growth {harness.median(growth):.1f} MiB median, {max(growth):.1f} MiB max",
+                f"< {TARGET_RSS_MIB:.0f} MiB",
+                rss_ok,
+            ),
         ],
         bars=[
             Bar("upload: spooled / raw MB/s", spooled_ratio, TARGET_RATIO, higher_is_better=True),

@@ -18,91 +18,240 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
     defaults = Settings()
     serve.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s)")
     serve.add_argument("--port", type=int, default=defaults.port, help="port (default %(default)s)")
-    serve.add_argument("--data-dir", type=Path, default=defaults.data_dir,
-                       help="where build records, logs and spooled contexts live (default %(default)s)")
-    serve.add_argument("--max-concurrent", type=int, default=defaults.max_concurrent,
-                       help="builds run at once; the rest queue FIFO (default %(default)s)")
-    serve.add_argument("--builder", choices=["auto", "buildkit", "legacy"], default=defaults.builder,
-                       help="builder for builds that do not ask for one; auto = BuildKit when the engine "
-                            "supports it, else legacy (default %(default)s)")
-    serve.add_argument("--max-context-bytes", type=int, default=defaults.max_context_bytes,
-                       help="largest accepted build context upload (default %(default)s)")
-    serve.add_argument("--max-context-unpacked-bytes", type=int, default=defaults.max_context_unpacked_bytes,
-                       help="largest size a context may unpack to (default %(default)s)")
-    serve.add_argument("--max-context-entries", type=int, default=defaults.max_context_entries,
-                       help="most entries a context tar may hold (default %(default)s)")
-    serve.add_argument("--upload-idle-timeout", type=float, default=defaults.upload_idle_timeout,
-                       help="drop an upload that sends nothing for this many seconds (default %(default)s)")
-    serve.add_argument("--upload-timeout", type=_duration, default=defaults.upload_timeout,
-                       help="drop an upload that takes longer than this in all (default 1h)")
-    serve.add_argument("--header-timeout", type=float, default=defaults.header_timeout,
-                       help="drop a connection that has not sent a whole request head within this many seconds "
-                            "(default %(default)s)")
-    serve.add_argument("--max-connections", type=int, default=defaults.max_connections,
-                       help="open connections in all; beyond, a fast 503 (default: the descriptor limit)")
-    serve.add_argument("--max-connections-per-client", type=int, default=defaults.max_connections_per_client,
-                       help="open connections per client address, 0 for no cap (default %(default)s)")
-    serve.add_argument("--build-memory", type=int, default=defaults.build_memory, metavar="BYTES",
-                       help="memory limit of every build step container (default: none)")
-    serve.add_argument("--build-cpus", type=float, default=defaults.build_cpus,
-                       help="CPU limit of every build step container (default: none)")
-    serve.add_argument("--build-network", default=defaults.build_network,
-                       help="network mode of build step containers: bridge (default), none, host")
-    serve.add_argument("--auth-tokens-file", type=Path, default=defaults.auth_tokens_file,
-                       help="'token namespace' per line (# comments); reloaded on SIGHUP (env BUILDER_AUTH_TOKENS_FILE). "
-                            "Also env BUILDER_AUTH_TOKENS")
-    serve.add_argument("--metrics-token", default=defaults.metrics_token,
-                       help="a token that may read /metrics only (env BUILDER_METRICS_TOKEN)")
-    serve.add_argument("--allow-base-image", action="append", default=[], metavar="PATTERN",
-                       help="an image every tenant may build from (fnmatch glob, repeatable); by default any "
-                            "image under no tenant's namespace")
-    serve.add_argument("--insecure", action="store_true",
-                       help="allow listening on a non-loopback address without any auth token")
-    serve.add_argument("--log-format", choices=["json", "console", "auto"], default=defaults.log_format,
-                       help="log output; auto = json unless stdout is a terminal")
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        default=defaults.data_dir,
+        help="where build records, logs and spooled contexts live (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=defaults.max_concurrent,
+        help="builds run at once; the rest queue FIFO (default %(default)s)",
+    )
+    serve.add_argument(
+        "--builder",
+        choices=["auto", "buildkit", "legacy"],
+        default=defaults.builder,
+        help="builder for builds that do not ask for one; auto = BuildKit when the engine "
+        "supports it, else legacy (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-context-bytes",
+        type=int,
+        default=defaults.max_context_bytes,
+        help="largest accepted build context upload (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-context-unpacked-bytes",
+        type=int,
+        default=defaults.max_context_unpacked_bytes,
+        help="largest size a context may unpack to (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-context-entries",
+        type=int,
+        default=defaults.max_context_entries,
+        help="most entries a context tar may hold (default %(default)s)",
+    )
+    serve.add_argument(
+        "--upload-idle-timeout",
+        type=float,
+        default=defaults.upload_idle_timeout,
+        help="drop an upload that sends nothing for this many seconds (default %(default)s)",
+    )
+    serve.add_argument(
+        "--upload-timeout",
+        type=_duration,
+        default=defaults.upload_timeout,
+        help="drop an upload that takes longer than this in all (default 1h)",
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        default=defaults.header_timeout,
+        help="drop a connection that has not sent a whole request head within this many seconds (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        help="open connections in all; beyond, a fast 503 (default: the descriptor limit)",
+    )
+    serve.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=defaults.max_connections_per_client,
+        help="open connections per client address, 0 for no cap (default %(default)s)",
+    )
+    serve.add_argument(
+        "--build-memory",
+        type=int,
+        default=defaults.build_memory,
+        metavar="BYTES",
+        help="memory limit of every build step container (default: none)",
+    )
+    serve.add_argument(
+        "--build-cpus",
+        type=float,
+        default=defaults.build_cpus,
+        help="CPU limit of every build step container (default: none)",
+    )
+    serve.add_argument(
+        "--build-network",
+        default=defaults.build_network,
+        help="network mode of build step containers: bridge (default), none, host",
+    )
+    serve.add_argument(
+        "--auth-tokens-file",
+        type=Path,
+        default=defaults.auth_tokens_file,
+        help="'token namespace' per line (# comments); reloaded on SIGHUP (env BUILDER_AUTH_TOKENS_FILE). "
+        "Also env BUILDER_AUTH_TOKENS",
+    )
+    serve.add_argument(
+        "--metrics-token",
+        default=defaults.metrics_token,
+        help="a token that may read /metrics only (env BUILDER_METRICS_TOKEN)",
+    )
+    serve.add_argument(
+        "--allow-base-image",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="an image every tenant may build from (fnmatch glob, repeatable); by default any "
+        "image under no tenant's namespace",
+    )
+    serve.add_argument(
+        "--insecure", action="store_true", help="allow listening on a non-loopback address without any auth token"
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=["json", "console", "auto"],
+        default=defaults.log_format,
+        help="log output; auto = json unless stdout is a terminal",
+    )
     serve.add_argument("--log-level", default=defaults.log_level, help="debug, info, warning, error")
-    serve.add_argument("--docker-host", default=defaults.docker_host,
-                       help="Docker engine URL (default $DOCKER_HOST or the local socket)")
-    serve.add_argument("--tenant-engine", action="append", default=[], type=_tenant_engine,
-                       metavar="TENANT=DOCKER_HOST",
-                       help="run this tenant's builds on an engine of its own (repeatable)")
-    serve.add_argument("--cancel-wait", type=float, default=defaults.cancel_wait,
-                       help="seconds DELETE waits for teardown before answering 202 (default %(default)s)")
-    serve.add_argument("--build-timeout", type=_duration, default=defaults.build_timeout,
-                       help="a build running longer is torn down and fails; requests may ask for less (default 1h)")
-    serve.add_argument("--max-queue", type=int, default=defaults.max_queue,
-                       help="builds allowed to wait; beyond, POST answers 429 (default %(default)s)")
-    serve.add_argument("--max-queue-per-tenant", type=int, default=defaults.max_queue_per_tenant,
-                       help="builds of one tenant allowed to wait (default %(default)s)")
-    serve.add_argument("--max-spool-bytes-per-tenant", type=int, default=defaults.max_spool_bytes_per_tenant,
-                       help="bytes of one tenant's contexts waiting on disk (default %(default)s)")
-    serve.add_argument("--max-uploads-per-tenant", type=int, default=defaults.max_uploads_per_tenant,
-                       help="uploads of one tenant arriving at once (default %(default)s)")
-    serve.add_argument("--max-followers-per-tenant", type=int, default=defaults.max_followers_per_tenant,
-                       help="log streams one tenant may hold open (default %(default)s)")
-    serve.add_argument("--shutdown-grace", type=float, default=defaults.shutdown_grace,
-                       help="on SIGTERM, seconds running builds get to finish before teardown (default %(default)s)")
-    serve.add_argument("--registry", default=defaults.registry, metavar="HOST[:PORT]",
-                       help="push every built image there (password: env BUILDER_REGISTRY_PASSWORD)")
+    serve.add_argument(
+        "--docker-host",
+        default=defaults.docker_host,
+        help="Docker engine URL (default $DOCKER_HOST or the local socket)",
+    )
+    serve.add_argument(
+        "--tenant-engine",
+        action="append",
+        default=[],
+        type=_tenant_engine,
+        metavar="TENANT=DOCKER_HOST",
+        help="run this tenant's builds on an engine of its own (repeatable)",
+    )
+    serve.add_argument(
+        "--cancel-wait",
+        type=float,
+        default=defaults.cancel_wait,
+        help="seconds DELETE waits for teardown before answering 202 (default %(default)s)",
+    )
+    serve.add_argument(
+        "--build-timeout",
+        type=_duration,
+        default=defaults.build_timeout,
+        help="a build running longer is torn down and fails; requests may ask for less (default 1h)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=defaults.max_queue,
+        help="builds allowed to wait; beyond, POST answers 429 (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-queue-per-tenant",
+        type=int,
+        default=defaults.max_queue_per_tenant,
+        help="builds of one tenant allowed to wait (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-spool-bytes-per-tenant",
+        type=int,
+        default=defaults.max_spool_bytes_per_tenant,
+        help="bytes of one tenant's contexts waiting on disk (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-uploads-per-tenant",
+        type=int,
+        default=defaults.max_uploads_per_tenant,
+        help="uploads of one tenant arriving at once (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-followers-per-tenant",
+        type=int,
+        default=defaults.max_followers_per_tenant,
+        help="log streams one tenant may hold open (default %(default)s)",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=defaults.shutdown_grace,
+        help="on SIGTERM, seconds running builds get to finish before teardown (default %(default)s)",
+    )
+    serve.add_argument(
+        "--registry",
+        default=defaults.registry,
+        metavar="HOST[:PORT]",
+        help="push every built image there (password: env BUILDER_REGISTRY_PASSWORD)",
+    )
     serve.add_argument("--registry-username", default=defaults.registry_username)
-    serve.add_argument("--registry-config", type=Path, default=defaults.registry_config, metavar="PATH",
-                       help="Docker config.json whose `auths` log builds in to the registries they pull "
-                            "from (FROM); reloaded on SIGHUP")
-    serve.add_argument("--tenant-registry-config", action="append", default=[], type=_tenant_registry_config,
-                       metavar="TENANT=PATH",
-                       help="a tenant's own config.json, over --registry-config for its builds (repeatable)")
-    serve.add_argument("--keep-local", action=argparse.BooleanOptionalAction, default=defaults.keep_local,
-                       help="keep the local image after pushing it (default: keep)")
-    serve.add_argument("--nydusify", default=defaults.nydusify,
-                       help="nydus conversion tool, used when found (default: nydusify on PATH)")
-    serve.add_argument("--max-log-line", type=int, default=defaults.max_log_line,
-                       help="longest output line kept whole; longer ones come in pieces (default %(default)s)")
-    serve.add_argument("--max-log-bytes", type=int, default=defaults.max_log_bytes,
-                       help="most output a build's log keeps; past it the build goes on (default %(default)s)")
-    serve.add_argument("--retention", type=_duration, default=defaults.retention,
-                       help="keep finished builds and their logs this long: seconds, or 90m, 12h, 7d (default 7d)")
-    serve.add_argument("--max-builds", type=int, default=defaults.max_builds,
-                       help="keep at most this many finished builds per tenant (default %(default)s)")
+    serve.add_argument(
+        "--registry-config",
+        type=Path,
+        default=defaults.registry_config,
+        metavar="PATH",
+        help="Docker config.json whose `auths` log builds in to the registries they pull "
+        "from (FROM); reloaded on SIGHUP",
+    )
+    serve.add_argument(
+        "--tenant-registry-config",
+        action="append",
+        default=[],
+        type=_tenant_registry_config,
+        metavar="TENANT=PATH",
+        help="a tenant's own config.json, over --registry-config for its builds (repeatable)",
+    )
+    serve.add_argument(
+        "--keep-local",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.keep_local,
+        help="keep the local image after pushing it (default: keep)",
+    )
+    serve.add_argument(
+        "--nydusify",
+        default=defaults.nydusify,
+        help="nydus conversion tool, used when found (default: nydusify on PATH)",
+    )
+    serve.add_argument(
+        "--max-log-line",
+        type=int,
+        default=defaults.max_log_line,
+        help="longest output line kept whole; longer ones come in pieces (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-log-bytes",
+        type=int,
+        default=defaults.max_log_bytes,
+        help="most output a build's log keeps; past it the build goes on (default %(default)s)",
+    )
+    serve.add_argument(
+        "--retention",
+        type=_duration,
+        default=defaults.retention,
+        help="keep finished builds and their logs this long: seconds, or 90m, 12h, 7d (default 7d)",
+    )
+    serve.add_argument(
+        "--max-builds",
+        type=int,
+        default=defaults.max_builds,
+        help="keep at most this many finished builds per tenant (default %(default)s)",
+    )
 
 
 def _tenant_engine(text: str) -> tuple[str, str]:
@@ -141,8 +290,11 @@ def _serve(args: argparse.Namespace) -> int:
         print("builder serve: --max-concurrent must be at least 1", file=sys.stderr)
         return 2
     if args.builder == "buildkit" and (args.build_memory or args.build_cpus):
-        print("builder serve: BuildKit through the Engine API cannot enforce --build-memory/--build-cpus; "
-              "use --builder legacy (or auto, which picks it)", file=sys.stderr)
+        print(
+            "builder serve: BuildKit through the Engine API cannot enforce --build-memory/--build-cpus; "
+            "use --builder legacy (or auto, which picks it)",
+            file=sys.stderr,
+        )
         return 2
     settings = Settings(
         host=args.host,
@@ -216,12 +368,21 @@ def _client_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     build.add_argument("-f", "--file", default="Dockerfile", help="Dockerfile path inside the context")
     build.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE", help="build argument")
     build.add_argument("--target", help="build stage to stop at")
-    build.add_argument("--secret", action="append", default=[], metavar="id=ID[,src=FILE|,env=VAR]",
-                       help="a build secret (RUN --mount=type=secret,id=ID), from a file or an environment "
-                            "variable, as with docker build (repeatable)")
+    build.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="id=ID[,src=FILE|,env=VAR]",
+        help="a build secret (RUN --mount=type=secret,id=ID), from a file or an environment "
+        "variable, as with docker build (repeatable)",
+    )
     build.add_argument("--no-cache", action="store_true", help="do not use the build cache")
-    build.add_argument("--compress", choices=["auto", "zstd", "gzip", "none"], default="auto",
-                       help="context compression; auto = zstd if the daemon takes it, else gzip (default auto)")
+    build.add_argument(
+        "--compress",
+        choices=["auto", "zstd", "gzip", "none"],
+        default="auto",
+        help="context compression; auto = zstd if the daemon takes it, else gzip (default auto)",
+    )
     build.add_argument("--image", metavar="REF", help="build `FROM REF` instead of a context")
     build.add_argument("--detach", action="store_true", help="print the build id once accepted and exit")
     build.add_argument("-q", "--quiet", action="store_true", help="print only the image reference")
@@ -241,8 +402,11 @@ def _client_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _global_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("BUILDER_URL"),
-                        help="daemon URL (env BUILDER_URL, default http://127.0.0.1:8080)")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("BUILDER_URL"),
+        help="daemon URL (env BUILDER_URL, default http://127.0.0.1:8080)",
+    )
     parser.add_argument("--token", default=os.environ.get("BUILDER_TOKEN"), help="bearer token (env BUILDER_TOKEN)")
 
 

@@ -31,9 +31,7 @@ from builder.protocol import (
 )
 
 
-def step_lines(
-    step: int, name: str, state: str, duration: float | None = None, error: str | None = None
-) -> list[str]:
+def step_lines(step: int, name: str, state: str, duration: float | None = None, error: str | None = None) -> list[str]:
     """The lines for a step changing state.
 
     `started` gives the header (`#5 [2/3] RUN echo hi`). A cached step never started, so
@@ -83,8 +81,9 @@ def event_lines(payload: Mapping[str, Any]) -> list[str]:
         return []
     phase = payload.get("phase")
     if phase == PHASE_STEP:
-        return step_lines(payload["step"], payload["name"], payload["state"], payload.get("duration"),
-                          payload.get("error"))
+        return step_lines(
+            payload["step"], payload["name"], payload["state"], payload.get("duration"), payload.get("error")
+        )
     if phase == PHASE_LOG_CLIPPED:
         return [clipped_line(payload.get("step"), f"[the engine clipped this log: {payload.get('message')}]")]
     if phase == PHASE_LOG_TRUNCATED:

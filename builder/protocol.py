@@ -24,9 +24,7 @@ class BuildStatus(enum.StrEnum):
         return self in TERMINAL_STATUSES
 
 
-TERMINAL_STATUSES = frozenset(
-    {BuildStatus.SUCCEEDED, BuildStatus.FAILED, BuildStatus.CANCELLED}
-)
+TERMINAL_STATUSES = frozenset({BuildStatus.SUCCEEDED, BuildStatus.FAILED, BuildStatus.CANCELLED})
 
 # Event types carried in the `type` field of every SSE `data` payload.
 EVENT_LOG = "log"
@@ -74,8 +72,12 @@ def dump_event(payload: dict[str, Any]) -> str:
 
 
 def dump_log_events(
-    lines: list[str], step: int | None = None, stream: str | None = None, elapsed: float | None = None,
-    *, continued: bool = False,
+    lines: list[str],
+    step: int | None = None,
+    stream: str | None = None,
+    elapsed: float | None = None,
+    *,
+    continued: bool = False,
 ) -> list[str]:
     """`dump_event` of each line's log event, byte for byte, without the generic encoder (the hot
     path of a chatty build). With `continued`, the first line continues the previous event's."""

@@ -100,13 +100,20 @@ async def _build(client: BuilderClient, session: Session) -> int:
         print(f"error: --secret: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.image:
-        session.build_id = await client.submit_image(args.image, image_name=args.tag, no_cache=args.no_cache,
-                                                     secrets=secrets)
+        session.build_id = await client.submit_image(
+            args.image, image_name=args.tag, no_cache=args.no_cache, secrets=secrets
+        )
     else:
         progress = None if args.quiet else UploadProgress()
         session.build_id = await client.submit(
-            args.path, image_name=args.tag, dockerfile=args.file, build_args=_build_args(args.build_arg),
-            target=args.target, no_cache=args.no_cache, compress=args.compress, on_upload_progress=progress,
+            args.path,
+            image_name=args.tag,
+            dockerfile=args.file,
+            build_args=_build_args(args.build_arg),
+            target=args.target,
+            no_cache=args.no_cache,
+            compress=args.compress,
+            on_upload_progress=progress,
             secrets=secrets,
         )
         if progress is not None:
@@ -134,8 +141,17 @@ async def _build(client: BuilderClient, session: Session) -> int:
 
 def _report(result: BuildResult, args: argparse.Namespace) -> None:
     if args.json:
-        print(json.dumps({"build_id": result.build_id, "status": result.status, "image_ref": result.image_ref,
-                          "image_id": result.image_id, "duration": round(result.duration, 3)}))
+        print(
+            json.dumps(
+                {
+                    "build_id": result.build_id,
+                    "status": result.status,
+                    "image_ref": result.image_ref,
+                    "image_id": result.image_id,
+                    "duration": round(result.duration, 3),
+                }
+            )
+        )
     elif args.quiet:
         print(result.image_ref)
     else:

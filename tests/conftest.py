@@ -140,8 +140,11 @@ def step_events(frames: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]
 def build_text(frames: list[tuple[int, dict[str, Any]]]) -> list[str]:
     """What either builder says about a build, as lines: output lines and step names (a legacy
     `Step 1/1 : FROM x` is a log line, a BuildKit `[1/1] FROM x` a step event)."""
-    return [data["line"] if data["type"] == "log" else data["name"]
-            for _, data in frames if data["type"] == "log" or data.get("phase") == "step"]
+    return [
+        data["line"] if data["type"] == "log" else data["name"]
+        for _, data in frames
+        if data["type"] == "log" or data.get("phase") == "step"
+    ]
 
 
 async def wait_for_line(client: TestClient, build_id: str, text: str, timeout: float = 30) -> None:
@@ -171,7 +174,9 @@ async def wait_healthy(session: aiohttp.ClientSession, url: str) -> None:
 
 async def post_context(session: aiohttp.ClientSession, url: str, files: dict[str, str]) -> str:
     async with session.post(
-        f"{url}/builds", data=make_context(files), params={"no_cache": "true"},
+        f"{url}/builds",
+        data=make_context(files),
+        params={"no_cache": "true"},
         headers={"Content-Type": "application/gzip"},
     ) as response:
         assert response.status == 202

@@ -25,8 +25,16 @@ _FAKE_503 = _json_response("503 Service Unavailable", b'{"error": "replica resta
 
 
 class FaultProxy:
-    def __init__(self, upstream_port: int, *, not_found_first: int = 0, unavailable_rate: float = 0.0,
-                 cut_after: tuple[int, int] | None = None, lose_post_answers: int = 0, seed: int = 7) -> None:
+    def __init__(
+        self,
+        upstream_port: int,
+        *,
+        not_found_first: int = 0,
+        unavailable_rate: float = 0.0,
+        cut_after: tuple[int, int] | None = None,
+        lose_post_answers: int = 0,
+        seed: int = 7,
+    ) -> None:
         self.upstream_port = upstream_port
         # POSTs that reach the daemon but whose answer never comes back (the classic lost 202).
         self.lose_post_answers = lose_post_answers

@@ -149,7 +149,8 @@ def engine_status(docker_host: str, path: str) -> int:
     """The HTTP status of GET `path` on the engine at `docker_host` (unix:// or tcp://)."""
     url = urlsplit(docker_host)
     connection = (
-        _UnixHTTPConnection(url.path, timeout=5) if url.scheme == "unix"
+        _UnixHTTPConnection(url.path, timeout=5)
+        if url.scheme == "unix"
         else http.client.HTTPConnection(url.netloc, timeout=5)
     )
     try:
@@ -165,13 +166,19 @@ def second_engine() -> str:
     holding the base image.  `scripts/test` starts it and sets BUILDER_SECOND_DOCKER_HOST."""
     host = os.environ.get("BUILDER_SECOND_DOCKER_HOST")
     if not host:
-        pytest.fail("BUILDER_SECOND_DOCKER_HOST is not set: run the tests with scripts/test, which starts the "
-                    "second engine (ensure_second_engine in scripts/lib.sh)", pytrace=False)
+        pytest.fail(
+            "BUILDER_SECOND_DOCKER_HOST is not set: run the tests with scripts/test, which starts the "
+            "second engine (ensure_second_engine in scripts/lib.sh)",
+            pytrace=False,
+        )
     try:
         ping = engine_status(host, "/_ping")
     except OSError as exc:
-        pytest.fail(f"the second engine at {host} does not answer ({exc}): run scripts/test, or "
-                    "`source scripts/lib.sh && ensure_second_engine`", pytrace=False)
+        pytest.fail(
+            f"the second engine at {host} does not answer ({exc}): run scripts/test, or "
+            "`source scripts/lib.sh && ensure_second_engine`",
+            pytrace=False,
+        )
     if ping != 200:
         pytest.fail(f"the second engine at {host} answers /_ping with {ping}", pytrace=False)
     if engine_status(host, f"/images/{quote(BASE_IMAGE, safe=':')}/json") != 200:
@@ -199,8 +206,21 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{port}/0"
         self._log = directory / "redis.log"
         self._argv = [
-            binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-            "--appendonly", "yes", "--save", "", "--daemonize", "no", "--logfile", str(self._log),
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(directory),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self._log),
         ]
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -312,7 +332,8 @@ def nginx_proxy(tmp_path: Path) -> Iterator[NginxProxy]:
         log = directory / "error.log"
         proc = subprocess.Popen(
             [binary, "-p", str(directory), "-c", str(config), "-e", str(log)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
         )
         procs.append(proc)
         _wait_until(lambda: _accepts(port), proc, "nginx", log)
@@ -349,9 +370,21 @@ class DaemonProcess:
         assert self._proc is None or self._proc.poll() is not None, "already running"
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "builder", "serve", "--port", str(self.port),
-                 "--data-dir", str(self.data_dir), "--log-format", "json", *self.args],
-                stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "builder",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--log-format",
+                    "json",
+                    *self.args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         return self
 
@@ -365,9 +398,13 @@ class DaemonProcess:
                         if response.status == 200:
                             return self
                 if self.proc.poll() is not None:
-                    raise AssertionError(f"builder serve exited with {self.proc.returncode}:\n{_log_tail(self.log_path)}")
+                    raise AssertionError(
+                        f"builder serve exited with {self.proc.returncode}:\n{_log_tail(self.log_path)}"
+                    )
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"builder serve not healthy within {STARTUP_SECONDS}s:\n{_log_tail(self.log_path)}")
+                    raise AssertionError(
+                        f"builder serve not healthy within {STARTUP_SECONDS}s:\n{_log_tail(self.log_path)}"
+                    )
                 await asyncio.sleep(0.05)
 
     def terminate(self, timeout: float = 60) -> int:

@@ -146,8 +146,12 @@ def gzip_members(*parts: bytes) -> bytes:
 
 @pytest.mark.parametrize(
     "compress",
-    [gzip_members, lambda *p: b"".join(map(bz2.compress, p)), lambda *p: b"".join(map(lzma.compress, p)),
-     lambda *p: b"".join(map(zstandard.ZstdCompressor().compress, p))],
+    [
+        gzip_members,
+        lambda *p: b"".join(map(bz2.compress, p)),
+        lambda *p: b"".join(map(lzma.compress, p)),
+        lambda *p: b"".join(map(zstandard.ZstdCompressor().compress, p)),
+    ],
     ids=["gzip", "bzip2", "xz", "zstd"],
 )
 def test_a_pax_size_read_from_later_streams_counts_against_the_limit(compress: Callable[..., bytes]) -> None:
@@ -169,17 +173,36 @@ def test_a_pax_size_read_from_later_streams_counts_against_the_limit(compress: C
     [
         (pax({b"path": b"../outside"}) + member(b"innocent", b"x"), "escapes the context"),
         (pax({b"path": b"/etc/cron.d/x"}) + member(b"innocent", b"x"), "absolute path"),
-        (pax({b"linkpath": b"../../etc/shadow"}) + member(b"hard", typeflag=b"1", linkname=b"Dockerfile"), "escapes the context"),
-        (pax({b"linkpath": b"../../../etc"}) + member(b"a/link", typeflag=b"2", linkname=b"ok"), "symlink that escapes"),
+        (
+            pax({b"linkpath": b"../../etc/shadow"}) + member(b"hard", typeflag=b"1", linkname=b"Dockerfile"),
+            "escapes the context",
+        ),
+        (
+            pax({b"linkpath": b"../../../etc"}) + member(b"a/link", typeflag=b"2", linkname=b"ok"),
+            "symlink that escapes",
+        ),
         (gnu_long(b"L", b"../" * 40 + b"etc/passwd") + member(b"innocent", b"x"), "escapes the context"),
         (gnu_long(b"L", b"/" + b"x" * 150) + member(b"innocent", b"x"), "absolute path"),
         (gnu_long(b"K", b"/etc/shadow") + member(b"hard", typeflag=b"1", linkname=b"Dockerfile"), "absolute path"),
-        (gnu_long(b"K", b"x/" + b"../" * 40 + b"etc") + member(b"link", typeflag=b"2", linkname=b"ok"), "symlink that escapes"),
+        (
+            gnu_long(b"K", b"x/" + b"../" * 40 + b"etc") + member(b"link", typeflag=b"2", linkname=b"ok"),
+            "symlink that escapes",
+        ),
         (member(b"a/../../x", b"x"), "escapes the context"),
         (member(b"link", typeflag=b"2", linkname=b"/.." * 3 + b"/etc"), "symlink that escapes"),
     ],
-    ids=["pax-path-dotdot", "pax-path-absolute", "pax-linkpath-hard", "pax-linkpath-symlink", "gnu-L-dotdot",
-         "gnu-L-absolute", "gnu-K-hard", "gnu-K-symlink", "ustar-dotdot", "ustar-absolute-symlink-dotdot"],
+    ids=[
+        "pax-path-dotdot",
+        "pax-path-absolute",
+        "pax-linkpath-hard",
+        "pax-linkpath-symlink",
+        "gnu-L-dotdot",
+        "gnu-L-absolute",
+        "gnu-K-hard",
+        "gnu-K-symlink",
+        "ustar-dotdot",
+        "ustar-absolute-symlink-dotdot",
+    ],
 )
 def test_names_and_link_targets_escaping_the_context_are_refused(archive: bytes, match: str) -> None:
     error = refused_while_streaming(DOCKERFILE + archive + END, InvalidContext, match)
@@ -204,12 +227,26 @@ def test_pax_size_disagreeing_with_the_header_size_is_refused() -> None:
     "sparse",
     [
         header(b"sparse", b"S", 512) + padded(b"x"),
-        pax({b"GNU.sparse.size": b"2147483648", b"GNU.sparse.numblocks": b"1", b"GNU.sparse.offset": b"0",
-             b"GNU.sparse.numbytes": b"1"}) + member(b"sparse", b"x"),
+        pax(
+            {
+                b"GNU.sparse.size": b"2147483648",
+                b"GNU.sparse.numblocks": b"1",
+                b"GNU.sparse.offset": b"0",
+                b"GNU.sparse.numbytes": b"1",
+            }
+        )
+        + member(b"sparse", b"x"),
         pax({b"GNU.sparse.size": b"2147483648", b"GNU.sparse.numblocks": b"1", b"GNU.sparse.map": b"0,1"})
         + member(b"sparse", b"x"),
-        pax({b"GNU.sparse.major": b"1", b"GNU.sparse.minor": b"0", b"GNU.sparse.name": b"sparse",
-             b"GNU.sparse.realsize": b"2147483648"}) + member(b"GNUSparseFile.0/sparse", b"1\n0\n1\n" + bytes(506) + b"x"),
+        pax(
+            {
+                b"GNU.sparse.major": b"1",
+                b"GNU.sparse.minor": b"0",
+                b"GNU.sparse.name": b"sparse",
+                b"GNU.sparse.realsize": b"2147483648",
+            }
+        )
+        + member(b"GNUSparseFile.0/sparse", b"1\n0\n1\n" + bytes(506) + b"x"),
     ],
     ids=["old-gnu-S", "pax-0.0", "pax-0.1", "pax-1.0"],
 )
@@ -291,7 +328,9 @@ def test_gnu_and_pax_records_are_capped(kind: bytes) -> None:
 
 def test_a_pax_header_of_too_many_records_is_refused() -> None:
     records = {b"SCHILY.xattr.user.%d" % i: b"v" for i in range(1025)}
-    refused_while_streaming(DOCKERFILE + pax(records) + member(b"file", b"x") + END, InvalidContext, "more than 1024 records")
+    refused_while_streaming(
+        DOCKERFILE + pax(records) + member(b"file", b"x") + END, InvalidContext, "more than 1024 records"
+    )
 
 
 def test_an_upload_of_too_many_compressed_streams_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -316,7 +355,11 @@ def test_a_truncated_entry_is_refused_at_the_end() -> None:
             rewriter.finish()
 
 
-@pytest.mark.parametrize("compressed", [b"", END, gzip.compress(b""), gzip.compress(END)], ids=["nothing", "end-blocks", "gzip-nothing", "gzip-end-blocks"])
+@pytest.mark.parametrize(
+    "compressed",
+    [b"", END, gzip.compress(b""), gzip.compress(END)],
+    ids=["nothing", "end-blocks", "gzip-nothing", "gzip-end-blocks"],
+)
 def test_an_empty_archive_is_refused(compressed: bytes) -> None:
     with pytest.raises(InvalidContext, match="it is empty"):
         rewrite(compressed)
@@ -324,7 +367,13 @@ def test_an_empty_archive_is_refused(compressed: bytes) -> None:
 
 @pytest.mark.parametrize(
     "upload",
-    [b"FROM busybox\nRUN true\n" * 40, os.urandom(4096), b"\x1f\x8b\x08" + os.urandom(2000), b"BZh9" + os.urandom(500), b"tiny"],
+    [
+        b"FROM busybox\nRUN true\n" * 40,
+        os.urandom(4096),
+        b"\x1f\x8b\x08" + os.urandom(2000),
+        b"BZh9" + os.urandom(500),
+        b"tiny",
+    ],
     ids=["dockerfile-text", "random", "broken-gzip", "broken-bzip2", "tiny"],
 )
 def test_what_is_not_a_tar_is_refused(upload: bytes) -> None:
@@ -336,9 +385,11 @@ def test_what_is_not_a_tar_is_refused(upload: bytes) -> None:
 
 @pytest.mark.parametrize(
     ("target", "error", "match"),
-    [(b"nowhere", InvalidDockerfile, "must be a regular file, not a symlink"),
-     (b"/etc/passwd", InvalidDockerfile, "must be a regular file, not a symlink"),
-     (b"../../etc/passwd", InvalidContext, "symlink that escapes")],
+    [
+        (b"nowhere", InvalidDockerfile, "must be a regular file, not a symlink"),
+        (b"/etc/passwd", InvalidDockerfile, "must be a regular file, not a symlink"),
+        (b"../../etc/passwd", InvalidContext, "symlink that escapes"),
+    ],
     ids=["dangling", "absolute", "escaping"],
 )
 def test_a_symlinked_dockerfile_is_refused(target: bytes, error: type[BuilderError], match: str) -> None:
@@ -368,15 +419,24 @@ def test_a_missing_dockerfile_is_reported_at_the_end() -> None:
 @pytest.mark.parametrize(
     ("archive", "match"),
     [
-        (member(b"link", typeflag=b"2", linkname=b"src") + member(b"link/Dockerfile", b"x"), "inside 'link', which is not a directory"),
+        (
+            member(b"link", typeflag=b"2", linkname=b"src") + member(b"link/Dockerfile", b"x"),
+            "inside 'link', which is not a directory",
+        ),
         (member(b"sub/file", b"x") + member(b"sub", b"now a file"), "would replace a directory"),
         (member(b"twice", b"a") + member(b"twice", b"b"), "appears twice"),
-        (member(b"hard", typeflag=b"1", linkname=b"later") + member(b"later", b"x"), "hard link to 'later', not to a file before it"),
+        (
+            member(b"hard", typeflag=b"1", linkname=b"later") + member(b"later", b"x"),
+            "hard link to 'later', not to a file before it",
+        ),
         (member(b"hard", typeflag=b"1", linkname=b"hard"), "hard link to 'hard'"),
         (member(b"odd", typeflag=b"V"), "unsupported type b'V'"),
         (member(b".", b"x"), "has no name"),
         (pax({b"path": b"a\x00b"}) + member(b"file", b"x"), "NUL byte"),
-        (gnu_long(b"L", b"long-" * 30) + pax({b"path": b"other"}) + member(b"file", b"x"), "both a GNU and a pax long name"),
+        (
+            gnu_long(b"L", b"long-" * 30) + pax({b"path": b"other"}) + member(b"file", b"x"),
+            "both a GNU and a pax long name",
+        ),
         (pax({b"comment": b"1"}) + pax({b"comment": b"2"}) + member(b"file", b"x"), "a second pax header"),
         (pax({b"path": b"x"}) + pax({b"comment": b"2"}, b"g") + member(b"file", b"x"), "global pax header between"),
         (pax({b"path": b"everything"}, b"g") + member(b"file", b"x"), "global pax header setting 'path'"),
@@ -386,9 +446,25 @@ def test_a_missing_dockerfile_is_reported_at_the_end() -> None:
         (END + member(b"file", b"x"), "data after its end"),
         (pax({b"path": b"x" * 4097}) + member(b"file", b"x"), "over 4096 bytes"),
     ],
-    ids=["under-a-symlink", "file-over-directory", "duplicate", "hard-link-forward", "hard-link-self", "unknown-type",
-         "dot-file", "pax-path-nul", "gnu-and-pax-name", "two-pax-headers", "global-between", "global-path",
-         "pax-without-entry", "malformed-pax", "lone-zero-block", "after-the-end", "path-max"],
+    ids=[
+        "under-a-symlink",
+        "file-over-directory",
+        "duplicate",
+        "hard-link-forward",
+        "hard-link-self",
+        "unknown-type",
+        "dot-file",
+        "pax-path-nul",
+        "gnu-and-pax-name",
+        "two-pax-headers",
+        "global-between",
+        "global-path",
+        "pax-without-entry",
+        "malformed-pax",
+        "lone-zero-block",
+        "after-the-end",
+        "path-max",
+    ],
 )
 def test_ambiguous_or_odd_archives_are_refused(archive: bytes, match: str) -> None:
     refused_while_streaming(DOCKERFILE + archive + END, InvalidContext, match)
@@ -396,8 +472,12 @@ def test_ambiguous_or_odd_archives_are_refused(archive: bytes, match: str) -> No
 
 def test_garbage_after_a_compressed_stream_is_refused_but_zero_padding_is_not() -> None:
     archive = DOCKERFILE + END
-    refused_while_streaming(gzip.compress(archive) + b"trailing garbage", InvalidContext, "data after the end of its gzip stream")
-    refused_while_streaming(bz2.compress(archive) + b"\x00\x00junk", InvalidContext, "data after the end of its bzip2 stream")
+    refused_while_streaming(
+        gzip.compress(archive) + b"trailing garbage", InvalidContext, "data after the end of its gzip stream"
+    )
+    refused_while_streaming(
+        bz2.compress(archive) + b"\x00\x00junk", InvalidContext, "data after the end of its bzip2 stream"
+    )
     _, out = rewrite(gzip.compress(archive) + bytes(10_000))
     assert [m[0] for m in members(out)] == ["Dockerfile"]
 
@@ -454,8 +534,13 @@ def _tree(root: Path, *, long_names: bool = True) -> None:
 
 @pytest.mark.parametrize(
     ("args", "long_names"),
-    [(["czf"], True), (["--format=pax", "-czf"], True), (["--format=gnu", "-cjf"], True),
-     (["--format=ustar", "-cJf"], False), (["--format=posix", "--zstd", "-cf"], True)],
+    [
+        (["czf"], True),
+        (["--format=pax", "-czf"], True),
+        (["--format=gnu", "-cjf"], True),
+        (["--format=ustar", "-cJf"], False),
+        (["--format=posix", "--zstd", "-cf"], True),
+    ],
     ids=["tar-czf", "pax", "gnu-bzip2", "ustar-xz", "posix-zstd"],
 )
 def test_gnu_tar_archives_come_out_as_the_same_members(tmp_path: Path, args: list[str], long_names: bool) -> None:
@@ -479,6 +564,7 @@ def test_gnu_tar_archives_come_out_as_the_same_members(tmp_path: Path, args: lis
 def _python_archive(fmt: int, mode: str = "w") -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode=mode, format=fmt) as tar:  # type: ignore[call-overload]
+
         def add(name: str, data: bytes | None = None, **fields: object) -> None:
             info = tarfile.TarInfo(name)
             for key, value in fields.items():
@@ -500,7 +586,9 @@ def _python_archive(fmt: int, mode: str = "w") -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["ustar", "gnu", "pax"])
+@pytest.mark.parametrize(
+    "fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["ustar", "gnu", "pax"]
+)
 @pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2", "w:xz"])
 def test_python_tarfile_archives_come_out_as_the_same_members(fmt: int, mode: str) -> None:
     upload = _python_archive(fmt, mode)
@@ -511,7 +599,12 @@ def test_python_tarfile_archives_come_out_as_the_same_members(fmt: int, mode: st
 @pytest.mark.parametrize("split", [1, 3, 7])
 @pytest.mark.parametrize(
     "compress",
-    [lambda p: gzip.compress(p, mtime=0), bz2.compress, lzma.compress, zstandard.ZstdCompressor(write_checksum=True).compress],
+    [
+        lambda p: gzip.compress(p, mtime=0),
+        bz2.compress,
+        lzma.compress,
+        zstandard.ZstdCompressor(write_checksum=True).compress,
+    ],
     ids=["gzip", "bzip2", "xz", "zstd"],
 )
 def test_every_stream_of_a_multi_stream_upload_is_read(compress: Callable[[bytes], bytes], split: int) -> None:
@@ -525,7 +618,12 @@ def test_every_stream_of_a_multi_stream_upload_is_read(compress: Callable[[bytes
 def test_skippable_zstd_frames_are_dropped() -> None:
     skippable = (0x184D2A5F).to_bytes(4, "little") + (7).to_bytes(4, "little") + b"ignored"
     plain = _python_archive(tarfile.PAX_FORMAT)
-    upload = skippable + zstandard.ZstdCompressor().compress(plain[:5000]) + skippable + zstandard.ZstdCompressor().compress(plain[5000:])
+    upload = (
+        skippable
+        + zstandard.ZstdCompressor().compress(plain[:5000])
+        + skippable
+        + zstandard.ZstdCompressor().compress(plain[5000:])
+    )
     _, out = _same_output_however_chunked(upload)
     assert members(out) == members(plain)
 
@@ -542,7 +640,11 @@ def test_an_sdk_context_comes_out_as_the_same_members(tmp_path: Path, compressio
 
 def test_the_same_members_give_the_same_bytes_whatever_the_writer() -> None:
     # Canonical: uid, gid, user and group names, pax comments and atimes are not passed on.
-    outputs = {rewrite(_python_archive(fmt, mode))[1] for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT) for mode in ("w", "w:gz")}
+    outputs = {
+        rewrite(_python_archive(fmt, mode))[1]
+        for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT)
+        for mode in ("w", "w:gz")
+    }
     assert len(outputs) == 1
     with tarfile.open(fileobj=io.BytesIO(outputs.pop())) as tar:
         for info in tar:

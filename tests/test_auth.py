@@ -30,9 +30,12 @@ async def tenants(aiohttp_client: Any, settings: Settings) -> TestClient:
 
 
 async def _post(client: TestClient, headers: dict[str, str], **params: str) -> aiohttp.ClientResponse:
-    return await client.post("/builds", data=make_context({"Dockerfile": dockerfile("RUN true")}),
-                             params={"no_cache": "true", **params},
-                             headers={**headers, "Content-Type": "application/gzip"})
+    return await client.post(
+        "/builds",
+        data=make_context({"Dockerfile": dockerfile("RUN true")}),
+        params={"no_cache": "true", **params},
+        headers={**headers, "Content-Type": "application/gzip"},
+    )
 
 
 async def _wait(client: TestClient, build_id: str, headers: dict[str, str]) -> dict[str, Any]:
@@ -46,8 +49,13 @@ async def _wait(client: TestClient, build_id: str, headers: dict[str, str]) -> d
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic dG9rLWFscGhh"}])
 async def test_requests_without_a_valid_token_are_401(tenants: TestClient, headers: dict[str, str]) -> None:
-    for method, path in [("GET", "/builds"), ("POST", "/builds"), ("GET", "/builds/x"),
-                         ("GET", "/builds/x/logs"), ("DELETE", "/builds/x")]:
+    for method, path in [
+        ("GET", "/builds"),
+        ("POST", "/builds"),
+        ("GET", "/builds/x"),
+        ("GET", "/builds/x/logs"),
+        ("DELETE", "/builds/x"),
+    ]:
         response = await tenants.request(method, path, headers=headers)
         assert response.status == 401, (method, path)
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
@@ -67,8 +75,11 @@ async def test_a_tenant_sees_only_its_own_builds_and_images_carry_its_namespace(
     assert (await docker.images.inspect("alpha/app:v1"))["Id"] == status["image_id"]
 
     unknown = await tenants.get("/builds/does-not-exist", headers=BETA)
-    for method, path in [("GET", f"/builds/{build_id}"), ("GET", f"/builds/{build_id}/logs"),
-                         ("DELETE", f"/builds/{build_id}")]:
+    for method, path in [
+        ("GET", f"/builds/{build_id}"),
+        ("GET", f"/builds/{build_id}/logs"),
+        ("DELETE", f"/builds/{build_id}"),
+    ]:
         response = await tenants.request(method, path, headers={**BETA, **SSE})
         assert response.status == 404, (method, path)
         body = await response.json()
@@ -95,9 +106,13 @@ def test_open_daemon_refuses_non_loopback_without_insecure(settings: Settings) -
     assert refusal and "--insecure" in refusal
     assert open_access_refusal(dataclasses.replace(settings, host="0.0.0.0", auth_tokens=None, insecure=True)) is None
     assert open_access_refusal(dataclasses.replace(settings, host="0.0.0.0", auth_tokens="t=ns")) is None
-    proc = subprocess.run([sys.executable, "-m", "builder", "serve", "--host", "0.0.0.0", "--data-dir",
-                           str(settings.data_dir)], capture_output=True, text=True, timeout=30,
-                          env={"PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "builder", "serve", "--host", "0.0.0.0", "--data-dir", str(settings.data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 2 and "without authentication" in proc.stderr
 
 
@@ -119,9 +134,12 @@ async def test_sighup_reloads_tokens_without_dropping_streams(
         await wait_healthy(session, url)
         assert (await session.get(f"{url}/builds")).status == 401
         assert (await session.get(f"{url}/builds", headers=old)).status == 200
-        async with session.post(f"{url}/builds", headers={**old, "Content-Type": "application/gzip"},
-                                data=make_context({"Dockerfile": dockerfile("RUN echo started && sleep 2")}),
-                                params={"no_cache": "true"}) as created:
+        async with session.post(
+            f"{url}/builds",
+            headers={**old, "Content-Type": "application/gzip"},
+            data=make_context({"Dockerfile": dockerfile("RUN echo started && sleep 2")}),
+            params={"no_cache": "true"},
+        ) as created:
             build_id = (await created.json())["build_id"]
         stream = await session.get(f"{url}/builds/{build_id}/logs", headers={**old, **SSE})
         tokens.write_text("new-token alpha\n")
@@ -136,8 +154,9 @@ async def test_sighup_reloads_tokens_without_dropping_streams(
 
 
 async def test_metrics_need_a_token_or_the_metrics_token(aiohttp_client: Any, settings: Settings) -> None:
-    client = await aiohttp_client(create_app(dataclasses.replace(
-        settings, auth_tokens="tok-alpha=alpha", metrics_token="scrape-me")))
+    client = await aiohttp_client(
+        create_app(dataclasses.replace(settings, auth_tokens="tok-alpha=alpha", metrics_token="scrape-me"))
+    )
     assert (await client.get("/metrics")).status == 401
     scraper = await client.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
     assert scraper.status == 200

@@ -26,7 +26,17 @@ async def _error(response: aiohttp.ClientResponse, status: int, code: str) -> st
 
 @pytest.mark.parametrize(
     "ref",
-    ["busybox\nRUN touch /pwned", "busybox\r\nRUN x", "busy box", " busybox", "-busybox", "busybox\x00", "busybox\t", "UPPER:case", ""],
+    [
+        "busybox\nRUN touch /pwned",
+        "busybox\r\nRUN x",
+        "busy box",
+        " busybox",
+        "-busybox",
+        "busybox\x00",
+        "busybox\t",
+        "UPPER:case",
+        "",
+    ],
 )
 async def test_synthetic_image_reference_is_validated(client: TestClient, ref: str) -> None:
     response = await client.post("/builds", json={"image": ref})
@@ -93,7 +103,9 @@ async def test_upload_over_limit_is_413_and_daemon_keeps_serving(aiohttp_client:
         ({"dockerfile": "../outside/Dockerfile"}, "invalid_field"),
     ],
 )
-async def test_invalid_fields_are_400(client: TestClient, settings: Settings, fields: dict[str, str], code: str) -> None:
+async def test_invalid_fields_are_400(
+    client: TestClient, settings: Settings, fields: dict[str, str], code: str
+) -> None:
     form = aiohttp.FormData()
     form.add_field("context", make_context({"Dockerfile": dockerfile()}), filename="c.tgz")
     for name, value in fields.items():
@@ -161,8 +173,11 @@ async def test_idempotency_key_repeats_return_the_original_build(client: TestCli
     one = await client.post("/builds", json=synthetic, headers={"Idempotency-Key": "json-1"})
     two = await client.post("/builds", json=synthetic, headers={"Idempotency-Key": "json-1"})
     assert (one.status, two.status) == (202, 200)
-    await _error(await client.post("/builds", json={"image": "other"}, headers={"Idempotency-Key": "json-1"}),
-                 422, "idempotency_key_reused")
+    await _error(
+        await client.post("/builds", json={"image": "other"}, headers={"Idempotency-Key": "json-1"}),
+        422,
+        "idempotency_key_reused",
+    )
 
 
 def _raw_tar(*entries: tuple[str, bytes]) -> bytes:
@@ -189,8 +204,12 @@ def _info(name: str, size: int):
 
 @pytest.mark.parametrize(
     ("entry", "kind", "fragment"),
-    [("../../etc/cron.d/x", b"0", "escapes the context"), ("/abs/file", b"0", "absolute path"),
-     ("fifo", b"6", "device or FIFO"), ("tty", b"3", "device or FIFO")],
+    [
+        ("../../etc/cron.d/x", b"0", "escapes the context"),
+        ("/abs/file", b"0", "absolute path"),
+        ("fifo", b"6", "device or FIFO"),
+        ("tty", b"3", "device or FIFO"),
+    ],
 )
 async def test_hostile_tar_entries_are_400_naming_the_entry(
     client: TestClient, settings: Settings, entry: str, kind: bytes, fragment: str
@@ -248,8 +267,9 @@ async def test_symlink_out_of_the_context_never_reaches_the_host(client: TestCli
         link = _info("link", 0)
         link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
         tar.addfile(link)
-    response = await client.post("/builds", data=buffer.getvalue(), headers={"Content-Type": "application/gzip"},
-                                 params={"no_cache": "true"})
+    response = await client.post(
+        "/builds", data=buffer.getvalue(), headers={"Content-Type": "application/gzip"}, params={"no_cache": "true"}
+    )
     build_id = (await response.json())["build_id"]
     status = await wait_for(client, build_id, {"succeeded", "failed"})
     # "COPY failed: ... /etc/passwd" (legacy), '"/etc/passwd" not found' (BuildKit): never the host's file.
@@ -269,7 +289,9 @@ async def test_truncated_gzip_and_huge_field_are_400_and_a_good_build_follows(
     assert "longer than" in await _error(await client.post("/builds", data=form), 400, "invalid_field")
     assert list(settings.spool_dir.iterdir()) == []
     accepted = await client.post("/builds", data=good, headers={"Content-Type": "application/gzip"})
-    assert (await wait_for(client, (await accepted.json())["build_id"], {"succeeded", "failed"}))["status"] == "succeeded"
+    assert (await wait_for(client, (await accepted.json())["build_id"], {"succeeded", "failed"}))[
+        "status"
+    ] == "succeeded"
 
 
 async def test_huge_header_and_huge_query_are_json_errors(daemon: tuple[str, Any]) -> None:
@@ -279,8 +301,12 @@ async def test_huge_header_and_huge_query_are_json_errors(daemon: tuple[str, Any
         await wait_healthy(session, url)
         async with session.get(f"{url}/builds", headers={"X-Huge": "h" * (200 << 10)}) as response:
             assert "headers may be" in await _error(response, 431, "request_header_fields_too_large")
-        async with session.post(f"{url}/builds", params={"image_name": "a" * (100 << 10)}, data=b"",
-                                headers={"Content-Type": "application/gzip"}) as response:
+        async with session.post(
+            f"{url}/builds",
+            params={"image_name": "a" * (100 << 10)},
+            data=b"",
+            headers={"Content-Type": "application/gzip"},
+        ) as response:
             await _error(response, 414, "uri_too_long")
         async with session.get(f"{url}/healthz") as response:
             assert response.status == 200

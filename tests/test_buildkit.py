@@ -58,8 +58,9 @@ async def test_cache_mount_is_reused_by_the_next_build(client: TestClient) -> No
     cache_id = f"test-{uuid.uuid4()}"
     mount = f"RUN --mount=type=cache,id={cache_id},target=/cache"
     # Cache mounts outlive a build, not `no_cache`: the steps differ, so nothing else is reused.
-    first = await submit(client, {"Dockerfile": f"FROM {BASE_IMAGE}\n{mount} echo {cache_id} > /cache/seen\n"},
-                         no_cache="false")
+    first = await submit(
+        client, {"Dockerfile": f"FROM {BASE_IMAGE}\n{mount} echo {cache_id} > /cache/seen\n"}, no_cache="false"
+    )
     assert (await wait_for(client, first["build_id"], {"succeeded", "failed"}))["status"] == "succeeded"
     second = await submit(client, {"Dockerfile": f"FROM {BASE_IMAGE}\n{mount} cat /cache/seen\n"}, no_cache="false")
     assert (await wait_for(client, second["build_id"], {"succeeded", "failed"}))["status"] == "succeeded"

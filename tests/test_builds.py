@@ -74,7 +74,12 @@ async def test_raw_tar_body_with_query_fields(client: TestClient, docker: aiodoc
     response = await client.post(
         "/builds",
         data=body,
-        params={"image_name": "builder-test/raw:v2", "dockerfile": "sub/Build.df", "build_args": '{"WHO": "raw"}', "no_cache": "1"},
+        params={
+            "image_name": "builder-test/raw:v2",
+            "dockerfile": "sub/Build.df",
+            "build_args": '{"WHO": "raw"}',
+            "no_cache": "1",
+        },
         headers={"Content-Type": "application/x-tar"},
     )
     accepted = await response.json()
@@ -149,7 +154,7 @@ async def test_control_frame_text_in_output_stays_inside_log_lines(client: TestC
     raw = await response.text()
     assert 'data: {"type":"log","line":"{\\"done\\": true}"' in raw
     assert 'data: {"type":"log","line":"{\\"error\\": \\"x\\"}"' in raw
-    assert {"{\"done\": true}", "{\"error\": \"x\"}"} <= set(log_lines(await read_log(client, accepted["build_id"])))
+    assert {'{"done": true}', '{"error": "x"}'} <= set(log_lines(await read_log(client, accepted["build_id"])))
     # Docker's chunks are not line-aligned; a trailing partial line is still one event.
     assert any("partial-no-newline" in line for line in log_lines(await read_log(client, accepted["build_id"])))
     frames = await read_log(client, accepted["build_id"])

@@ -29,8 +29,10 @@ pytestmark = pytest.mark.usefixtures("builder")
 
 def sleeper(sleep: str) -> dict[str, str]:
     """A build whose second step runs `sleep` (unique to the test) until it is torn down."""
-    return {"Dockerfile": dockerfile("COPY marker /marker", f"RUN echo started && {sleep}", "RUN echo never"),
-            "marker": str(time.time())}
+    return {
+        "Dockerfile": dockerfile("COPY marker /marker", f"RUN echo started && {sleep}", "RUN echo never"),
+        "marker": str(time.time()),
+    }
 
 
 async def _step_images_left(client: TestClient, docker: aiodocker.Docker, build_id: str) -> list[str]:
@@ -150,9 +152,7 @@ async def test_delete_answers_202_when_teardown_outlasts_the_wait(aiohttp_client
     assert (await wait_for(client, accepted["build_id"], {"cancelled"}, timeout=10))["status"] == "cancelled"
 
 
-async def test_build_timeout_tears_down_like_delete(
-    client: TestClient, docker: aiodocker.Docker, builder: str
-) -> None:
+async def test_build_timeout_tears_down_like_delete(client: TestClient, docker: aiodocker.Docker, builder: str) -> None:
     sleep = unique_sleep()
     accepted = await submit(client, sleeper(sleep), timeout="3")
     await wait_for_process(sleep)
@@ -201,8 +201,10 @@ async def test_legacy_teardown_acts_only_on_ids_the_engine_confirms(
     await foreign.commit(repository="builder-test/foreign", tag=foreign_tag.rsplit(":", 1)[1])
     foreign_image = (await docker.images.inspect(foreign_tag))["Id"].removeprefix("sha256:")[:12]
     try:
-        forged = (f"echo ' ---> Running in {foreign.id[:12]}' && echo ' ---> {foreign_image}' && "
-                  f"echo 'Successfully built {foreign_image}'")
+        forged = (
+            f"echo ' ---> Running in {foreign.id[:12]}' && echo ' ---> {foreign_image}' && "
+            f"echo 'Successfully built {foreign_image}'"
+        )
         sleep = unique_sleep()
         cancelled = await submit(client, {"Dockerfile": dockerfile(f"RUN {forged} && {sleep}")})
         await wait_for_process(sleep)

@@ -28,8 +28,12 @@ def context(tmp_path: Path, *steps: str) -> Path:
 
 async def run_cli(client: TestClient, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        *CLI, "--url", str(client.make_url("/")), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        *CLI,
+        "--url",
+        str(client.make_url("/")),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode, out.decode(), err.decode()
@@ -45,9 +49,14 @@ async def _interrupt_after_start(client: TestClient, tmp_path: Path, signals: in
     checking the step's process is gone."""
     sleep = unique_sleep()
     proc = await asyncio.create_subprocess_exec(
-        *CLI, "--url", str(client.make_url("/")), "build", "--no-cache",
+        *CLI,
+        "--url",
+        str(client.make_url("/")),
+        "build",
+        "--no-cache",
         str(context(tmp_path, f"RUN echo started && {sleep}")),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stderr is not None
     async with asyncio.timeout(30):
@@ -101,8 +110,16 @@ async def test_quiet_prints_only_the_reference(client: TestClient, tmp_path: Pat
 
 
 async def test_build_prints_log_and_upload_progress_when_not_a_tty(client: TestClient, tmp_path: Path) -> None:
-    code, out, err = await run_cli(client, "build", "--no-cache", "-t", "cli-test/loud", "--build-arg", "WHO=cli",
-                                   str(context(tmp_path, "ARG WHO", "RUN echo hello-$WHO")))
+    code, out, err = await run_cli(
+        client,
+        "build",
+        "--no-cache",
+        "-t",
+        "cli-test/loud",
+        "--build-arg",
+        "WHO=cli",
+        str(context(tmp_path, "ARG WHO", "RUN echo hello-$WHO")),
+    )
     assert code == 0, err
     assert "hello-cli" in plain_output(out)
     assert any(line.startswith("uploaded context: ") for line in err.splitlines())
@@ -110,8 +127,9 @@ async def test_build_prints_log_and_upload_progress_when_not_a_tty(client: TestC
 
 
 async def test_compress_option_reaches_the_upload(client: TestClient, tmp_path: Path) -> None:
-    code, out, err = await run_cli(client, "build", "-q", "--compress", "none", "-t", "cli-test/plain:v1",
-                                   str(context(tmp_path, "RUN true")))
+    code, out, err = await run_cli(
+        client, "build", "-q", "--compress", "none", "-t", "cli-test/plain:v1", str(context(tmp_path, "RUN true"))
+    )
     assert (code, out) == (0, "cli-test/plain:v1\n"), err
     code, _, err = await run_cli(client, "build", "--compress", "brotli", str(tmp_path / "ctx"))
     assert code == 2 and "--compress" in err
@@ -145,12 +163,14 @@ async def test_errors_map_to_exit_codes(client: TestClient, tmp_path: Path) -> N
     assert code == 2 and "Dockerfile" in err
     code, _, err = await run_cli(client, "status", "no-such-build")
     assert code == 3 and "404" in err
-    proc = await asyncio.create_subprocess_exec(*CLI, "--url", "http://127.0.0.1:9", "ls",
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, "--url", "http://127.0.0.1:9", "ls", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     _, err_bytes = await proc.communicate()
     assert proc.returncode == 3 and b"cannot reach" in err_bytes
-    proc = await asyncio.create_subprocess_exec(*CLI, "build", "--bogus-flag",
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, "build", "--bogus-flag", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     await proc.communicate()
     assert proc.returncode == 2
 
@@ -160,7 +180,8 @@ async def test_client_commands_load_neither_the_daemon_nor_tls_over_http() -> No
         "import sys; from builder.cli import main; code = main(['--url', 'http://127.0.0.1:9', 'ls']); "
         "print(code, sorted(m for m in sys.modules if m.startswith('builder.server')), sys.modules['ssl'])"
     )
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", probe, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", probe, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     assert out.decode().split() == ["3", "[]", "None"]

@@ -44,11 +44,17 @@ async def sdk(client: TestClient) -> AsyncIterator[BuilderClient]:
 
 
 async def test_build_honours_dockerignore(sdk: BuilderClient, tmp_path: Path, docker: aiodocker.Docker) -> None:
-    context = write_tree(tmp_path, {
-        "Dockerfile": dockerfile("COPY . /ctx", "RUN find /ctx -type f | sort"),
-        ".dockerignore": "*.log\nsecret/\n!keep.log\n",
-        "app.txt": "app", "debug.log": "noise", "keep.log": "kept", "secret/key": "s3cret",
-    })
+    context = write_tree(
+        tmp_path,
+        {
+            "Dockerfile": dockerfile("COPY . /ctx", "RUN find /ctx -type f | sort"),
+            ".dockerignore": "*.log\nsecret/\n!keep.log\n",
+            "app.txt": "app",
+            "debug.log": "noise",
+            "keep.log": "kept",
+            "secret/key": "s3cret",
+        },
+    )
     lines: list[str] = []
     result = await sdk.build(context, image_name="sdk-test/ignore", no_cache=True, on_log=lines.append)
     assert result.status == "succeeded" and result.image_ref == "sdk-test/ignore:latest"
@@ -60,11 +66,13 @@ async def test_build_honours_dockerignore(sdk: BuilderClient, tmp_path: Path, do
 
 @pytest.mark.parametrize("compress", ["auto", "zstd", "gzip", "none"])
 async def test_every_context_compression_builds(sdk: BuilderClient, tmp_path: Path, compress: Any) -> None:
-    context = write_tree(tmp_path, {"Dockerfile": dockerfile("COPY . /ctx", "RUN cat /ctx/app.txt"),
-                                    "app.txt": f"sent as {compress}\n"})
+    context = write_tree(
+        tmp_path, {"Dockerfile": dockerfile("COPY . /ctx", "RUN cat /ctx/app.txt"), "app.txt": f"sent as {compress}\n"}
+    )
     lines: list[str] = []
-    result = await sdk.build(context, image_name="sdk-test/compress", no_cache=True, compress=compress,
-                             on_log=lines.append)
+    result = await sdk.build(
+        context, image_name="sdk-test/compress", no_cache=True, compress=compress, on_log=lines.append
+    )
     assert result.status == "succeeded" and f"sent as {compress}" in lines
 
 
@@ -122,18 +130,25 @@ async def test_unreachable_daemon_is_a_connection_error(tmp_path: Path) -> None:
 async def test_follow_survives_cuts_404s_and_503s(client: TestClient, sdk: BuilderClient, tmp_path: Path) -> None:
     proxy = FaultProxy(client.port, not_found_first=4, unavailable_rate=0.15, cut_after=(300, 6000))
     port = await proxy.start()
-    context = write_tree(tmp_path, {"Dockerfile": dockerfile(
-        'RUN i=0; while [ $i -lt 5000 ]; do i=$((i+1)); echo "n $i"; '
-        "if [ $((i % 100)) -eq 0 ]; then sleep 0.02; fi; done"
-    )})
+    context = write_tree(
+        tmp_path,
+        {
+            "Dockerfile": dockerfile(
+                'RUN i=0; while [ $i -lt 5000 ]; do i=$((i+1)); echo "n $i"; '
+                "if [ $((i % 100)) -eq 0 ]; then sleep 0.02; fi; done"
+            )
+        },
+    )
     lines: list[str] = []
     try:
         async with BuilderClient(f"http://127.0.0.1:{port}", retry=RetryPolicy(first=0.01, cap=0.05)) as proxied:
             result = await proxied.build(context, image_name="sdk-test/faults", no_cache=True, on_log=lines.append)
     finally:
         await proxy.close()
-    print(f"fault proxy: {proxy.log_requests} log requests, {proxy.cuts} cuts, "
-          f"{proxy.not_found} 404s, {proxy.unavailable} 503s; client saw {len(lines)} lines")
+    print(
+        f"fault proxy: {proxy.log_requests} log requests, {proxy.cuts} cuts, "
+        f"{proxy.not_found} 404s, {proxy.unavailable} 503s; client saw {len(lines)} lines"
+    )
     assert result.status == "succeeded"
     assert [line for line in lines if line.startswith("n ")] == [f"n {i}" for i in range(1, 5001)]
     # Every line exactly once, in order: the same as the log read directly from the daemon.
@@ -157,10 +172,14 @@ async def test_cancelling_the_caller_deletes_the_remote_build(
 ) -> None:
     context = write_tree(tmp_path, {"Dockerfile": dockerfile("RUN echo started && sleep 300")})
     started = asyncio.Event()
-    build = asyncio.create_task(sdk.build(
-        context, image_name="sdk-test/interrupted", no_cache=True,
-        on_log=lambda line: started.set() if line == "started" else None,
-    ))
+    build = asyncio.create_task(
+        sdk.build(
+            context,
+            image_name="sdk-test/interrupted",
+            no_cache=True,
+            on_log=lambda line: started.set() if line == "started" else None,
+        )
+    )
     async with asyncio.timeout(30):
         await started.wait()
     build.cancel()

@@ -144,8 +144,9 @@ def ctx(tmp_path: Path) -> Path:
     return root
 
 
-def archive(context_dir: Path, dockerfile: str = "Dockerfile", chunk_size: int = 1 << 20,
-            compression: Compression = "gzip") -> bytes:
+def archive(
+    context_dir: Path, dockerfile: str = "Dockerfile", chunk_size: int = 1 << 20, compression: Compression = "gzip"
+) -> bytes:
     return b"".join(iter_context(context_dir, dockerfile, chunk_size, compression=compression))
 
 

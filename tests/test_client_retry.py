@@ -86,15 +86,23 @@ async def test_log_endpoint_failing_for_good_is_given_up_although_the_status_ans
                 async for _ in sdk.logs("b1"):
                     pass
     assert (raised.value.status, raised.value.code, raised.value.message) == (
-        500, "internal_error", "the log store is broken")
+        500,
+        "internal_error",
+        "the log store is broken",
+    )
     assert any("gave up on the log of build b1" in note for note in raised.value.__notes__)
     assert hits["logs"] > 1
 
 
 async def test_any_mix_of_failures_fills_the_budget(aiohttp_server: Any) -> None:
-    answers = itertools.cycle([
-        (404, "build_not_found", "no such build"), (503, "unavailable", "busy"), None, (502, "bad_gateway", "upstream"),
-    ])
+    answers = itertools.cycle(
+        [
+            (404, "build_not_found", "no such build"),
+            (503, "unavailable", "busy"),
+            None,
+            (502, "bad_gateway", "upstream"),
+        ]
+    )
 
     async def logs(request: web.Request) -> web.Response:
         answer = next(answers)
@@ -230,7 +238,9 @@ async def test_compression_follows_the_option_and_what_the_daemon_advertises(
     async with BuilderClient(str(server.make_url("/")), token="t0k") as sdk:
         for _ in range(2):
             await sdk.submit(context_dir, image_name="x", compress=compress)
-    assert [(t, q) for t, q, _ in daemon.uploads] == [(content_type, {"image_name": "x", "dockerfile": "Dockerfile"})] * 2
+    assert [(t, q) for t, q, _ in daemon.uploads] == [
+        (content_type, {"image_name": "x", "dockerfile": "Dockerfile"})
+    ] * 2
     assert tar_members(daemon.uploads[0][2]) == ["Dockerfile", "app.txt"]
     assert daemon.healthz_hits == (1 if compress == "auto" else 0)  # asked once per client
     assert daemon.authorization == ["Bearer t0k"] * 2

@@ -75,8 +75,7 @@ async def test_a_trickled_body_ends_at_the_total_deadline_with_408(daemon: Daemo
         await wait_healthy(session, url)
         started = time.monotonic()
         async with asyncio.timeout(15):
-            response = await session.post(f"{url}/builds", data=trickle(),
-                                          headers={"Content-Type": "application/gzip"})
+            response = await session.post(f"{url}/builds", data=trickle(), headers={"Content-Type": "application/gzip"})
             body = await response.json()
         assert response.status == 408 and body["code"] == "upload_stalled", body
         assert "longer than 2 seconds" in body["error"]

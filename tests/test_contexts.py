@@ -62,8 +62,11 @@ async def _spent_context_records(docker: aiodocker.Docker) -> list[str]:
             if "already running" not in str(exc):
                 raise
             await asyncio.sleep(0.1)
-    return [r["ID"] for r in usage.get("BuildCache") or []
-            if r["Description"].startswith("http url http://build-context-") and not r["InUse"]]
+    return [
+        r["ID"]
+        for r in usage.get("BuildCache") or []
+        if r["Description"].startswith("http url http://build-context-") and not r["InUse"]
+    ]
 
 
 class Upload:
@@ -97,8 +100,11 @@ async def test_the_engine_reads_the_context_while_the_upload_is_still_arriving(
 ) -> None:
     first, rest = _big_file_context("RUN test -s /big.bin || true", 32 * MIB)
     upload = Upload(first, rest)
-    post = asyncio.create_task(client.post("/builds", data=upload.body(), params={"no_cache": "true"},
-                                           headers={"Content-Type": "application/x-tar"}))
+    post = asyncio.create_task(
+        client.post(
+            "/builds", data=upload.body(), params={"no_cache": "true"}, headers={"Content-Type": "application/x-tar"}
+        )
+    )
     await upload.first_sent.wait()
     # Half the upload is in: the build runs already, and nothing waits on the daemon's disk.
     async with asyncio.timeout(30):
@@ -122,8 +128,11 @@ async def test_a_check_failing_mid_upload_ends_the_engines_read_and_leaves_nothi
 ) -> None:
     tmp_before = await _engine_tmp(docker)
     first, rest = _big_file_context("RUN true", 16 * MIB)
-    bad = (_member("pipe", 0, type=tarfile.FIFOTYPE) if hostile == "fifo"
-           else _member("link", 0, type=tarfile.SYMTYPE, linkname="../../../../etc/shadow"))
+    bad = (
+        _member("pipe", 0, type=tarfile.FIFOTYPE)
+        if hostile == "fifo"
+        else _member("link", 0, type=tarfile.SYMTYPE, linkname="../../../../etc/shadow")
+    )
     # The hostile entry comes after the engine has been reading for a while.
     upload = Upload(first, [*rest[:-1], _header(bad) + bytes(1024)])
     upload.release.set()
@@ -142,7 +151,9 @@ async def _nothing_left_on_the_engine(docker: aiodocker.Docker, tmp_before: set[
     """The legacy builder unpacks contexts under the engine's tmp dir; BuildKit keeps them as build
     cache records (which the daemon sweeps)."""
     async with asyncio.timeout(30):
-        while await _engine_tmp(docker) - tmp_before or (builder == "buildkit" and await _spent_context_records(docker)):
+        while await _engine_tmp(docker) - tmp_before or (
+            builder == "buildkit" and await _spent_context_records(docker)
+        ):
             await asyncio.sleep(0.1)
 
 
@@ -152,7 +163,9 @@ async def test_a_client_that_hangs_up_mid_upload_leaves_nothing(
     tmp_before = await _engine_tmp(docker)
     first, rest = _big_file_context("RUN true", 16 * MIB)
     upload = Upload(first, rest)
-    post = asyncio.create_task(client.post("/builds", data=upload.body(), headers={"Content-Type": "application/x-tar"}))
+    post = asyncio.create_task(
+        client.post("/builds", data=upload.body(), headers={"Content-Type": "application/x-tar"})
+    )
     async with asyncio.timeout(30):
         while (await (await client.get("/healthz")).json())["builds_running"] != 1:
             await asyncio.sleep(0.02)
@@ -172,8 +185,10 @@ async def test_a_build_that_must_wait_is_spooled_as_the_checked_plain_tar(
     sleep = unique_sleep()
     blocker = await submit(client, {"Dockerfile": dockerfile(f"RUN {sleep}")})
     await wait_for_process(sleep)
-    waiting = await submit(client, {"Dockerfile": dockerfile("COPY data.txt /data.txt", "RUN cat /data.txt"),
-                                    "data.txt": "spooled and checked\n"})
+    waiting = await submit(
+        client,
+        {"Dockerfile": dockerfile("COPY data.txt /data.txt", "RUN cat /data.txt"), "data.txt": "spooled and checked\n"},
+    )
     [spooled] = list(settings.spool_dir.iterdir())
     with tarfile.open(spooled) as tar:  # plain: the client's gzip never reaches the disk or the engine
         assert {m.name for m in tar.getmembers()} == {"Dockerfile", "data.txt"}
@@ -213,8 +228,9 @@ async def test_gnu_tar_context_with_a_long_symlink_target_builds(client: TestCli
     (context / "Dockerfile").write_text(dockerfile("COPY link /link", "RUN cat /link"))
     archive = tmp_path / "ctx.tar.gz"
     subprocess.run(["tar", "czf", str(archive), "-C", str(context), "."], check=True)
-    response = await client.post("/builds", data=archive.read_bytes(), params={"no_cache": "true"},
-                                 headers={"Content-Type": "application/gzip"})
+    response = await client.post(
+        "/builds", data=archive.read_bytes(), params={"no_cache": "true"}, headers={"Content-Type": "application/gzip"}
+    )
     accepted = await response.json()
     assert response.status == 202, accepted
     assert (await wait_for(client, accepted["build_id"], {"succeeded", "failed"}))["status"] == "succeeded"
@@ -226,10 +242,13 @@ async def test_zstd_context_builds(client: TestClient) -> None:
     with tarfile.open(fileobj=plain, mode="w") as tar:
         data = dockerfile("RUN echo zstd-context").encode()
         tar.addfile(_member("Dockerfile", len(data)), io.BytesIO(data))
-    response = await client.post("/builds", data=zstandard.ZstdCompressor().compress(plain.getvalue()),
-                                 params={"no_cache": "true"}, headers={"Content-Type": "application/zstd"})
+    response = await client.post(
+        "/builds",
+        data=zstandard.ZstdCompressor().compress(plain.getvalue()),
+        params={"no_cache": "true"},
+        headers={"Content-Type": "application/zstd"},
+    )
     accepted = await response.json()
     assert response.status == 202, accepted
     assert (await wait_for(client, accepted["build_id"], {"succeeded", "failed"}))["status"] == "succeeded"
     assert "zstd-context" in log_lines(await read_log(client, accepted["build_id"]))
-

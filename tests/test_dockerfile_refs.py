@@ -26,7 +26,10 @@ def refused(text: str, **build_args: str) -> str:
 def test_from_is_normalised_the_way_the_engine_reads_it() -> None:
     (ref,) = image_references("FROM builder-busybox\n", {})
     assert (ref.reference, str(ref.normalised), ref.line, ref.origin) == (
-        "builder-busybox", "docker.io/library/builder-busybox:latest", 1, "FROM"
+        "builder-busybox",
+        "docker.io/library/builder-busybox:latest",
+        1,
+        "FROM",
     )
 
 
@@ -198,7 +201,7 @@ def test_an_escaped_dollar_stays_literal_and_is_refused() -> None:
 
 
 def test_quotes_are_removed_in_from_and_in_arg_values() -> None:
-    assert refs("ARG B=\"tenant-b\"/'x'\nFROM \"$B\"\n") == ["tenant-b/x"]
+    assert refs('ARG B="tenant-b"/\'x\'\nFROM "$B"\n') == ["tenant-b/x"]
 
 
 def test_arg_defaults_see_earlier_args() -> None:
@@ -221,7 +224,7 @@ def test_buildkits_platform_args_are_refused_in_from() -> None:
 
 
 def test_arg_names_the_builders_read_differently_are_refused() -> None:
-    assert "builders differ" in refused("ARG \"A\"=x\nFROM scratch\n")
+    assert "builders differ" in refused('ARG "A"=x\nFROM scratch\n')
 
 
 def test_deep_nesting_is_refused_not_a_crash() -> None:
@@ -352,7 +355,8 @@ def test_onbuild_triggers_are_checked_when_recorded() -> None:
     text = "FROM scratch\nONBUILD COPY --from=tenant-b/x /a /b\nONBUILD RUN --mount=from=c/d true\n"
     found = image_references(text, {})
     assert [(ref.reference, ref.line, ref.origin) for ref in found] == [
-        ("tenant-b/x", 2, "ONBUILD COPY --from"), ("c/d", 3, "ONBUILD RUN --mount")
+        ("tenant-b/x", 2, "ONBUILD COPY --from"),
+        ("c/d", 3, "ONBUILD RUN --mount"),
     ]
 
 

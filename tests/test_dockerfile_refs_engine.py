@@ -122,8 +122,11 @@ async def test_a_0x85_byte_before_a_mount_flag_is_a_blank_to_buildkit_and_the_re
 ) -> None:
     # BuildKit reads flags byte by byte: 0x85 is whitespace there, so this RUN mounts the marker.
     dockerfile = (
-        f"FROM {BASE_IMAGE}\nRUN \x85--mount=from={marker.tag},target=/m test \"$(cat /m/marker)\" = {marker.token}\n"
-    ).encode().replace(b"\xc2\x85", b"\x85").decode("utf-8", "surrogateescape")
+        (f'FROM {BASE_IMAGE}\nRUN \x85--mount=from={marker.tag},target=/m test "$(cat /m/marker)" = {marker.token}\n')
+        .encode()
+        .replace(b"\xc2\x85", b"\x85")
+        .decode("utf-8", "surrogateescape")
+    )
     assert [ref.reference for ref in image_references(dockerfile, {})] == [BASE_IMAGE, marker.tag]
     built = await build(docker, dockerfile, buildkit=True)
     assert built.image_id is not None, built.error
@@ -135,14 +138,15 @@ async def test_a_base_images_onbuild_trigger_reaches_an_image_on_the_legacy_buil
 ) -> None:
     parent = f"FROM {BASE_IMAGE}\nONBUILD COPY --from={marker.tag} /marker /marker\n"
     assert [(ref.reference, ref.origin) for ref in image_references(parent, {})] == [
-        (BASE_IMAGE, "FROM"), (marker.tag, "ONBUILD COPY --from")
+        (BASE_IMAGE, "FROM"),
+        (marker.tag, "ONBUILD COPY --from"),
     ]
     made = await build(docker, parent, buildkit=False)
     assert made.image_id is not None, made.error
     try:
         triggers = (await docker.images.inspect(made.image_id))["Config"]["OnBuild"]
         assert [ref.reference for ref in onbuild_references(triggers)] == [marker.tag]
-        child_dockerfile = f"FROM {made.image_id}\nRUN test \"$(cat /marker)\" = {marker.token}\n"
+        child_dockerfile = f'FROM {made.image_id}\nRUN test "$(cat /marker)" = {marker.token}\n'
         child = await build(docker, child_dockerfile, buildkit=False)
         assert child.image_id is not None, child.error
         await remove_untagged(docker, child.image_id)

@@ -29,10 +29,13 @@ async def test_head_on_a_log_sends_headers_only_and_keeps_the_connection_usable(
     await wait_for(client, accepted["build_id"], {"succeeded"})
     path = f"/builds/{accepted['build_id']}/logs"
     # Two requests on one keep-alive connection: a HEAD body would be read as the second answer.
-    answer = await _raw(client, (
-        f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-        f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    ).encode())
+    answer = await _raw(
+        client,
+        (
+            f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        ).encode(),
+    )
     head, _, rest = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"text/plain" in head
     assert rest.startswith(b"HTTP/1.1 200"), rest[:200]
@@ -53,8 +56,9 @@ async def test_last_event_id_wins_over_after(client: TestClient) -> None:
     accepted = await submit(client, {"Dockerfile": dockerfile("RUN seq 1 5")})
     await wait_for(client, accepted["build_id"], {"succeeded"})
     # An EventSource opened on ?after=1 reconnects with its own Last-Event-ID: no repeats.
-    response = await client.get(f"/builds/{accepted['build_id']}/logs", params={"after": "1"},
-                                headers={**SSE, "Last-Event-ID": "4"})
+    response = await client.get(
+        f"/builds/{accepted['build_id']}/logs", params={"after": "1"}, headers={**SSE, "Last-Event-ID": "4"}
+    )
     frames = parse_sse(await response.text())
     assert frames[0][0] == 5
 
@@ -77,13 +81,17 @@ async def test_open_mode_refuses_web_pages_foreign_host_and_cross_site_origin(cl
     rebound = await client.post("/builds", json=image, headers={"Host": "evil.example:8080"})
     assert rebound.status == 403 and (await rebound.json())["code"] == "forbidden"
     # A browser-style cross-site POST.
-    csrf = await client.post("/builds", json=image,
-                             headers={"Origin": "http://evil.example", "Host": f"127.0.0.1:{client.port}"})
+    csrf = await client.post(
+        "/builds", json=image, headers={"Origin": "http://evil.example", "Host": f"127.0.0.1:{client.port}"}
+    )
     assert csrf.status == 403 and "Origin" in (await csrf.json())["error"]
     assert (await client.post("/builds", json=image, headers={"Origin": "null"})).status == 403
     # The daemon's own names still work, with or without an Origin of theirs.
-    for host, origin in ((f"localhost:{client.port}", None), ("[::1]", "http://localhost:3000"),
-                         (f"127.0.0.1:{client.port}", f"http://127.0.0.1:{client.port}")):
+    for host, origin in (
+        (f"localhost:{client.port}", None),
+        ("[::1]", "http://localhost:3000"),
+        (f"127.0.0.1:{client.port}", f"http://127.0.0.1:{client.port}"),
+    ):
         headers = {"Host": host, **({"Origin": origin} if origin else {})}
         response = await client.get("/healthz", headers=headers)
         assert response.status == 200, (host, origin, await response.text())
@@ -109,8 +117,9 @@ async def test_an_engine_that_is_down_gets_503_with_retry_after_not_202(aiohttp_
     client = await aiohttp_client(create_app(dataclasses.replace(settings, docker_host="unix:///nonexistent/d.sock")))
     for response in (
         await client.post("/builds", json={"image": "builder-busybox:latest"}),
-        await client.post("/builds", data=make_context({"Dockerfile": dockerfile()}),
-                          headers={"Content-Type": "application/gzip"}),
+        await client.post(
+            "/builds", data=make_context({"Dockerfile": dockerfile()}), headers={"Content-Type": "application/gzip"}
+        ),
     ):
         assert response.status == 503, await response.text()
         assert response.headers["Retry-After"] == "5"

@@ -32,19 +32,38 @@ def denied(dockerfile: str, *, allowed: tuple[str, ...] = (), **build_args: str)
     return info.value.message
 
 
-@pytest.mark.parametrize("image", [
-    "tenant-a/app:v1", "docker.io/tenant-a/app", "index.docker.io/tenant-a/app", f"{REGISTRY}/tenant-a/app:v1",
-    f"tenant-a/app@{DIGEST}", "builder-busybox:latest", "docker.io/library/builder-busybox", "other/public:1",
-])
+@pytest.mark.parametrize(
+    "image",
+    [
+        "tenant-a/app:v1",
+        "docker.io/tenant-a/app",
+        "index.docker.io/tenant-a/app",
+        f"{REGISTRY}/tenant-a/app:v1",
+        f"tenant-a/app@{DIGEST}",
+        "builder-busybox:latest",
+        "docker.io/library/builder-busybox",
+        "other/public:1",
+    ],
+)
 def test_own_and_untenanted_images_are_allowed(image: str) -> None:
     check(f"FROM {image}\n")
 
 
-@pytest.mark.parametrize("image", [
-    "tenant-b/secret:v1", "docker.io/tenant-b/secret", "index.docker.io/tenant-b/secret:v1",
-    f"{REGISTRY}/tenant-b/secret:v1", "localhost:5000/tenant-b/secret", "registry.example:443/tenant-b/secret",
-    f"tenant-b/secret@{DIGEST}", f"tenant-b/secret:v1@{DIGEST}", "tenant-b/deep/path/secret", "acme.io/app:v1",
-])
+@pytest.mark.parametrize(
+    "image",
+    [
+        "tenant-b/secret:v1",
+        "docker.io/tenant-b/secret",
+        "index.docker.io/tenant-b/secret:v1",
+        f"{REGISTRY}/tenant-b/secret:v1",
+        "localhost:5000/tenant-b/secret",
+        "registry.example:443/tenant-b/secret",
+        f"tenant-b/secret@{DIGEST}",
+        f"tenant-b/secret:v1@{DIGEST}",
+        "tenant-b/deep/path/secret",
+        "acme.io/app:v1",
+    ],
+)
 def test_another_tenants_image_is_denied_on_any_registry_host(image: str) -> None:
     assert "another tenant's namespace" in denied(f"FROM {image}\n")
 
@@ -154,15 +173,18 @@ def test_open_mode_has_no_policy() -> None:
 # --- Normalisation (distribution v2.8's ParseNormalizedNamed + TagNameOnly) ---
 
 
-@pytest.mark.parametrize(("ref", "normalised", "familiar"), [
-    ("busybox", "docker.io/library/busybox:latest", "busybox:latest"),
-    ("index.docker.io/library/busybox:1", "docker.io/library/busybox:1", "busybox:1"),
-    ("docker.io/tenant/app", "docker.io/tenant/app:latest", "tenant/app:latest"),
-    ("library/busybox", "docker.io/library/busybox:latest", "busybox:latest"),
-    ("localhost/app", "localhost/app:latest", "localhost/app:latest"),
-    (f"127.0.0.1:5000/t/app@{DIGEST}", f"127.0.0.1:5000/t/app@{DIGEST}", f"127.0.0.1:5000/t/app@{DIGEST}"),
-    (f"app:1@{DIGEST}", f"docker.io/library/app:1@{DIGEST}", f"app:1@{DIGEST}"),
-])
+@pytest.mark.parametrize(
+    ("ref", "normalised", "familiar"),
+    [
+        ("busybox", "docker.io/library/busybox:latest", "busybox:latest"),
+        ("index.docker.io/library/busybox:1", "docker.io/library/busybox:1", "busybox:1"),
+        ("docker.io/tenant/app", "docker.io/tenant/app:latest", "tenant/app:latest"),
+        ("library/busybox", "docker.io/library/busybox:latest", "busybox:latest"),
+        ("localhost/app", "localhost/app:latest", "localhost/app:latest"),
+        (f"127.0.0.1:5000/t/app@{DIGEST}", f"127.0.0.1:5000/t/app@{DIGEST}", f"127.0.0.1:5000/t/app@{DIGEST}"),
+        (f"app:1@{DIGEST}", f"docker.io/library/app:1@{DIGEST}", f"app:1@{DIGEST}"),
+    ],
+)
 def test_normalisation(ref: str, normalised: str, familiar: str) -> None:
     assert (str(normalise_reference(ref)), normalise_reference(ref).familiar) == (normalised, familiar)
 

@@ -26,8 +26,12 @@ HANG_SECONDS = 20
 
 
 async def test_second_engine_builds_a_run_step(
-    aiohttp_client: Any, tmp_path: Path, second_engine: str, builder: str,
-    second_docker: aiodocker.Docker, docker: aiodocker.Docker,
+    aiohttp_client: Any,
+    tmp_path: Path,
+    second_engine: str,
+    builder: str,
+    second_docker: aiodocker.Docker,
+    docker: aiodocker.Docker,
 ) -> None:
     settings = Settings(data_dir=tmp_path / "data", docker_host=second_engine, builder=builder, flush_interval=0.02)
     client = await aiohttp_client(create_app(settings))
@@ -113,7 +117,9 @@ async def test_nginx_passes_each_response_chunk_on_at_once(aiohttp_server: Any, 
 
     proxy = nginx_proxy([await _named_upstream(aiohttp_server, "a", web.get("/slow", slow))])
     async with (
-        asyncio.timeout(HANG_SECONDS), aiohttp.ClientSession() as session, session.get(f"{proxy}/slow") as response
+        asyncio.timeout(HANG_SECONDS),
+        aiohttp.ClientSession() as session,
+        session.get(f"{proxy}/slow") as response,
     ):
         assert await response.content.readline() == b"first\n"
         first_chunk_read.set()
@@ -136,7 +142,8 @@ async def test_nginx_streams_a_request_body_without_buffering(aiohttp_server: An
 
     proxy = nginx_proxy([await _named_upstream(aiohttp_server, "a", web.post("/upload", upload))])
     async with (
-        asyncio.timeout(HANG_SECONDS), aiohttp.ClientSession() as session,
+        asyncio.timeout(HANG_SECONDS),
+        aiohttp.ClientSession() as session,
         session.post(f"{proxy}/upload", data=body()) as response,
     ):
         assert response.status == 200

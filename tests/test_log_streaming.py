@@ -131,8 +131,9 @@ async def test_abandoned_streams_release_their_subscriptions(client: TestClient)
 
 
 async def test_plain_text_follow_for_curl(client: TestClient) -> None:
-    accepted = await submit(client, {"Dockerfile": dockerfile("RUN echo '{\"done\": true}' && seq 1 3")},
-                            image_name="builder-test/plain")
+    accepted = await submit(
+        client, {"Dockerfile": dockerfile("RUN echo '{\"done\": true}' && seq 1 3")}, image_name="builder-test/plain"
+    )
     response = await client.get(f"/builds/{accepted['build_id']}/logs")  # Accept: */*, like curl
     assert response.headers["Content-Type"].startswith("text/plain")
     text = await response.text()

@@ -84,8 +84,16 @@ def test_the_status_document_lists_exactly_what_a_record_shows() -> None:
 def test_every_flag_spelling_the_document_offers_parses() -> None:
     spellings = _post_body("multipart/form-data")["properties"]["no_cache"]["enum"]
     parsed = {word: BuildSpec.from_fields({"no_cache": word}, Shape.MULTIPART).no_cache for word in spellings}
-    assert parsed == {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
-                      "off": False}
+    assert parsed == {
+        "true": True,
+        "1": True,
+        "yes": True,
+        "on": True,
+        "false": False,
+        "0": False,
+        "no": False,
+        "off": False,
+    }
     assert BuildSpec.from_fields({"no_cache": " TRUE "}, Shape.QUERY).no_cache
     assert not BuildSpec.from_fields({"no_cache": ""}, Shape.QUERY).no_cache
     with pytest.raises(InvalidField, match="no_cache must be true or false, got 'maybe'"):
@@ -123,8 +131,13 @@ def test_invalid_fields_say_which_and_why(fields: dict[str, Any], message: str) 
 
 @pytest.mark.parametrize(
     ("value", "message"),
-    [("x", "limit must be an integer"), ("²", "limit must be an integer"), ("0", "limit must be at least 1"),
-     (str(2**63), "limit must be below 2^63"), ("9" * 20, "limit must be an integer")],
+    [
+        ("x", "limit must be an integer"),
+        ("²", "limit must be an integer"),
+        ("0", "limit must be at least 1"),
+        (str(2**63), "limit must be below 2^63"),
+        ("9" * 20, "limit must be an integer"),
+    ],
 )
 def test_integer_queries_are_ascii_int64(value: str, message: str) -> None:
     with pytest.raises(InvalidField, match=re.escape(message)):

@@ -31,15 +31,17 @@ CHECKS = (
 
 
 def _config(base_url: str) -> schemathesis.Config:
-    return schemathesis.Config.from_dict({
-        "seed": SEED,
-        "base-url": base_url,
-        # Through the document's security scheme, so that `ignored_auth` knows the token is the real one.
-        "auth": {"openapi": {"bearer": {"bearer": TOKEN}}},
-        "request-timeout": 30,
-        "checks": {"enabled": False, **{name: {"enabled": True} for name in CHECKS}},
-        "generation": {"database": "none"},
-    })
+    return schemathesis.Config.from_dict(
+        {
+            "seed": SEED,
+            "base-url": base_url,
+            # Through the document's security scheme, so that `ignored_auth` knows the token is the real one.
+            "auth": {"openapi": {"bearer": {"bearer": TOKEN}}},
+            "request-timeout": 30,
+            "checks": {"enabled": False, **{name: {"enabled": True} for name in CHECKS}},
+            "generation": {"database": "none"},
+        }
+    )
 
 
 def _settings(max_examples: int, **kwargs: Any) -> hypothesis.settings:
@@ -85,6 +87,9 @@ async def test_openapi_document_holds_against_the_running_daemon(
     base_url = str(client.make_url("")).rstrip("/")
     # The daemon serves on this loop; schemathesis's blocking client runs beside it.
     tested = await asyncio.wait_for(asyncio.to_thread(_fuzz, base_url), 600)
-    assert {"POST /builds", "GET /builds/{build_id}", "DELETE /builds/{build_id}", "GET /builds/{build_id}/logs"} <= set(
-        tested
-    )
+    assert {
+        "POST /builds",
+        "GET /builds/{build_id}",
+        "DELETE /builds/{build_id}",
+        "GET /builds/{build_id}/logs",
+    } <= set(tested)

@@ -38,7 +38,19 @@ def test_valid_references(ref: str) -> None:
 
 @pytest.mark.parametrize(
     "ref",
-    ["Busybox", "busybox\n", "busybox\nRUN x", "-x", "a b", "app:", "app:-tag", "app@sha256:short", "/app", "app//x", "a" * 300],
+    [
+        "Busybox",
+        "busybox\n",
+        "busybox\nRUN x",
+        "-x",
+        "a b",
+        "app:",
+        "app:-tag",
+        "app@sha256:short",
+        "/app",
+        "app//x",
+        "a" * 300,
+    ],
 )
 def test_invalid_references(ref: str) -> None:
     with pytest.raises(InvalidImageReference):
@@ -54,12 +66,27 @@ def test_image_name_tag_defaults_to_latest() -> None:
 
 def test_build_spec_from_multipart_strings() -> None:
     spec = BuildSpec.from_fields(
-        {"image_name": "app", "dockerfile": "./ci//Dockerfile", "build_args": '{"A": "1"}', "labels": "",
-         "no_cache": "true", "pull": "0", "nydus_convert": "false", "target": "final", "cache_key": "k"},
+        {
+            "image_name": "app",
+            "dockerfile": "./ci//Dockerfile",
+            "build_args": '{"A": "1"}',
+            "labels": "",
+            "no_cache": "true",
+            "pull": "0",
+            "nydus_convert": "false",
+            "target": "final",
+            "cache_key": "k",
+        },
         Shape.MULTIPART,
     )
-    assert spec == BuildSpec(image_name="app:latest", dockerfile="ci/Dockerfile", build_args={"A": "1"},
-                             target="final", no_cache=True, cache_key="k")
+    assert spec == BuildSpec(
+        image_name="app:latest",
+        dockerfile="ci/Dockerfile",
+        build_args={"A": "1"},
+        target="final",
+        no_cache=True,
+        cache_key="k",
+    )
     assert BuildSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 
 
@@ -160,8 +187,17 @@ async def test_waiting_follower_wakes_on_new_events() -> None:
 
 @pytest.mark.parametrize(
     ("address", "loopback"),
-    [("127.0.0.1", True), ("127.0.0.1:5000", True), ("localhost", True), ("localhost:80", True),
-     ("[::1]:5000", True), ("::1", True), ("0.0.0.0", False), ("10.0.0.1:5000", False), ("example.com", False)],
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.1:5000", True),
+        ("localhost", True),
+        ("localhost:80", True),
+        ("[::1]:5000", True),
+        ("::1", True),
+        ("0.0.0.0", False),
+        ("10.0.0.1:5000", False),
+        ("example.com", False),
+    ],
 )
 def test_loopback_addresses(address: str, loopback: bool) -> None:
     assert is_loopback(address) is loopback
@@ -188,9 +224,13 @@ async def test_a_data_dir_from_before_event_batches_keeps_its_logs(tmp_path: Pat
 
     path = tmp_path / "builds.sqlite3"
     with sqlite3.connect(path) as old:
-        old.execute("CREATE TABLE event_runs (build_id TEXT NOT NULL, first_id INTEGER NOT NULL, "
-                    "last_id INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (build_id, first_id)) WITHOUT ROWID")
-        old.execute("INSERT INTO event_runs VALUES ('b1', 1, 2, ?)", ('{"type":"log","line":"a"}\n{"type":"log","line":"b"}',))
+        old.execute(
+            "CREATE TABLE event_runs (build_id TEXT NOT NULL, first_id INTEGER NOT NULL, "
+            "last_id INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (build_id, first_id)) WITHOUT ROWID"
+        )
+        old.execute(
+            "INSERT INTO event_runs VALUES ('b1', 1, 2, ?)", ('{"type":"log","line":"a"}\n{"type":"log","line":"b"}',)
+        )
     store = SqliteBuildStore(path)
     await store.open()
     try:

@@ -35,8 +35,9 @@ async def test_push_gives_a_digest_that_the_registry_serves_and_pull_resolves(
     aiohttp_client: Any, settings: Settings, registry: str, docker: aiodocker.Docker
 ) -> None:
     client = await _app(aiohttp_client, settings, registry=registry)
-    accepted = await submit(client, {"Dockerfile": dockerfile(f"RUN echo {uuid.uuid4()} > /id")},
-                            image_name="publish-test/app:v1")
+    accepted = await submit(
+        client, {"Dockerfile": dockerfile(f"RUN echo {uuid.uuid4()} > /id")}, image_name="publish-test/app:v1"
+    )
     status = await wait_for(client, accepted["build_id"], {"succeeded", "failed"})
     assert status["status"] == "succeeded", status
     digest = status["image_digest"]
@@ -44,9 +45,10 @@ async def test_push_gives_a_digest_that_the_registry_serves_and_pull_resolves(
     assert digest.startswith("sha256:") and len(digest) == 71
     assert status["image_ref_digest"] == f"{registry}/publish-test/app@{digest}"
 
-    async with aiohttp.ClientSession() as http, http.get(
-        f"http://{registry}/v2/publish-test/app/manifests/v1", headers={"Accept": MANIFEST_V2}
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://{registry}/v2/publish-test/app/manifests/v1", headers={"Accept": MANIFEST_V2}) as response,
+    ):
         assert response.status == 200
         assert response.headers["Docker-Content-Digest"] == digest
 
@@ -80,8 +82,9 @@ async def test_no_keep_local_removes_the_local_image_after_the_push(
     aiohttp_client: Any, settings: Settings, registry: str, docker: aiodocker.Docker
 ) -> None:
     client = await _app(aiohttp_client, settings, registry=registry, keep_local=False)
-    accepted = await submit(client, {"Dockerfile": dockerfile(f"RUN echo {uuid.uuid4()}")},
-                            image_name="publish-test/remote-only")
+    accepted = await submit(
+        client, {"Dockerfile": dockerfile(f"RUN echo {uuid.uuid4()}")}, image_name="publish-test/remote-only"
+    )
     status = await wait_for(client, accepted["build_id"], {"succeeded", "failed"})
     assert status["status"] == "succeeded", status
     for ref in ("publish-test/remote-only:latest", status["image_ref"]):
@@ -106,8 +109,9 @@ async def test_delete_during_push_stops_it_and_cancels(
         body = await deleted.json()
         # 200 (not 202 after --cancel-wait): the push was dropped, not waited for.
         assert deleted.status == 200 and body["status"] == "cancelled"
-        async with http.get(f"http://{registry}/v2/publish-test/big/manifests/latest",
-                            headers={"Accept": MANIFEST_V2}) as manifest:
+        async with http.get(
+            f"http://{registry}/v2/publish-test/big/manifests/latest", headers={"Accept": MANIFEST_V2}
+        ) as manifest:
             assert manifest.status == 404
     for ref in ("publish-test/big:latest", f"{registry}/publish-test/big:latest"):
         with pytest.raises(aiodocker.DockerError):
@@ -138,9 +142,7 @@ async def test_cache_key_reuses_layers_through_the_registry(
         runs = [step for step in step_events(frames) if " RUN " in step["name"]]
         assert {step["state"] for step in runs} == {"cached"} and len(runs) == 2, runs
     assert _push_events(frames, phase="cache")
-    wall = [
-        (_parse(s["finished_at"]) - _parse(s["started_at"])) for s in (first_status, second_status)
-    ]
+    wall = [(_parse(s["finished_at"]) - _parse(s["started_at"])) for s in (first_status, second_status)]
     print(f"cache_key wall times: first {wall[0]:.2f}s, second {wall[1]:.2f}s")
 
 
@@ -169,15 +171,24 @@ async def test_nydus_conversion_runs_after_the_push(
     assert status["nydus_image_ref"] == f"{source}-nydus"
     assert status["nydus_status"] == "performed"
     args = (tmp_path / "nydusify-args").read_text().split()
-    assert args == ["convert", "--source", source, "--target", f"{source}-nydus",
-                    "--source-insecure", "--target-insecure"]
+    assert args == [
+        "convert",
+        "--source",
+        source,
+        "--target",
+        f"{source}-nydus",
+        "--source-insecure",
+        "--target-insecure",
+    ]
 
 
 async def test_failed_nydus_conversion_is_reported_not_hidden(
     aiohttp_client: Any, settings: Settings, registry: str, tmp_path: Path
 ) -> None:
     client = await _app(aiohttp_client, settings, registry=registry, nydusify=str(_stand_in(tmp_path, 3)))
-    accepted = await submit(client, {"Dockerfile": dockerfile()}, image_name="publish-test/nydus-bad", nydus_convert="1")
+    accepted = await submit(
+        client, {"Dockerfile": dockerfile()}, image_name="publish-test/nydus-bad", nydus_convert="1"
+    )
     status = await wait_for(client, accepted["build_id"], {"succeeded", "failed"})
     # The conversion failed, and says so; the pushed image stands and the build succeeded.
     assert status["status"] == "succeeded" and status["image_digest"], status

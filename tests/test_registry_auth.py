@@ -15,25 +15,31 @@ def _auth(user: str, password: str) -> str:
     return base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-@pytest.mark.parametrize(("name", "host"), [
-    ("registry.example:5000", "registry.example:5000"),
-    ("http://127.0.0.1:5000/v2/", "127.0.0.1:5000"),
-    ("https://Registry.Example", "registry.example"),
-    ("https://index.docker.io/v1/", "docker.io"),
-    ("registry-1.docker.io", "docker.io"),
-    ("docker.io", "docker.io"),
-])
+@pytest.mark.parametrize(
+    ("name", "host"),
+    [
+        ("registry.example:5000", "registry.example:5000"),
+        ("http://127.0.0.1:5000/v2/", "127.0.0.1:5000"),
+        ("https://Registry.Example", "registry.example"),
+        ("https://index.docker.io/v1/", "docker.io"),
+        ("registry-1.docker.io", "docker.io"),
+        ("docker.io", "docker.io"),
+    ],
+)
 def test_registry_names_reduce_to_one_spelling(name: str, host: str) -> None:
     assert registry_host(name) == host
 
 
 def test_config_json_logins_in_each_spelling() -> None:
-    config = {"auths": {
-        "https://index.docker.io/v1/": {"auth": _auth("hub-user", "p:with:colons")},
-        "registry.example": {"username": "plain", "password": "pw"},
-        "oauth.example": {"identitytoken": "refresh-token"},
-        "helper.example": {},  # filled in by a credential helper: nothing to use here
-    }, "credsStore": "desktop"}
+    config = {
+        "auths": {
+            "https://index.docker.io/v1/": {"auth": _auth("hub-user", "p:with:colons")},
+            "registry.example": {"username": "plain", "password": "pw"},
+            "oauth.example": {"identitytoken": "refresh-token"},
+            "helper.example": {},  # filled in by a credential helper: nothing to use here
+        },
+        "credsStore": "desktop",
+    }
     assert parse_docker_config(json.dumps(config)) == {
         "docker.io": ("hub-user", "p:with:colons"),
         "registry.example": ("plain", "pw"),
@@ -45,15 +51,20 @@ def test_a_config_without_auths_has_no_logins() -> None:
     assert parse_docker_config('{"credsStore": "desktop"}') == {}
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("not json", "not valid JSON"),
-    ("[]", "not a JSON object"),
-    ('{"auths": []}', "auths must be an object"),
-    ('{"auths": {"r.example": "x"}}', "must be an object"),
-    ('{"auths": {"r.example": {"auth": "%%%"}}}', "not base64"),
-    (json.dumps({"auths": {"r.example": {"auth": base64.b64encode(b"no-colon").decode()}}}),
-     "not base64 of user:password"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("not json", "not valid JSON"),
+        ("[]", "not a JSON object"),
+        ('{"auths": []}', "auths must be an object"),
+        ('{"auths": {"r.example": "x"}}', "must be an object"),
+        ('{"auths": {"r.example": {"auth": "%%%"}}}', "not base64"),
+        (
+            json.dumps({"auths": {"r.example": {"auth": base64.b64encode(b"no-colon").decode()}}}),
+            "not base64 of user:password",
+        ),
+    ],
+)
 def test_a_broken_config_is_refused_naming_the_file_and_never_a_credential(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message) as refused:
         parse_docker_config(text, source="/etc/builder/config.json")

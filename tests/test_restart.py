@@ -41,7 +41,10 @@ def _committed_lines(database: Path, build_id: str) -> list[str]:
 
 @pytest.mark.usefixtures("builder")
 async def test_restart_keeps_history_and_fails_interrupted_build(
-    daemon: tuple[str, subprocess.Popen[bytes]], tmp_path: Path, aiohttp_client: Any, docker: aiodocker.Docker,
+    daemon: tuple[str, subprocess.Popen[bytes]],
+    tmp_path: Path,
+    aiohttp_client: Any,
+    docker: aiodocker.Docker,
     builder: str,
 ) -> None:
     url, proc = daemon
@@ -99,9 +102,9 @@ async def test_event_ids_are_never_given_twice_across_a_crash(
     seen = 0
     async with aiohttp.ClientSession() as session:
         await wait_healthy(session, url)
-        chatty = await post_context(session, url, {"Dockerfile": dockerfile(
-            "RUN i=0; while true; do i=$((i+1)); echo line-$i; done"
-        )})
+        chatty = await post_context(
+            session, url, {"Dockerfile": dockerfile("RUN i=0; while true; do i=$((i+1)); echo line-$i; done")}
+        )
         async with asyncio.timeout(30):
             async with session.get(f"{url}/builds/{chatty}/logs", headers=SSE) as response:
                 async for raw in response.content:

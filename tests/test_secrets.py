@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -56,8 +57,11 @@ def digest_line(value: bytes, secret_id: str = "tok") -> str:
 
 
 async def post_multipart(
-    client: Client, files: Mapping[str, str], secret_parts: Mapping[str, bytes],
-    headers: Mapping[str, str] | None = None, **fields: str,
+    client: Client,
+    files: Mapping[str, str],
+    secret_parts: Mapping[str, bytes],
+    headers: Mapping[str, str] | None = None,
+    **fields: str,
 ) -> aiohttp.ClientResponse:
     """POST /builds as multipart: fields, a `secret.<id>` part per secret, then the context."""
     fields.setdefault("no_cache", "true")
@@ -71,11 +75,18 @@ async def post_multipart(
 
 
 async def post_json(
-    client: Client, image: str, secret_values: Mapping[str, bytes], headers: Mapping[str, str] | None = None,
+    client: Client,
+    image: str,
+    secret_values: Mapping[str, bytes],
+    headers: Mapping[str, str] | None = None,
     **fields: Any,
 ) -> aiohttp.ClientResponse:
-    body = {"image": image, "no_cache": True, **fields,
-            "secrets": {i: base64.b64encode(v).decode() for i, v in secret_values.items()}}
+    body = {
+        "image": image,
+        "no_cache": True,
+        **fields,
+        "secrets": {i: base64.b64encode(v).decode() for i, v in secret_values.items()},
+    }
     return await client.post("/builds", json=body, headers=headers)
 
 
@@ -101,19 +112,17 @@ async def images(docker: aiodocker.Docker) -> AsyncIterator[list[str]]:
     made: list[str] = []
     yield made
     for image in made:
-        try:
+        with contextlib.suppress(aiodocker.DockerError):
             await docker.images.delete(image, force=True)
-        except aiodocker.DockerError:
-            pass
 
 
 @pytest.fixture
 async def onbuild_image(client: TestClient, images: list[str]) -> str:
     """An image whose ONBUILD step reads secret `tok`: what the JSON shape (`FROM <image>`) runs."""
     name = f"secrets-test/onbuild:{uuid.uuid4().hex[:12]}"
-    build_id = await accepted(await post_multipart(
-        client, {"Dockerfile": dockerfile(f"ONBUILD {MOUNT}")}, {}, image_name=name
-    ))
+    build_id = await accepted(
+        await post_multipart(client, {"Dockerfile": dockerfile(f"ONBUILD {MOUNT}")}, {}, image_name=name)
+    )
     assert (await finished(client, build_id))["status"] == "succeeded"
     images.append(name)
     return name
@@ -145,28 +154,46 @@ async def test_the_sdk_sends_secrets_with_a_context_and_with_an_image(
     value, text = new_secret(), new_secret().decode()
     async with BuilderClient(str(client.make_url("/"))) as sdk:
         lines: list[str] = []
-        await sdk.build(context, image_name="secrets-test/sdk", no_cache=True, secrets={"tok": value},
-                        on_log=lines.append)
+        await sdk.build(
+            context, image_name="secrets-test/sdk", no_cache=True, secrets={"tok": value}, on_log=lines.append
+        )
         assert digest_line(value) in lines
         lines.clear()
-        await sdk.build_image(onbuild_image, image_name="secrets-test/sdk-image", no_cache=True,
-                              secrets={"tok": text}, on_log=lines.append)
+        await sdk.build_image(
+            onbuild_image,
+            image_name="secrets-test/sdk-image",
+            no_cache=True,
+            secrets={"tok": text},
+            on_log=lines.append,
+        )
         assert digest_line(text.encode()) in lines
 
 
 async def test_the_cli_reads_secrets_from_a_file_and_from_the_environment(client: TestClient, tmp_path: Path) -> None:
     context = tmp_path / "ctx"
     context.mkdir()
-    (context / "Dockerfile").write_text(dockerfile(
-        "RUN --mount=type=secret,id=npmrc --mount=type=secret,id=TOKEN sha256sum /run/secrets/npmrc /run/secrets/TOKEN"
-    ))
+    (context / "Dockerfile").write_text(
+        dockerfile(
+            "RUN --mount=type=secret,id=npmrc --mount=type=secret,id=TOKEN"
+            " sha256sum /run/secrets/npmrc /run/secrets/TOKEN"
+        )
+    )
     from_file, from_env = new_secret(), new_secret()
     (tmp_path / "npmrc").write_bytes(from_file)
     proc = await asyncio.create_subprocess_exec(
-        *CLI, "--url", str(client.make_url("/")), "build", "--no-cache",
-        "--secret", f"id=npmrc,src={tmp_path / 'npmrc'}", "--secret", "id=TOKEN,env=BUILD_TOKEN", str(context),
+        *CLI,
+        "--url",
+        str(client.make_url("/")),
+        "build",
+        "--no-cache",
+        "--secret",
+        f"id=npmrc,src={tmp_path / 'npmrc'}",
+        "--secret",
+        "id=TOKEN,env=BUILD_TOKEN",
+        str(context),
         env={**os.environ, "BUILD_TOKEN": from_env.decode()},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
@@ -176,9 +203,16 @@ async def test_the_cli_reads_secrets_from_a_file_and_from_the_environment(client
 
 async def test_the_cli_refuses_a_secret_it_cannot_read(client: TestClient, tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
-        *CLI, "--url", str(client.make_url("/")), "build", "--secret", "id=tok,env=NOT_SET_ANYWHERE", str(tmp_path),
+        *CLI,
+        "--url",
+        str(client.make_url("/")),
+        "build",
+        "--secret",
+        "id=tok,env=NOT_SET_ANYWHERE",
+        str(tmp_path),
         env={k: v for k, v in os.environ.items() if k != "NOT_SET_ANYWHERE"},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2
@@ -191,9 +225,7 @@ async def test_the_cli_refuses_a_secret_it_cannot_read(client: TestClient, tmp_p
 
 async def test_a_secret_the_build_was_not_given_fails_it_naming_the_id(client: TestClient) -> None:
     # With a session (it has another secret): the engine asks for `tok` and gets NOT_FOUND.
-    build_id = await accepted(await post_multipart(
-        client, {"Dockerfile": dockerfile(MOUNT)}, {"other": new_secret()}
-    ))
+    build_id = await accepted(await post_multipart(client, {"Dockerfile": dockerfile(MOUNT)}, {"other": new_secret()}))
     status = await finished(client, build_id)
     assert status["status"] == "failed"
     assert "secrets not provided: tok" in status["error"], status["error"]
@@ -208,20 +240,25 @@ async def test_a_build_given_no_secrets_fails_naming_the_one_it_needs(client: Te
 
 
 async def test_an_ssh_mount_fails_naming_ssh_with_a_session_open(client: TestClient) -> None:
-    build_id = await accepted(await post_multipart(
-        client, {"Dockerfile": dockerfile("RUN --mount=type=ssh,required=true true")}, {"tok": new_secret()}
-    ))
+    build_id = await accepted(
+        await post_multipart(
+            client, {"Dockerfile": dockerfile("RUN --mount=type=ssh,required=true true")}, {"tok": new_secret()}
+        )
+    )
     status = await finished(client, build_id)
     assert status["status"] == "failed"
     assert "RUN --mount=type=ssh needs SSH agent forwarding" in status["error"], status["error"]
 
 
 @pytest.mark.parametrize("shape", ["multipart", "json"])
-@pytest.mark.parametrize(("secret_id", "value", "message"), [
-    ("bad/id", b"x", "must be 1 to 64 of"),
-    ("x" * 65, b"x", "must be 1 to 64 of"),
-    ("big", b"x" * (MAX_SECRET_BYTES + 1), f"larger than {MAX_SECRET_BYTES} bytes"),
-])
+@pytest.mark.parametrize(
+    ("secret_id", "value", "message"),
+    [
+        ("bad/id", b"x", "must be 1 to 64 of"),
+        ("x" * 65, b"x", "must be 1 to 64 of"),
+        ("big", b"x" * (MAX_SECRET_BYTES + 1), f"larger than {MAX_SECRET_BYTES} bytes"),
+    ],
+)
 async def test_a_bad_secret_id_or_an_oversize_value_is_a_400(
     client: TestClient, shape: str, secret_id: str, value: bytes, message: str
 ) -> None:
@@ -237,7 +274,9 @@ async def test_a_bad_secret_id_or_an_oversize_value_is_a_400(
 
 async def test_secrets_in_the_query_of_a_raw_body_are_a_400(client: TestClient) -> None:
     response = await client.post(
-        "/builds", data=make_context({"Dockerfile": dockerfile(MOUNT)}), params={"secret.tok": "value"},
+        "/builds",
+        data=make_context({"Dockerfile": dockerfile(MOUNT)}),
+        params={"secret.tok": "value"},
         headers={"Content-Type": "application/gzip"},
     )
     body = await response.json()
@@ -246,8 +285,7 @@ async def test_secrets_in_the_query_of_a_raw_body_are_a_400(client: TestClient) 
 
 
 async def test_the_legacy_builder_with_secrets_is_a_400(client: TestClient) -> None:
-    response = await post_multipart(client, {"Dockerfile": dockerfile(MOUNT)}, {"tok": new_secret()},
-                                    builder="legacy")
+    response = await post_multipart(client, {"Dockerfile": dockerfile(MOUNT)}, {"tok": new_secret()}, builder="legacy")
     body = await response.json()
     assert response.status == 400 and body["code"] == "secrets_not_supported", body
     assert "legacy" in body["error"]
@@ -281,16 +319,24 @@ async def test_a_secret_is_nowhere_but_in_its_step(
     async with aiohttp.ClientSession(base_url=daemon.url) as client:
         # A multipart build whose image keeps the secret's digest (so the image is searched for real),
         # under an Idempotency-Key (so that record exists too), then a JSON build of that image.
-        build_id = await accepted(await post_multipart(
-            client, {"Dockerfile": dockerfile("RUN --mount=type=secret,id=tok sha256sum /run/secrets/tok > /digest")},
-            {"tok": value}, headers={"Idempotency-Key": "leak-test"}, image_name=name,
-        ))
+        build_id = await accepted(
+            await post_multipart(
+                client,
+                {"Dockerfile": dockerfile("RUN --mount=type=secret,id=tok sha256sum /run/secrets/tok > /digest")},
+                {"tok": value},
+                headers={"Idempotency-Key": "leak-test"},
+                image_name=name,
+            )
+        )
         assert (await finished(client, build_id))["status"] == "succeeded"
         json_build = await accepted(await post_json(client, name, {"tok": value}, image_name=f"{name}-json"))
         images.append(f"{name}-json")
         assert (await finished(client, json_build))["status"] == "succeeded"
-        build_logs = [await (await client.get(f"/builds/{b}/logs", params=p)).read()
-                      for b in (build_id, json_build) for p in ({"format": "text"}, {"format": "sse"})]
+        build_logs = [
+            await (await client.get(f"/builds/{b}/logs", params=p)).read()
+            for b in (build_id, json_build)
+            for p in ({"format": "text"}, {"format": "sse"})
+        ]
         metrics = await (await client.get("/metrics")).read()
         # Every file, while the daemon runs (its SQLite WAL is there now) and after it has stopped.
         data_files = _files(daemon.data_dir)
@@ -327,11 +373,17 @@ async def test_cancel_mid_step_with_a_session_open_stops_the_step_and_closes_the
     daemon = await daemon_process("--log-level", "debug").ready()
     sleep = unique_sleep()
     async with aiohttp.ClientSession(base_url=daemon.url) as client:
-        build_id = await accepted(await post_multipart(
-            client,
-            {"Dockerfile": dockerfile(f"RUN --mount=type=secret,id=tok sh -c 'test -s /run/secrets/tok && {sleep}'")},
-            {"tok": new_secret()},
-        ))
+        build_id = await accepted(
+            await post_multipart(
+                client,
+                {
+                    "Dockerfile": dockerfile(
+                        f"RUN --mount=type=secret,id=tok sh -c 'test -s /run/secrets/tok && {sleep}'"
+                    )
+                },
+                {"tok": new_secret()},
+            )
+        )
         await wait_for_process(sleep)
         response = await client.delete(f"/builds/{build_id}")
         assert response.status == 200 and (await response.json())["status"] == "cancelled"
@@ -346,8 +398,11 @@ async def test_cancel_mid_step_with_a_session_open_stops_the_step_and_closes_the
 
 def docker_config(path: Path, registry: str, password: str, *, plain: bool = False) -> Path:
     """A Docker config.json with one login, as `docker login` writes it (`auth`), or spelled out."""
-    entry = ({"username": USER, "password": password} if plain
-             else {"auth": base64.b64encode(f"{USER}:{password}".encode()).decode()})
+    entry = (
+        {"username": USER, "password": password}
+        if plain
+        else {"auth": base64.b64encode(f"{USER}:{password}".encode()).decode()}
+    )
     path.write_text(json.dumps({"auths": {f"http://{registry}/v2/" if plain else registry: entry}}))
     return path
 
@@ -359,7 +414,12 @@ async def _app(aiohttp_client: Any, settings: Settings, **changes: Any) -> TestC
 
 @pytest.mark.parametrize("plain", [False, True], ids=["auth", "username-password"])
 async def test_from_a_private_registry_pulls_with_the_daemons_registry_config(
-    aiohttp_client: Any, settings: Settings, tmp_path: Path, login_registry: str, private_image: str, plain: bool,
+    aiohttp_client: Any,
+    settings: Settings,
+    tmp_path: Path,
+    login_registry: str,
+    private_image: str,
+    plain: bool,
 ) -> None:
     config = docker_config(tmp_path / "config.json", login_registry, PASSWORD, plain=plain)
     client = await _app(aiohttp_client, settings, registry_config=config)
@@ -370,7 +430,11 @@ async def test_from_a_private_registry_pulls_with_the_daemons_registry_config(
 
 
 async def test_from_a_private_registry_with_a_wrong_login_fails_naming_the_registry(
-    aiohttp_client: Any, settings: Settings, tmp_path: Path, login_registry: str, private_image: str,
+    aiohttp_client: Any,
+    settings: Settings,
+    tmp_path: Path,
+    login_registry: str,
+    private_image: str,
 ) -> None:
     config = docker_config(tmp_path / "config.json", login_registry, "wrong")
     client = await _app(aiohttp_client, settings, registry_config=config)
@@ -381,10 +445,16 @@ async def test_from_a_private_registry_with_a_wrong_login_fails_naming_the_regis
 
 
 async def test_a_tenants_registry_config_wins_over_the_daemons(
-    aiohttp_client: Any, settings: Settings, tmp_path: Path, login_registry: str, private_image: str,
+    aiohttp_client: Any,
+    settings: Settings,
+    tmp_path: Path,
+    login_registry: str,
+    private_image: str,
 ) -> None:
     client = await _app(
-        aiohttp_client, settings, auth_tokens="token-a=tenant-a,token-b=tenant-b",
+        aiohttp_client,
+        settings,
+        auth_tokens="token-a=tenant-a,token-b=tenant-b",
         registry_config=docker_config(tmp_path / "daemon.json", login_registry, "wrong"),
         tenant_registry_configs=(("tenant-a", docker_config(tmp_path / "a.json", login_registry, PASSWORD)),),
     )
@@ -415,16 +485,23 @@ def test_add_secret_takes_valid_ids_within_the_limits() -> None:
     assert taken == {"npmrc": b"v", "A.b_c-9": b"v", "x" * 64: b"v"}
 
 
-@pytest.mark.parametrize(("given", "secret_id", "value", "message"), [
-    ({}, "", b"v", "must be 1 to 64"),
-    ({}, "a b", b"v", "must be 1 to 64"),
-    ({}, "é", b"v", "must be 1 to 64"),
-    ({"tok": b"v"}, "tok", b"v", "given twice"),
-    ({f"s{i}": b"" for i in range(MAX_SECRETS)}, "one-more", b"v", f"at most {MAX_SECRETS} secrets"),
-    ({}, "big", b"x" * (MAX_SECRET_BYTES + 1), f"larger than {MAX_SECRET_BYTES} bytes"),
-    ({"a": b"x" * MAX_SECRET_BYTES, "b": b"x" * MAX_SECRET_BYTES}, "c",
-     b"x" * (MAX_SECRETS_BYTES - 2 * MAX_SECRET_BYTES + 1), f"at most {MAX_SECRETS_BYTES} bytes in all"),
-])
+@pytest.mark.parametrize(
+    ("given", "secret_id", "value", "message"),
+    [
+        ({}, "", b"v", "must be 1 to 64"),
+        ({}, "a b", b"v", "must be 1 to 64"),
+        ({}, "é", b"v", "must be 1 to 64"),
+        ({"tok": b"v"}, "tok", b"v", "given twice"),
+        ({f"s{i}": b"" for i in range(MAX_SECRETS)}, "one-more", b"v", f"at most {MAX_SECRETS} secrets"),
+        ({}, "big", b"x" * (MAX_SECRET_BYTES + 1), f"larger than {MAX_SECRET_BYTES} bytes"),
+        (
+            {"a": b"x" * MAX_SECRET_BYTES, "b": b"x" * MAX_SECRET_BYTES},
+            "c",
+            b"x" * (MAX_SECRETS_BYTES - 2 * MAX_SECRET_BYTES + 1),
+            f"at most {MAX_SECRETS_BYTES} bytes in all",
+        ),
+    ],
+)
 def test_add_secret_refuses_what_does_not_fit(
     given: dict[str, bytes], secret_id: str, value: bytes, message: str
 ) -> None:
@@ -435,17 +512,21 @@ def test_add_secret_refuses_what_does_not_fit(
 def test_json_secrets_are_base64_line_breaks_allowed() -> None:
     wrapped = base64.encodebytes(b"y" * 100).decode()  # wrapped at 76 columns, as `base64` prints it
     assert secrets_from_json({"a": base64.b64encode(b"\x00\xff").decode(), "b": wrapped}) == {
-        "a": b"\x00\xff", "b": b"y" * 100,
+        "a": b"\x00\xff",
+        "b": b"y" * 100,
     }
     assert secrets_from_json(None) == {}
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    (["a"], "must be a JSON object"),
-    ({"a": 1}, "must be a base64 string"),
-    ({"a": "not base64!"}, "not valid base64"),
-    ({"a": "A" * (4 * (MAX_SECRET_BYTES // 3 + 2))}, "larger than"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (["a"], "must be a JSON object"),
+        ({"a": 1}, "must be a base64 string"),
+        ({"a": "not base64!"}, "not valid base64"),
+        ({"a": "A" * (4 * (MAX_SECRET_BYTES // 3 + 2))}, "larger than"),
+    ],
+)
 def test_json_secrets_that_are_not_base64_strings_are_refused(value: Any, message: str) -> None:
     with pytest.raises(InvalidSecret, match=message) as refused:
         secrets_from_json(value)
@@ -460,16 +541,27 @@ def test_the_secrets_digest_stands_for_ids_and_values_without_holding_either_val
     assert len(one) == 64 and b"first" not in one.encode()
 
 
-@pytest.mark.parametrize(("step", "needs"), [
-    ("[2/2] RUN --mount=type=secret,id=tok cat /run/secrets/tok",
-     "RUN --mount=type=secret needs secrets this build was not given: tok"),
-    ("[2/2] RUN --mount=id=a,type=secret --mount=type=secret,target=/etc/npmrc true",
-     "RUN --mount=type=secret needs secrets this build was not given: a, npmrc"),
-    ("[2/2] RUN --mount=type=ssh --mount=type=secret,id=t true",
-     ("RUN --mount=type=secret needs secrets this build was not given: t; "
-      "RUN --mount=type=ssh needs SSH agent forwarding, which this daemon does not offer")),
-    ("[2/2] RUN true", "this build needs a BuildKit session (secrets or SSH forwarding), and had none"),
-])
+@pytest.mark.parametrize(
+    ("step", "needs"),
+    [
+        (
+            "[2/2] RUN --mount=type=secret,id=tok cat /run/secrets/tok",
+            "RUN --mount=type=secret needs secrets this build was not given: tok",
+        ),
+        (
+            "[2/2] RUN --mount=id=a,type=secret --mount=type=secret,target=/etc/npmrc true",
+            "RUN --mount=type=secret needs secrets this build was not given: a, npmrc",
+        ),
+        (
+            "[2/2] RUN --mount=type=ssh --mount=type=secret,id=t true",
+            (
+                "RUN --mount=type=secret needs secrets this build was not given: t; "
+                "RUN --mount=type=ssh needs SSH agent forwarding, which this daemon does not offer"
+            ),
+        ),
+        ("[2/2] RUN true", "this build needs a BuildKit session (secrets or SSH forwarding), and had none"),
+    ],
+)
 def test_what_a_step_needed_a_session_for(step: str, needs: str) -> None:
     assert _session_needs(step) == needs
 
@@ -478,18 +570,26 @@ def test_cli_secret_specs_read_as_docker_build_reads_them(tmp_path: Path, monkey
     (tmp_path / "npmrc").write_bytes(b"from-file")
     monkeypatch.setenv("TOKEN", "from-env")
     monkeypatch.setenv("OTHER", "from-other")
-    assert cli_secrets([
-        f"id=npmrc,src={tmp_path / 'npmrc'}", f"id=f2,source={tmp_path / 'npmrc'}", "id=TOKEN",
-        "id=t2,env=OTHER", "type=env,id=t3,src=OTHER",
-    ]) == {"npmrc": b"from-file", "f2": b"from-file", "TOKEN": b"from-env", "t2": b"from-other", "t3": b"from-other"}
+    assert cli_secrets(
+        [
+            f"id=npmrc,src={tmp_path / 'npmrc'}",
+            f"id=f2,source={tmp_path / 'npmrc'}",
+            "id=TOKEN",
+            "id=t2,env=OTHER",
+            "type=env,id=t3,src=OTHER",
+        ]
+    ) == {"npmrc": b"from-file", "f2": b"from-file", "TOKEN": b"from-env", "t2": b"from-other", "t3": b"from-other"}
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ("src=/x", "has no id="),
-    ("id=a,colour=red", "expected id=ID"),
-    ("id=a,type=ssh", "type must be file or env"),
-    ("id=NOT_SET_ANYWHERE", "NOT_SET_ANYWHERE is not set"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("src=/x", "has no id="),
+        ("id=a,colour=red", "expected id=ID"),
+        ("id=a,type=ssh", "type must be file or env"),
+        ("id=NOT_SET_ANYWHERE", "NOT_SET_ANYWHERE is not set"),
+    ],
+)
 def test_cli_secret_specs_that_say_nothing_usable_are_refused(
     spec: str, message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -69,8 +69,12 @@ async def buildkit_build(
         params["session"] = session_id
     result = BuildKitBuild()
     async with docker._query(
-        "build", "POST", params=params, data=make_context({"Dockerfile": dockerfile_text}, gzip=False),
-        headers={"Content-Type": "application/x-tar"}, timeout=None,
+        "build",
+        "POST",
+        params=params,
+        data=make_context({"Dockerfile": dockerfile_text}, gzip=False),
+        headers={"Content-Type": "application/x-tar"},
+        timeout=None,
     ) as response:
         async for line in response.content:
             message = json.loads(line)
@@ -98,7 +102,8 @@ async def images(docker: aiodocker.Docker) -> AsyncIterator[list[str | None]]:
 async def test_secret_reaches_the_step(docker: aiodocker.Docker, images: list[str | None]) -> None:
     async with BuildSession(secrets={"tok": SECRET}) as session:
         build = await buildkit_build(
-            docker, dockerfile("RUN --mount=type=secret,id=tok sha256sum /run/secrets/tok"),
+            docker,
+            dockerfile("RUN --mount=type=secret,id=tok sha256sum /run/secrets/tok"),
             session_id=session.session_id,
         )
     images.append(build.image_id)
@@ -107,11 +112,14 @@ async def test_secret_reaches_the_step(docker: aiodocker.Docker, images: list[st
     assert session.missing_secrets == []
 
 
-async def test_secret_larger_than_the_http2_window_arrives_whole(docker: aiodocker.Docker, images: list[str | None]) -> None:
+async def test_secret_larger_than_the_http2_window_arrives_whole(
+    docker: aiodocker.Docker, images: list[str | None]
+) -> None:
     secret = bytes(range(256)) * 1600  # 400 KiB: several times the engine's initial 64 KiB window
     async with BuildSession(secrets={"big": secret}) as session:
         build = await buildkit_build(
-            docker, dockerfile("RUN --mount=type=secret,id=big sha256sum /run/secrets/big"),
+            docker,
+            dockerfile("RUN --mount=type=secret,id=big sha256sum /run/secrets/big"),
             session_id=session.session_id,
         )
     images.append(build.image_id)
@@ -122,7 +130,8 @@ async def test_secret_larger_than_the_http2_window_arrives_whole(docker: aiodock
 async def test_required_secret_not_given_fails_naming_it(docker: aiodocker.Docker) -> None:
     async with BuildSession(secrets={"tok": SECRET}) as session:
         build = await buildkit_build(
-            docker, dockerfile("RUN --mount=type=secret,id=nope,required=true echo never"),
+            docker,
+            dockerfile("RUN --mount=type=secret,id=nope,required=true echo never"),
             session_id=session.session_id,
         )
     assert build.error is not None and build.image_id is None
@@ -135,7 +144,8 @@ async def test_optional_secret_not_given_is_named_in_the_failure(docker: aiodock
     # required=false is the Dockerfile default: the engine mounts nothing and the step fails alone.
     async with BuildSession() as session:
         build = await buildkit_build(
-            docker, dockerfile("RUN --mount=type=secret,id=nope,target=/tmp/t cat /tmp/t"),
+            docker,
+            dockerfile("RUN --mount=type=secret,id=nope,target=/tmp/t cat /tmp/t"),
             session_id=session.session_id,
         )
     assert build.error is not None and "nope" not in build.error
@@ -161,10 +171,16 @@ async def test_cancel_mid_step_with_the_session_open(docker: aiodocker.Docker) -
     build_id = uuid.uuid4().hex
     started = asyncio.Event()
     async with BuildSession(secrets={"tok": SECRET}) as session:
-        build_task = asyncio.create_task(buildkit_build(
-            docker, dockerfile("RUN --mount=type=secret,id=tok sh -c 'echo started; sleep 30'"),
-            session_id=session.session_id, build_id=build_id, on_output=started, wait_for_output="started",
-        ))
+        build_task = asyncio.create_task(
+            buildkit_build(
+                docker,
+                dockerfile("RUN --mount=type=secret,id=tok sh -c 'echo started; sleep 30'"),
+                session_id=session.session_id,
+                build_id=build_id,
+                on_output=started,
+                wait_for_output="started",
+            )
+        )
         waiting = asyncio.create_task(started.wait())
         await asyncio.wait([build_task, waiting], timeout=20, return_when=asyncio.FIRST_COMPLETED)
         waiting.cancel()
@@ -206,8 +222,17 @@ async def _call_as_the_engine(
     writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
     client.initiate_connection()
-    client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "localhost"),
-                           ("content-type", "application/grpc"), ("te", "trailers")])
+    client.send_headers(
+        1,
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "localhost"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ],
+    )
     client.send_data(1, b"\x00" + len(message).to_bytes(4, "big") + message, end_stream=True)
     writer.write(client.data_to_send())
     answer: dict[bytes, bytes] = {}
@@ -229,7 +254,9 @@ async def test_methods_the_session_does_not_serve_get_unimplemented(tmp_path: Pa
 
     async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = protowire.field_bytes(1, b"registry.example")
-        answered.set_result(await _call_as_the_engine(reader, writer, "/moby.filesync.v1.Auth/GetTokenAuthority", request))
+        answered.set_result(
+            await _call_as_the_engine(reader, writer, "/moby.filesync.v1.Auth/GetTokenAuthority", request)
+        )
         writer.close()
 
     server = await asyncio.start_unix_server(engine, tmp_path / "engine.sock")
@@ -239,8 +266,11 @@ async def test_methods_the_session_does_not_serve_get_unimplemented(tmp_path: Pa
     assert upgrade.startswith("POST /session HTTP/1.1\r\n")
     assert "\r\nUpgrade: h2c\r\n" in upgrade and "\r\nConnection: Upgrade\r\n" in upgrade
     assert f"\r\nX-Docker-Expose-Session-Uuid: {session.session_id}\r\n" in upgrade
-    announced = {line.split(": ", 1)[1] for line in upgrade.split("\r\n")
-                 if line.startswith("X-Docker-Expose-Session-Grpc-Method: ")}
+    announced = {
+        line.split(": ", 1)[1]
+        for line in upgrade.split("\r\n")
+        if line.startswith("X-Docker-Expose-Session-Grpc-Method: ")
+    }
     assert announced == {GET_SECRET, CREDENTIALS, HEALTH_CHECK}
     assert answer[b"grpc-status"] == b"12"
     assert answer[b"grpc-message"] == b"unknown method /moby.filesync.v1.Auth/GetTokenAuthority"
@@ -276,7 +306,9 @@ async def test_from_a_private_registry_with_a_wrong_password_fails_unauthorized(
     async with _login_for(login_registry, "wrong", asked) as session:
         build = await buildkit_build(docker, f"FROM {private_image}\nRUN echo pulled\n", session_id=session.session_id)
     assert build.error is not None and build.image_id is None
-    assert f"pulling from host {login_registry} failed" in build.error and "401 Unauthorized" in build.error, build.error
+    assert f"pulling from host {login_registry} failed" in build.error and "401 Unauthorized" in build.error, (
+        build.error
+    )
     assert login_registry in asked
 
 
@@ -297,22 +329,30 @@ def test_unframe_reads_one_uncompressed_message() -> None:
     assert _unframe(b"\x00" + len(message).to_bytes(4, "big") + message) == message
 
 
-@pytest.mark.parametrize(("body", "code"), [
-    (b"", 3), (b"\x00\x00\x00", 3), (b"\x00\x00\x00\x00\x09abc", 3),  # INVALID_ARGUMENT
-    (b"\x01\x00\x00\x00\x00", 12),  # compressed: UNIMPLEMENTED
-])
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"", 3),
+        (b"\x00\x00\x00", 3),
+        (b"\x00\x00\x00\x00\x09abc", 3),  # INVALID_ARGUMENT
+        (b"\x01\x00\x00\x00\x00", 12),  # compressed: UNIMPLEMENTED
+    ],
+)
 def test_unframe_refuses_short_mismatched_or_compressed_frames(body: bytes, code: int) -> None:
     with pytest.raises(_GrpcError) as refused:
         _unframe(body)
     assert refused.value.code == code
 
 
-@pytest.mark.parametrize(("url", "expected"), [
-    ("unix:///var/run/docker.sock", ("/var/run/docker.sock", "", 0, "docker")),
-    ("tcp://10.0.0.5:2376", (None, "10.0.0.5", 2376, "10.0.0.5:2376")),
-    ("tcp://engine", (None, "engine", 2375, "engine:2375")),
-    ("http://[::1]:2375", (None, "::1", 2375, "[::1]:2375")),
-])
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("unix:///var/run/docker.sock", ("/var/run/docker.sock", "", 0, "docker")),
+        ("tcp://10.0.0.5:2376", (None, "10.0.0.5", 2376, "10.0.0.5:2376")),
+        ("tcp://engine", (None, "engine", 2375, "engine:2375")),
+        ("http://[::1]:2375", (None, "::1", 2375, "[::1]:2375")),
+    ],
+)
 def test_docker_host_addresses(url: str, expected: tuple[str | None, str, int, str]) -> None:
     address = _parse_docker_host(url)
     assert (address.unix_path, address.host, address.port, address.host_header) == expected

@@ -15,7 +15,9 @@ import pytest
 from tests.conftest import SSE, dockerfile, make_context, post_context, wait_healthy
 
 
-async def _follow(session: aiohttp.ClientSession, url: str, build_id: str, started: asyncio.Event) -> list[dict[str, Any]]:
+async def _follow(
+    session: aiohttp.ClientSession, url: str, build_id: str, started: asyncio.Event
+) -> list[dict[str, Any]]:
     frames = []
     async with session.get(f"{url}/builds/{build_id}/logs", headers=SSE) as response:
         async for raw in response.content:
@@ -58,8 +60,11 @@ async def test_sigterm_lets_short_builds_finish_and_tears_down_the_rest(
             short_frames, long_frames = await asyncio.gather(*followers)
     assert await asyncio.to_thread(proc.wait, 20) == 0
     assert short_frames[-1]["status"] == "succeeded"
-    assert long_frames[-1] == {"type": "error", "status": "failed",
-                               "error": "daemon shut down while the build was running"}
+    assert long_frames[-1] == {
+        "type": "error",
+        "status": "failed",
+        "error": "daemon shut down while the build was running",
+    }
     leftovers = [c for c in await docker.containers.list(all=True) if "sleep 300" in str(c._container.get("Command"))]
     assert leftovers == []
 
@@ -83,8 +88,9 @@ async def test_sigterm_ends_an_upload_in_flight_with_503_at_once(daemon: tuple[s
 
     async with aiohttp.ClientSession() as session:
         await wait_healthy(session, url)
-        post = asyncio.create_task(session.post(f"{url}/builds", data=slow_upload(),
-                                                headers={"Content-Type": "application/gzip"}))
+        post = asyncio.create_task(
+            session.post(f"{url}/builds", data=slow_upload(), headers={"Content-Type": "application/gzip"})
+        )
         await sent_some.wait()
         while (await (await session.get(f"{url}/healthz")).json())["uploads"] == 0:
             await asyncio.sleep(0.02)

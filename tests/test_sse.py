@@ -162,7 +162,7 @@ def test_long_frame_fed_in_small_chunks() -> None:
 SAMPLE = (
     "\ufeffretry: 1000\n\n"
     ": a comment\r\n"
-    "id: 1\ndata: {\"type\":\"log\",\"line\":\"plain\"}\n\n"
+    'id: 1\ndata: {"type":"log","line":"plain"}\n\n'
     "id: 2\r\ndata: first\r\ndata: second \u00e9\u20ac\U0001f600\r\n\r\n"
     "event: custom\rid: 3\rdata: cr only\r\r"
     "data\n\n"

@@ -23,13 +23,18 @@ B = {"Authorization": "Bearer token-b"}
 
 @pytest.fixture
 async def tenants(aiohttp_client: Any, settings: Settings) -> TestClient:
-    return await aiohttp_client(create_app(dataclasses.replace(settings, auth_tokens="token-a=tenant-a,token-b=tenant-b")))
+    return await aiohttp_client(
+        create_app(dataclasses.replace(settings, auth_tokens="token-a=tenant-a,token-b=tenant-b"))
+    )
 
 
 async def _post(client: TestClient, headers: dict[str, str], dockerfile: str, **fields: str) -> aiohttp.ClientResponse:
-    return await client.post("/builds", data=make_context({"Dockerfile": dockerfile}),
-                             params={"no_cache": "true", **fields},
-                             headers={**headers, "Content-Type": "application/gzip"})
+    return await client.post(
+        "/builds",
+        data=make_context({"Dockerfile": dockerfile}),
+        params={"no_cache": "true", **fields},
+        headers={**headers, "Content-Type": "application/gzip"},
+    )
 
 
 async def _build(client: TestClient, headers: dict[str, str], dockerfile: str, **fields: str) -> dict[str, Any]:
@@ -98,9 +103,11 @@ async def test_a_reference_the_daemon_cannot_resolve_is_refused(tenants: TestCli
 
 
 async def test_allow_base_image_patterns_narrow_what_tenants_may_use(aiohttp_client: Any, settings: Settings) -> None:
-    client = await aiohttp_client(create_app(dataclasses.replace(
-        settings, auth_tokens="token-a=tenant-a", allow_base_images=("builder-busybox:*",)
-    )))
+    client = await aiohttp_client(
+        create_app(
+            dataclasses.replace(settings, auth_tokens="token-a=tenant-a", allow_base_images=("builder-busybox:*",))
+        )
+    )
     await _build(client, A, f"FROM {BASE_IMAGE}\nRUN true\n")
     response = await _post(client, A, "FROM some-other-image:1\nRUN true\n")
     assert response.status == 403 and (await response.json())["code"] == "image_not_allowed"
@@ -118,8 +125,9 @@ async def test_a_tenant_cannot_mount_another_tenants_cache_on_a_shared_engine(te
     mount = f"RUN --mount=type=cache,id={cache},target=/cache"
     # Cache mounts outlive builds (not `no_cache`): each step differs, so nothing else is reused.
     await _build(tenants, B, f"FROM {BASE_IMAGE}\n{mount} echo b-was-here > /cache/b\n", no_cache="false")
-    status = await _build(tenants, A, f"FROM {BASE_IMAGE}\n{mount} ls -a /cache && cat /cache/b || echo no-b\n",
-                          no_cache="false")
+    status = await _build(
+        tenants, A, f"FROM {BASE_IMAGE}\n{mount} ls -a /cache && cat /cache/b || echo no-b\n", no_cache="false"
+    )
     lines = log_lines(await read_log(tenants, status["build_id"], headers=A))
     assert "no-b" in lines and "b-was-here" not in lines
     # B's own next build does see it: the cache is kept, per tenant.
@@ -139,26 +147,36 @@ async def test_on_a_shared_engine_an_identical_step_is_cached_across_tenants(ten
 async def test_a_tenant_on_an_engine_of_its_own_shares_no_layer_and_no_cache_mount(
     aiohttp_client: Any, settings: Settings, second_engine: str, second_docker: Any
 ) -> None:
-    client = await aiohttp_client(create_app(dataclasses.replace(
-        settings, auth_tokens="token-a=tenant-a,token-b=tenant-b", tenant_engines=(("tenant-b", second_engine),)
-    )))
+    client = await aiohttp_client(
+        create_app(
+            dataclasses.replace(
+                settings, auth_tokens="token-a=tenant-a,token-b=tenant-b", tenant_engines=(("tenant-b", second_engine),)
+            )
+        )
+    )
     step = f"RUN echo {uuid.uuid4()} > /f"
     mount = f"RUN --mount=type=cache,id=mine-{uuid.uuid4().hex[:8]},target=/cache"
-    built = await _build(client, B, f"FROM {BASE_IMAGE}\n{step}\n{mount} echo b-was-here > /cache/b\n",
-                         no_cache="false", image_name="own-engine")
+    built = await _build(
+        client,
+        B,
+        f"FROM {BASE_IMAGE}\n{step}\n{mount} echo b-was-here > /cache/b\n",
+        no_cache="false",
+        image_name="own-engine",
+    )
     # B's image lives on B's engine only.
     assert (await second_docker.images.inspect(built["image_ref"]))["Id"] == built["image_id"]
-    status = await _build(client, A, f"FROM {BASE_IMAGE}\n{step}\n{mount} cat /cache/b || echo no-b\n",
-                          no_cache="false")
+    status = await _build(
+        client, A, f"FROM {BASE_IMAGE}\n{step}\n{mount} cat /cache/b || echo no-b\n", no_cache="false"
+    )
     frames = await read_log(client, status["build_id"], headers=A)
     assert [s["state"] for s in step_events(frames) if step in s["name"]] == ["started", "done"]
     assert "no-b" in log_lines(frames)
 
 
 async def _daemon(aiohttp_client: Any, settings: Settings, **changes: Any) -> TestClient:
-    return await aiohttp_client(create_app(dataclasses.replace(
-        settings, auth_tokens="token-a=tenant-a,token-b=tenant-b", **changes
-    )))
+    return await aiohttp_client(
+        create_app(dataclasses.replace(settings, auth_tokens="token-a=tenant-a,token-b=tenant-b", **changes))
+    )
 
 
 async def _submit(client: TestClient, headers: dict[str, str], dockerfile: str) -> str:
@@ -209,8 +227,9 @@ async def test_a_tenants_uploads_at_once_and_log_streams_are_capped(aiohttp_clie
         yield make_context({"Dockerfile": f"FROM {BASE_IMAGE}\n"})[:50]
         await held.wait()
 
-    in_flight = asyncio.create_task(client.post("/builds", data=slow(),
-                                                headers={**A, "Content-Type": "application/gzip"}))
+    in_flight = asyncio.create_task(
+        client.post("/builds", data=slow(), headers={**A, "Content-Type": "application/gzip"})
+    )
     async with asyncio.timeout(10):
         while (await (await client.get("/healthz")).json())["uploads"] != 1:
             await asyncio.sleep(0.02)

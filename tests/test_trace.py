@@ -129,19 +129,27 @@ def timestamp(ns: int, extra: bytes = b"") -> bytes:
 def test_decode_skips_unknown_fields_of_every_wire_type() -> None:
     unknown = (
         field_varint(9, 7)
-        + varint(10 << 3 | FIXED64) + bytes(8)
-        + varint(11 << 3 | FIXED32) + bytes(4)
+        + varint(10 << 3 | FIXED64)
+        + bytes(8)
+        + varint(11 << 3 | FIXED32)
+        + bytes(4)
         + field_bytes(12, b"a newer engine's field")
         + field_bytes(300, b"a two-byte key")  # field numbers from 16 on have keys of two bytes
     )
     vertex = (
-        field_bytes(1, b"sha256:aa") + unknown + field_bytes(3, b"[1/1] RUN x")
-        + field_bytes(5, timestamp(5 * SECOND, extra=unknown)) + field_varint(4, 1)
+        field_bytes(1, b"sha256:aa")
+        + unknown
+        + field_bytes(3, b"[1/1] RUN x")
+        + field_bytes(5, timestamp(5 * SECOND, extra=unknown))
+        + field_varint(4, 1)
         + field_bytes(8, b"progress group")  # Vertex.progressGroup, added by newer engines
     )
     log = (
-        field_bytes(1, b"sha256:aa") + field_bytes(2, timestamp(6 * SECOND)) + unknown
-        + field_varint(3, 2) + field_bytes(4, b"out\n")
+        field_bytes(1, b"sha256:aa")
+        + field_bytes(2, timestamp(6 * SECOND))
+        + unknown
+        + field_varint(3, 2)
+        + field_bytes(4, b"out\n")
     )
     warning = field_bytes(1, b"sha256:aa") + field_bytes(3, b"a warning")  # StatusResponse.warnings = 4
     status = unknown + field_bytes(1, vertex) + field_bytes(4, warning) + field_bytes(3, log) + unknown
@@ -174,9 +182,7 @@ def test_decode_rejects_malformed_bytes(data: bytes) -> None:
 
 def test_real_two_step_build_numbers_every_vertex_and_reports_each_change_once() -> None:
     events = track("two_steps.jsonl")
-    assert step_states(events) == [
-        (n, state) for n in range(1, 8) for state in (STEP_STARTED, STEP_DONE)
-    ]
+    assert step_states(events) == [(n, state) for n in range(1, 8) for state in (STEP_STARTED, STEP_DONE)]
     names = {e.step: e.name for e in events if isinstance(e, StepChanged)}
     assert names == {
         1: "[internal] load remote build context",
@@ -214,9 +220,7 @@ def test_real_failing_step_ends_in_error_after_its_output() -> None:
     assert outputs(events) == [(5, STDERR, ["bad"]), (5, STDOUT, ["before"])]
     error = events[-1]
     assert isinstance(error, StepChanged)
-    assert error.error == (
-        "executor failed running [/bin/sh -c echo before && echo bad >&2 && exit 3]: exit code: 3"
-    )
+    assert error.error == ("executor failed running [/bin/sh -c echo before && echo bad >&2 && exit 3]: exit code: 3")
 
 
 def test_real_cancelled_step_is_cancelled_not_failed() -> None:
@@ -270,9 +274,7 @@ def log(data: bytes, at: float = 1.0, digest: str = DIGEST, stream: int = 1) -> 
 
 
 def batch(*items: Vertex | VertexLog) -> TraceStatus:
-    return TraceStatus(
-        [i for i in items if isinstance(i, Vertex)], [], [i for i in items if isinstance(i, VertexLog)]
-    )
+    return TraceStatus([i for i in items if isinstance(i, Vertex)], [], [i for i in items if isinstance(i, VertexLog)])
 
 
 def started_tracker() -> StepTracker:
@@ -325,10 +327,16 @@ def test_output_comes_before_the_end_of_its_step_in_one_batch() -> None:
 def test_steps_are_numbered_in_order_of_first_sight_and_keep_their_number() -> None:
     tracker = StepTracker()
     first = tracker.feed(batch(vertex("sha256:b", started=0), vertex("sha256:a", started=0)))
-    later = tracker.feed(batch(vertex("sha256:c", started=1), vertex("sha256:a", started=0, completed=2),
-                               vertex("sha256:b", started=0, completed=3)))
+    later = tracker.feed(
+        batch(
+            vertex("sha256:c", started=1),
+            vertex("sha256:a", started=0, completed=2),
+            vertex("sha256:b", started=0, completed=3),
+        )
+    )
     assert [(e.step, e.name) for e in first if isinstance(e, StepChanged)] == [
-        (1, "name of sha256:b"), (2, "name of sha256:a")
+        (1, "name of sha256:b"),
+        (2, "name of sha256:a"),
     ]
     assert step_states(later) == [(3, STEP_STARTED), (2, STEP_DONE), (1, STEP_DONE)]
 
@@ -340,11 +348,17 @@ def test_cached_step_is_cached_and_never_started() -> None:
 
 def test_error_and_cancel_are_told_apart_by_the_errors_end() -> None:
     tracker = StepTracker()
-    events = tracker.feed(batch(vertex("sha256:x", started=0, completed=1, error="exit code: 2"),
-                                vertex("sha256:y", started=0, completed=1, error="context canceled")))
+    events = tracker.feed(
+        batch(
+            vertex("sha256:x", started=0, completed=1, error="exit code: 2"),
+            vertex("sha256:y", started=0, completed=1, error="context canceled"),
+        )
+    )
     assert [(e.step, e.state, e.error) for e in events if isinstance(e, StepChanged)] == [
-        (1, STEP_STARTED, None), (1, STEP_ERROR, "exit code: 2"),
-        (2, STEP_STARTED, None), (2, STEP_CANCELLED, "context canceled"),
+        (1, STEP_STARTED, None),
+        (1, STEP_ERROR, "exit code: 2"),
+        (2, STEP_STARTED, None),
+        (2, STEP_CANCELLED, "context canceled"),
     ]
 
 

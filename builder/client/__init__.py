@@ -1,8 +1,8 @@
 """Async Python SDK for the builder daemon.
 
-    async with BuilderClient("http://127.0.0.1:8080") as client:
-        result = await client.build("./app", image_name="app:dev", on_log=print)
-        print(result.image_ref)
+async with BuilderClient("http://127.0.0.1:8080") as client:
+    result = await client.build("./app", image_name="app:dev", on_log=print)
+    print(result.image_ref)
 """
 
 from builder.client.client import BuilderClient, RetryPolicy

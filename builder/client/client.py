@@ -147,8 +147,15 @@ class BuilderClient:
         """Upload a context directory, follow the build to its end, return the image reference."""
         started = time.monotonic()
         build_id = await self.submit(
-            context_dir, image_name=image_name, dockerfile=dockerfile, build_args=build_args,
-            target=target, labels=labels, no_cache=no_cache, compress=compress, secrets=secrets,
+            context_dir,
+            image_name=image_name,
+            dockerfile=dockerfile,
+            build_args=build_args,
+            target=target,
+            labels=labels,
+            no_cache=no_cache,
+            compress=compress,
+            secrets=secrets,
             on_upload_progress=on_upload_progress,
         )
         return await self.wait(build_id, on_log=on_log, started=started)
@@ -192,15 +199,23 @@ class BuilderClient:
         if compress not in _COMPRESS_OPTIONS:
             raise ValueError(f"compress must be one of {', '.join(_COMPRESS_OPTIONS)}, not {compress!r}")
         compression: Compression = await self._auto_compression() if compress == "auto" else compress
-        fields = _fields(image_name=image_name, dockerfile=dockerfile, build_args=build_args,
-                         labels=labels, target=target, no_cache=no_cache)
+        fields = _fields(
+            image_name=image_name,
+            dockerfile=dockerfile,
+            build_args=build_args,
+            labels=labels,
+            target=target,
+            no_cache=no_cache,
+        )
 
         def upload() -> dict[str, Any]:
             # A fresh body per attempt: it streams from disk again.
             body = stream_context(context, dockerfile, compression=compression, on_progress=on_upload_progress)
             if secrets:
-                return {"data": _multipart(fields, secrets, body, CONTENT_TYPES[compression]),
-                        "timeout": UPLOAD_TIMEOUT}
+                return {
+                    "data": _multipart(fields, secrets, body, CONTENT_TYPES[compression]),
+                    "timeout": UPLOAD_TIMEOUT,
+                }
             # The raw-body shape, fields in the query: the daemon can start the build while the
             # context is still arriving.
             return {
@@ -282,8 +297,9 @@ class BuilderClient:
                         if (result := on_log(event.line)) is not None:
                             await result
                     elif isinstance(event, DoneEvent):
-                        return BuildResult(build_id, event.data["status"], event.image_ref, event.image_id,
-                                           time.monotonic() - started)
+                        return BuildResult(
+                            build_id, event.data["status"], event.image_ref, event.image_id, time.monotonic() - started
+                        )
                     elif isinstance(event, ErrorEvent):
                         if event.status == p.BuildStatus.CANCELLED.value:
                             raise BuildCancelled(build_id, event.error)
@@ -356,7 +372,10 @@ class BuilderClient:
             failed = True
             try:
                 async with self._open(
-                    "GET", "builds", build_id, "logs",
+                    "GET",
+                    "builds",
+                    build_id,
+                    "logs",
                     # Batched frames: one frame, and one JSON parse, per batch of events.
                     params={"follow": "true" if not finishing else "false", "batch": "true"},
                     headers={"Accept": "text/event-stream", **({"Last-Event-ID": str(last)} if last else {})},
@@ -396,8 +415,9 @@ class BuilderClient:
                 failing_since = failing_since or time.monotonic()
             out_of_budget = failing_since is not None and time.monotonic() - failing_since > self._retry.budget
             if out_of_budget and failure is not None:
-                failure.add_note(f"gave up on the log of build {build_id}: attempts kept failing "
-                                 f"for {self._retry.budget:g} s")
+                failure.add_note(
+                    f"gave up on the log of build {build_id}: attempts kept failing for {self._retry.budget:g} s"
+                )
                 raise failure
             # The stream ended without a terminal frame: is the build over?
             try:
@@ -423,8 +443,11 @@ class BuilderClient:
         # are not followed (as httpx): a streamed upload cannot be sent twice, and a daemon that
         # moved is better named by its new URL, which the error gives.
         async with self.session.request(
-            method, self.url.joinpath(*segments), headers={**self._headers, **(headers or {})},
-            allow_redirects=False, **kwargs,
+            method,
+            self.url.joinpath(*segments),
+            headers={**self._headers, **(headers or {})},
+            allow_redirects=False,
+            **kwargs,
         ) as response:
             yield response
 

@@ -44,8 +44,11 @@ ZSTD_LEVEL = 1
 
 Compression = Literal["zstd", "gzip", "none"]
 # How each compression is labelled on the wire (the daemon goes by the magic bytes).
-CONTENT_TYPES: dict[Compression, str] = {"zstd": "application/zstd", "gzip": "application/gzip",
-                                         "none": "application/x-tar"}
+CONTENT_TYPES: dict[Compression, str] = {
+    "zstd": "application/zstd",
+    "gzip": "application/gzip",
+    "none": "application/x-tar",
+}
 
 ProgressCallback = Callable[[int], Awaitable[None] | None]
 

@@ -89,18 +89,29 @@ def decode_frame(frame_id: int, data: str) -> list[BuildEvent]:
     if not isinstance(payloads, list) or start + len(payloads) - 1 != frame_id:
         raise ValueError(f"batch frame {frame_id} does not hold ids {first}..{frame_id}")
     types = _TYPES
-    return [types.get(payload.get("type"), BuildEvent)(event_id, payload)
-            for event_id, payload in enumerate(payloads, start=start)]
+    return [
+        types.get(payload.get("type"), BuildEvent)(event_id, payload)
+        for event_id, payload in enumerate(payloads, start=start)
+    ]
 
 
 def terminal_event_from_status(status: dict[str, Any]) -> BuildEvent:
     """The terminal frame a finished build's status stands for (when the frame itself is out of reach)."""
     event_id = int(status.get("last_event_id") or 0)
     if status["status"] == p.BuildStatus.SUCCEEDED.value:
-        return DoneEvent(event_id, {"type": p.EVENT_DONE, "done": True, "status": status["status"],
-                                    "image_ref": status.get("image_ref"), "image_id": status.get("image_id")})
-    return ErrorEvent(event_id, {"type": p.EVENT_ERROR, "status": status["status"],
-                                 "error": status.get("error") or status["status"]})
+        return DoneEvent(
+            event_id,
+            {
+                "type": p.EVENT_DONE,
+                "done": True,
+                "status": status["status"],
+                "image_ref": status.get("image_ref"),
+                "image_id": status.get("image_id"),
+            },
+        )
+    return ErrorEvent(
+        event_id, {"type": p.EVENT_ERROR, "status": status["status"], "error": status.get("error") or status["status"]}
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,9 +76,12 @@ class SSEDecoder:
             # Our own frame, `id: N` then one `data:` line, without the general parser.
             newline = block.find("\n")
             if (
-                newline > 0 and not self._fields
-                and block.startswith("id: ") and block.startswith("data: ", newline + 1)
-                and block.find("\n", newline + 1) < 0 and (plain_ids or block.find("\x00", 4, newline) < 0)
+                newline > 0
+                and not self._fields
+                and block.startswith("id: ")
+                and block.startswith("data: ", newline + 1)
+                and block.find("\n", newline + 1) < 0
+                and (plain_ids or block.find("\x00", 4, newline) < 0)
             ):
                 self.last_event_id = block[4:newline]
                 events.append(ServerSentEvent(block[newline + 7 :], self.last_event_id, "message", self.retry))
@@ -115,10 +118,15 @@ class SSEDecoder:
 
     def _dispatch(self, events: list[ServerSentEvent]) -> None:
         if self._data:
-            events.append(ServerSentEvent(
-                "\n".join(self._data), self.last_event_id, self._event or "message", self.retry,
-                tuple(self._fields),
-            ))
+            events.append(
+                ServerSentEvent(
+                    "\n".join(self._data),
+                    self.last_event_id,
+                    self._event or "message",
+                    self.retry,
+                    tuple(self._fields),
+                )
+            )
             self._data = []
         self._event = ""
         self._fields = []

@@ -69,7 +69,9 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(AcceptErrorLimiter())
     runner = GuardedAppRunner(
-        app, guard, access_log=None,
+        app,
+        guard,
+        access_log=None,
         # aiohttp (>= 3.14) drops a connection that has not sent a whole request head this long
         # after it opened, or after its previous response: half a header is no way to hold a socket.
         keepalive_timeout=settings.header_timeout,
@@ -79,8 +81,14 @@ async def serve(settings: Settings) -> None:
     try:
         # A deep accept queue: a thousand followers may connect at once.
         await web.TCPSite(runner, settings.host, settings.port, backlog=_LISTEN_BACKLOG).start()
-        log.info("serving", host=settings.host, port=settings.port, data_dir=str(settings.data_dir),
-                 max_connections=guard.total, max_connections_per_client=guard.per_client)
+        log.info(
+            "serving",
+            host=settings.host,
+            port=settings.port,
+            data_dir=str(settings.data_dir),
+            max_connections=guard.total,
+            max_connections_per_client=guard.per_client,
+        )
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -153,7 +161,8 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
     sizes = [len(name) + len(value) for name, value in request.raw_headers]
     if max(sizes, default=0) > _MAX_HEADER_BYTES or sum(sizes) > _MAX_HEADERS_BYTES:
         return _json_error(
-            431, "request_header_fields_too_large",
+            431,
+            "request_header_fields_too_large",
             f"request headers may be {_MAX_HEADER_BYTES} bytes each and {_MAX_HEADERS_BYTES} in all",
             {},
         )
@@ -177,9 +186,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Every endpoint but the probes needs a valid token when auth is configured; without tokens,
     requests from web pages (a foreign Host or Origin) are refused."""
     tokens = request.app[TOKENS]
-    if not tokens.enabled and (refusal := open_mode_refusal(
-        request.headers.get("Host"), request.headers.get("Origin"), request.app[SETTINGS].host
-    )):
+    if not tokens.enabled and (
+        refusal := open_mode_refusal(
+            request.headers.get("Host"), request.headers.get("Origin"), request.app[SETTINGS].host
+        )
+    ):
         raise Forbidden(refusal)
     if request.path in _PUBLIC_PATHS or _is_metrics_scraper(request):
         request[NAMESPACE] = ""
@@ -247,8 +258,14 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     spool = ContextSpool(settings.spool_dir, max_bytes_per_tenant=settings.max_spool_bytes_per_tenant)
-    service = BuildService(settings, app[ENGINES], app[STORE], spool, tenants=lambda: app[TOKENS].namespaces,
-                           registry_logins=app[REGISTRY_LOGINS].for_tenant)
+    service = BuildService(
+        settings,
+        app[ENGINES],
+        app[STORE],
+        spool,
+        tenants=lambda: app[TOKENS].namespaces,
+        registry_logins=app[REGISTRY_LOGINS].for_tenant,
+    )
     await service.start()
     app[SERVICE] = service
     yield

@@ -203,7 +203,9 @@ async def receive(
     shuts down), the upload ends at once with a 503.
     """
     rewriter = ContextRewriter(
-        max_entries=limits.max_entries, max_unpacked=limits.max_unpacked, dockerfile=dockerfile,
+        max_entries=limits.max_entries,
+        max_unpacked=limits.max_unpacked,
+        dockerfile=dockerfile,
         require_dockerfile=dockerfile_required,
     )
     hasher = hashlib.sha256() if digest else None
@@ -284,10 +286,13 @@ async def _guarded(
                     await queue.put(None)
                     return
                 except TimeoutError:
-                    await queue.put(UploadStalled(
-                        f"the upload sent nothing for {idle_timeout:g} seconds" if idle == idle_timeout
-                        else f"the upload took longer than {total_timeout:g} seconds"
-                    ))
+                    await queue.put(
+                        UploadStalled(
+                            f"the upload sent nothing for {idle_timeout:g} seconds"
+                            if idle == idle_timeout
+                            else f"the upload took longer than {total_timeout:g} seconds"
+                        )
+                    )
                     return
                 await queue.put(chunk)
         except Exception as exc:  # noqa: BLE001 (the connection broke, a malformed body: the consumer raises it)
@@ -332,4 +337,3 @@ async def _discard(pieces: list[memoryview] | list[bytes]) -> None:
 def _unbounded(limits: ContextLimits) -> ContextLimits:
     # The spooled copy was checked against the limits already; only the Dockerfile is new.
     return dataclasses.replace(limits, max_bytes=1 << 62, idle_timeout=3600.0)
-

@@ -53,7 +53,8 @@ _INT = re.compile(r"[+-]?[0-9]+", re.ASCII)
 _LEXER_SPECIAL = re.compile("[$'\"\\\\`\ufeff]")
 _PLAIN_RUN = {
     (escape, stop): re.compile(f"[^$'\"{re.escape(escape)}{re.escape(stop)}]+")
-    for escape in ("\\", "`") for stop in ("", "}")
+    for escape in ("\\", "`")
+    for stop in ("", "}")
 }
 _QUOTED_RUN = {escape: re.compile(f'[^$"{re.escape(escape)}]+') for escape in ("\\", "`")}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+", re.ASCII)
@@ -71,16 +72,50 @@ _MAX_TRIGGER_DEPTH = 8
 _MAX_GLOBAL_ARGS = 1000  # each is expanded for both builders; Dockerfiles have a handful
 _MAX_INSTRUCTIONS = 10000  # bounds the work on hostile input; real Dockerfiles have dozens
 
-_INSTRUCTIONS = frozenset({
-    "add", "arg", "cmd", "copy", "entrypoint", "env", "expose", "from", "healthcheck", "label",
-    "maintainer", "onbuild", "run", "shell", "stopsignal", "user", "volume", "workdir",
-})
+_INSTRUCTIONS = frozenset(
+    {
+        "add",
+        "arg",
+        "cmd",
+        "copy",
+        "entrypoint",
+        "env",
+        "expose",
+        "from",
+        "healthcheck",
+        "label",
+        "maintainer",
+        "onbuild",
+        "run",
+        "shell",
+        "stopsignal",
+        "user",
+        "volume",
+        "workdir",
+    }
+)
 # The instructions whose arguments can reach an image (ARG: through FROM).
 _REACHING = frozenset({"add", "arg", "copy", "from", "onbuild", "run"})
-_PLATFORM_ARGS = ("TARGETPLATFORM", "TARGETOS", "TARGETARCH", "TARGETVARIANT",
-                  "BUILDPLATFORM", "BUILDOS", "BUILDARCH", "BUILDVARIANT")
-_PROXY_ARGS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy",
-               "FTP_PROXY", "ftp_proxy", "NO_PROXY", "no_proxy")
+_PLATFORM_ARGS = (
+    "TARGETPLATFORM",
+    "TARGETOS",
+    "TARGETARCH",
+    "TARGETVARIANT",
+    "BUILDPLATFORM",
+    "BUILDOS",
+    "BUILDARCH",
+    "BUILDVARIANT",
+)
+_PROXY_ARGS = (
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+)
 # With BUILDKIT_DISABLE_FILEOP, BuildKit copies with this image and chowns cache mounts with busybox.
 _FILEOP_HELPERS = (
     "docker/dockerfile-copy:v0.1.9@sha256:e8f159d3f00786604b93c675ee2783f8dc194bb565e61ca5788f6a6e9d304061",

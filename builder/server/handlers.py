@@ -52,6 +52,7 @@ def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | Non
     # The trailing newline keeps an operator's shell prompt off the end of `curl` output.
     return web.json_response(data, status=status, headers=headers, dumps=lambda obj: json.dumps(obj) + "\n")
 
+
 _MAX_FIELD_BYTES = 64 * 1024
 _READ_CHUNK = 256 * 1024
 _MAX_ID_DIGITS = 19
@@ -64,13 +65,16 @@ _MAX_JSON_BYTES = _MAX_FIELD_BYTES + 2 * MAX_SECRETS_BYTES
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    return json_response({
-        "status": "ok",
-        "builds_running": service.running_count,
-        "builds_queued": service.queued_count,
-        "log_followers": service.follower_count,
-        "uploads": service.uploads,
-    }, headers={"X-Builder-Context-Encodings": "zstd, gzip, bzip2, xz, identity"})
+    return json_response(
+        {
+            "status": "ok",
+            "builds_running": service.running_count,
+            "builds_queued": service.queued_count,
+            "log_followers": service.follower_count,
+            "uploads": service.uploads,
+        },
+        headers={"X-Builder-Context-Encodings": "zstd, gzip, bzip2, xz, identity"},
+    )
 
 
 @routes.get("/readyz")
@@ -246,7 +250,10 @@ async def _read_multipart(
                 # first are checked now, before the context is read.
                 dockerfile = BuildSpec.from_fields(fields, Shape.MULTIPART).dockerfile
                 context = await service.receive_context(
-                    _part_chunks(part), namespace=request[NAMESPACE], dockerfile=dockerfile, digest=digest,
+                    _part_chunks(part),
+                    namespace=request[NAMESPACE],
+                    dockerfile=dockerfile,
+                    digest=digest,
                 )
             elif part.name.startswith(p.SECRET_PART_PREFIX):
                 add_secret(secrets, part.name.removeprefix(p.SECRET_PART_PREFIX), await _read_secret_part(part))
@@ -330,4 +337,3 @@ def _event_id(raw: str, name: str) -> int:
     if value >= 2**63:
         raise InvalidField(f"{name} must be an event id: a non-negative integer below 2^63")
     return value
-

@@ -56,9 +56,7 @@ def parse_image_name(value: str) -> tuple[str, str]:
     """
     match = _IMAGE_NAME_RE.fullmatch(value)
     if match is None or len(match["name"]) > _MAX_NAME_LENGTH:
-        raise InvalidField(
-            f"image_name {value!r} is not a valid image name: expected lowercase 'name' or 'name:tag'"
-        )
+        raise InvalidField(f"image_name {value!r} is not a valid image name: expected lowercase 'name' or 'name:tag'")
     first, slash, _ = match["name"].partition("/")
     if slash and ("." in first or ":" in first or first == "localhost"):
         raise InvalidField(f"image_name {value!r} names a registry host; give the repository path only")

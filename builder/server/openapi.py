@@ -126,7 +126,11 @@ def _submit_body() -> Schema:
         "type": "object",
         "required": [p.FIELD_CONTEXT],
         "properties": {
-            p.FIELD_CONTEXT: {"type": "string", "format": "binary", "description": "the context: a tar, maybe compressed"},
+            p.FIELD_CONTEXT: {
+                "type": "string",
+                "format": "binary",
+                "description": "the context: a tar, maybe compressed",
+            },
             **_properties(BuildSpec, Shape.MULTIPART),
         },
         # Build secrets: one part per secret, named `secret.<id>`, the raw value.
@@ -221,12 +225,20 @@ def openapi_document() -> dict[str, Any]:
         {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"}},
     ]
     list_builds = _operation(
-        "listBuilds", "list builds, newest first", {"200": _json(_schema(BuildList), "builds")}, _GUARDED, (e.InvalidField,)
+        "listBuilds",
+        "list builds, newest first",
+        {"200": _json(_schema(BuildList), "builds")},
+        _GUARDED,
+        (e.InvalidField,),
     )
     list_builds["parameters"] = _query(ListQuery)
     return {
         "openapi": "3.0.3",
-        "info": {"title": "builder", "version": __version__, "description": "Remote container image builder daemon (API v1)"},
+        "info": {
+            "title": "builder",
+            "version": __version__,
+            "description": "Remote container image builder daemon (API v1)",
+        },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {name: json_schema(model) for model, name in _COMPONENTS.items()},
@@ -238,7 +250,11 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "liveness",
                     "security": [],
-                    "responses": {"200": _json({"type": "object", "properties": {"status": {"type": "string"}}}, "the process runs")}
+                    "responses": {
+                        "200": _json(
+                            {"type": "object", "properties": {"status": {"type": "string"}}}, "the process runs"
+                        )
+                    }
                     | _errors(e.Forbidden),
                 }
             },
@@ -254,7 +270,10 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "Prometheus metrics",
                     "responses": {
-                        "200": {"description": "text format 0.0.4", "content": {"text/plain": {"schema": {"type": "string"}}}}
+                        "200": {
+                            "description": "text format 0.0.4",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
                     }
                     | _errors(*_GUARDED),
                 }
@@ -272,8 +291,10 @@ def openapi_document() -> dict[str, Any]:
                 "delete": _operation(
                     "cancelBuild",
                     "cancel and tear down",
-                    {"200": _json(_ref(BuildView), "torn down (or already finished)"),
-                     "202": _json(_ref(BuildView), "teardown still running")},
+                    {
+                        "200": _json(_ref(BuildView), "torn down (or already finished)"),
+                        "202": _json(_ref(BuildView), "teardown still running"),
+                    },
                     _GUARDED,
                     _BUILD_GONE,
                 ),

@@ -63,9 +63,7 @@ class Publisher:
         emit({"type": p.EVENT_STATUS, "status": "running", "phase": "cache", "cache_from": ref})
         return [ref]
 
-    async def store_cache(
-        self, engine: DockerEngine, image_id: str, namespace: str, cache_key: str, emit: Emit
-    ) -> str:
+    async def store_cache(self, engine: DockerEngine, image_id: str, namespace: str, cache_key: str, emit: Emit) -> str:
         repository, tag = self.cache_ref(namespace, cache_key)
         await engine.tag(image_id, repository, tag)
         if self.registry:
@@ -89,16 +87,29 @@ class Publisher:
                 case EngineFailure(message):
                     raise PublishError(f"push of {ref} to {self.registry} failed: {message}")
                 case PushDigest(digest):
-                    emit({"type": p.EVENT_STATUS, "status": "running", "phase": phase, "image_ref": ref,
-                          "digest": digest, "seconds": round(time.monotonic() - started, 3)})
+                    emit(
+                        {
+                            "type": p.EVENT_STATUS,
+                            "status": "running",
+                            "phase": phase,
+                            "image_ref": ref,
+                            "digest": digest,
+                            "seconds": round(time.monotonic() - started, 3),
+                        }
+                    )
                     return digest
                 case PushProgress(layer, status, current, total):
                     now = time.monotonic()
                     if current and now - last_progress < _PROGRESS_INTERVAL:
                         continue
                     last_progress = now
-                    event_data: dict[str, Any] = {"type": p.EVENT_STATUS, "status": "running", "phase": phase, "layer": layer,
-                                  "progress": status}
+                    event_data: dict[str, Any] = {
+                        "type": p.EVENT_STATUS,
+                        "status": "running",
+                        "phase": phase,
+                        "layer": layer,
+                        "progress": status,
+                    }
                     if total:
                         event_data |= {"current": current, "total": total}
                     emit(event_data)
@@ -136,6 +147,9 @@ def _registry_auth(settings: Settings) -> str:
     """X-Registry-Auth: base64url JSON credentials; `{}` means anonymous."""
     auth: dict[str, str] = {}
     if settings.registry_username:
-        auth = {"username": settings.registry_username, "password": settings.registry_password or "",
-                "serveraddress": settings.registry or ""}
+        auth = {
+            "username": settings.registry_username,
+            "password": settings.registry_password or "",
+            "serveraddress": settings.registry or "",
+        }
     return base64.urlsafe_b64encode(json.dumps(auth).encode()).decode()

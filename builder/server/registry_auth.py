@@ -96,8 +96,11 @@ class RegistryLogins:
         default = _read(default_path) if default_path is not None else {}
         by_tenant = {tenant: _read(path) for tenant, path in tenant_paths.items()}
         self._default, self._by_tenant = default, by_tenant
-        log.info("registry_logins_loaded", registries=sorted(default),
-                 tenants={tenant: sorted(logins) for tenant, logins in by_tenant.items()})
+        log.info(
+            "registry_logins_loaded",
+            registries=sorted(default),
+            tenants={tenant: sorted(logins) for tenant, logins in by_tenant.items()},
+        )
 
     def login(self, tenant: str, host: str) -> Login | None:
         """The login for `host` in `tenant`'s builds: the tenant's own, else the daemon's."""

@@ -128,9 +128,13 @@ class BuildRunner:
         assert engine is not None
         failure: str | None = None
         try:
-            cache_from = await self._bounded(
-                build, self._publisher.cache_sources(engine, record.namespace, spec.cache_key, build.log.append)
-            ) if spec.cache_key else []
+            cache_from = (
+                await self._bounded(
+                    build, self._publisher.cache_sources(engine, record.namespace, spec.cache_key, build.log.append)
+                )
+                if spec.cache_key
+                else []
+            )
             context: AsyncIterable[bytes | memoryview]
             if build.pipe is not None:
                 context = build.pipe.pieces()
@@ -193,9 +197,17 @@ class BuildRunner:
                         case LogClipped(step, message):
                             if not build.log_clipped:
                                 build.log_clipped = True
-                                datas.append(p.dump_event({"type": p.EVENT_STATUS, "status": "running",
-                                                           "phase": p.PHASE_LOG_CLIPPED, "step": step,
-                                                           "message": message}))
+                                datas.append(
+                                    p.dump_event(
+                                        {
+                                            "type": p.EVENT_STATUS,
+                                            "status": "running",
+                                            "phase": p.PHASE_LOG_CLIPPED,
+                                            "step": step,
+                                            "message": message,
+                                        }
+                                    )
+                                )
                         case ImageBuilt(image):
                             image_id = image
                         case EngineFailure(message):
@@ -211,14 +223,21 @@ class BuildRunner:
         build.log_bytes += sum(map(len, output.lines))
         if build.log_bytes > self._max_log_bytes:
             build.log_truncated = True
-            datas.append(p.dump_event({
-                "type": p.EVENT_STATUS, "status": "running", "phase": p.PHASE_LOG_TRUNCATED,
-                "message": f"the build's log passed {self._max_log_bytes} bytes: no more output is kept "
-                           "(the build goes on)",
-            }))
+            datas.append(
+                p.dump_event(
+                    {
+                        "type": p.EVENT_STATUS,
+                        "status": "running",
+                        "phase": p.PHASE_LOG_TRUNCATED,
+                        "message": f"the build's log passed {self._max_log_bytes} bytes: no more output is kept "
+                        "(the build goes on)",
+                    }
+                )
+            )
             return
-        datas.extend(p.dump_log_events(output.lines, output.step, output.stream, output.elapsed,
-                                       continued=output.continued))
+        datas.extend(
+            p.dump_log_events(output.lines, output.step, output.stream, output.elapsed, continued=output.continued)
+        )
 
     async def _context_sent(self, build: ActiveBuild) -> None:
         # The engine has every byte: a spooled copy is not needed any more.
@@ -247,8 +266,7 @@ class BuildRunner:
                 if spec.nydus_convert and publisher.nydus_available:
                     await self._convert_nydus(build)
             if spec.cache_key:
-                await publisher.store_cache(engine, record.image_id, record.namespace, spec.cache_key,
-                                            build.log.append)
+                await publisher.store_cache(engine, record.image_id, record.namespace, spec.cache_key, build.log.append)
         except PublishError as exc:
             if not self._keep_local:
                 await self._remove_tags(build)
@@ -268,8 +286,14 @@ class BuildRunner:
             build.log.append({"type": p.EVENT_STATUS, "status": "running", "phase": "nydus", "error": str(exc)})
         else:
             record.nydus_status = "performed"
-            build.log.append({"type": p.EVENT_STATUS, "status": "running", "phase": "nydus",
-                              "nydus_image_ref": record.nydus_image_ref})
+            build.log.append(
+                {
+                    "type": p.EVENT_STATUS,
+                    "status": "running",
+                    "phase": "nydus",
+                    "nydus_image_ref": record.nydus_image_ref,
+                }
+            )
 
     async def _remove_tags(self, build: ActiveBuild) -> None:
         """Untag what this build tagged, unless the tag has moved on to another image since."""
@@ -282,8 +306,14 @@ class BuildRunner:
 
 
 def _step_payload(event: StepChanged) -> dict[str, Any]:
-    payload: dict[str, Any] = {"type": p.EVENT_STATUS, "status": "running", "phase": p.PHASE_STEP,
-                               "step": event.step, "name": event.name, "state": event.state}
+    payload: dict[str, Any] = {
+        "type": p.EVENT_STATUS,
+        "status": "running",
+        "phase": p.PHASE_STEP,
+        "step": event.step,
+        "name": event.name,
+        "state": event.state,
+    }
     if event.duration is not None:
         payload["duration"] = event.duration
     if event.error is not None:

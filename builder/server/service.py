@@ -105,8 +105,13 @@ class BuildService:
         self._spool = spool
         self._publisher = Publisher(settings)
         self._runner = BuildRunner(
-            spool, self._publisher, save=store.save, keep_local=settings.keep_local,
-            max_log_bytes=settings.max_log_bytes, max_line=settings.max_log_line, registry_logins=registry_logins,
+            spool,
+            self._publisher,
+            save=store.save,
+            keep_local=settings.keep_local,
+            max_log_bytes=settings.max_log_bytes,
+            max_line=settings.max_log_line,
+            registry_logins=registry_logins,
         )
         self.metrics = Metrics()
         self.metrics.observe(
@@ -141,7 +146,9 @@ class BuildService:
         await self._recover()
         self._background = [
             asyncio.create_task(self._flush_forever(), name="event-flusher"),
-            asyncio.create_task(self._every(self._settings.retention_interval, self.expire_old_builds), name="retention"),
+            asyncio.create_task(
+                self._every(self._settings.retention_interval, self.expire_old_builds), name="retention"
+            ),
         ]
 
     async def drain(self, grace: float) -> None:
@@ -316,10 +323,13 @@ class BuildService:
         if len(self._queue) >= settings.max_queue:
             raise QueueFull(f"{len(self._queue)} builds are already waiting; retry later")
         if self._queue.count(namespace) >= settings.max_queue_per_tenant:
-            raise TenantQuotaExceeded(f"{settings.max_queue_per_tenant} of your builds are already waiting; retry later")
+            raise TenantQuotaExceeded(
+                f"{settings.max_queue_per_tenant} of your builds are already waiting; retry later"
+            )
         if self._uploads[namespace] >= settings.max_uploads_per_tenant:
-            raise TenantQuotaExceeded(f"{settings.max_uploads_per_tenant} of your uploads are already arriving; "
-                                      "retry later")
+            raise TenantQuotaExceeded(
+                f"{settings.max_uploads_per_tenant} of your uploads are already arriving; retry later"
+            )
         if spec is not None and spec.timeout is not None and spec.timeout > self._settings.build_timeout:
             raise InvalidField(f"timeout may be at most {self._settings.build_timeout:g} seconds on this daemon")
 
@@ -425,8 +435,9 @@ class BuildService:
         try:
             if build.record.spec.dockerfile != checked.dockerfile:
                 # Named by a field that came after the context: check that Dockerfile now.
-                checked = await contexts.recheck_dockerfile(context.path, build.record.spec.dockerfile,
-                                                            self.context_limits)
+                checked = await contexts.recheck_dockerfile(
+                    context.path, build.record.spec.dockerfile, self.context_limits
+                )
             await self._check_context(build, checked)
         except BaseException:
             await self.discard_context(context)
@@ -436,7 +447,10 @@ class BuildService:
     async def _spool_upload(self, build: ActiveBuild, upload: AsyncIterable[bytes], *, digest: bool) -> CheckedContext:
         """Every build slot is taken: check the upload onto the spool, where it waits its turn."""
         build.spool, checked = await self._to_spool(
-            upload, build.tenant, dockerfile=build.record.spec.dockerfile, digest=digest,
+            upload,
+            build.tenant,
+            dockerfile=build.record.spec.dockerfile,
+            digest=digest,
             before_end=lambda checked: self._check_context(build, checked),
         )
         return checked
@@ -450,7 +464,11 @@ class BuildService:
         build.task = asyncio.create_task(self._run(build), name=f"build-{build.record.build_id}")
         try:
             checked = await self._receive(
-                upload, build.pipe.put, build.tenant, dockerfile=build.record.spec.dockerfile, digest=digest,
+                upload,
+                build.pipe.put,
+                build.tenant,
+                dockerfile=build.record.spec.dockerfile,
+                digest=digest,
                 before_end=lambda checked: self._check_context(build, checked),
             )
             await build.pipe.close()
@@ -479,8 +497,9 @@ class BuildService:
         namespace, engine = build.record.namespace, build.engine
         if not namespace or engine is None:
             return
-        policy = ImagePolicy(namespace, self._tenants(), self._settings.allow_base_images,
-                             registry=self._settings.registry)
+        policy = ImagePolicy(
+            namespace, self._tenants(), self._settings.allow_base_images, registry=self._settings.registry
+        )
         references = image_references(checked.dockerfile_text, build.record.spec.build_args)
         policy.check(references)
         # A base image's ONBUILD triggers run in this build too (the legacy builder runs them).
@@ -649,9 +668,9 @@ class BuildService:
         if build.spool is not None:
             await self._spool.remove(build.spool)
         # All in one step, with no await in between: readers never see a half-finished record.
-        terminal = build.log.append(_terminal_payload(
-            status, error=error, image_ref=record.image_ref, image_id=record.image_id
-        ))
+        terminal = build.log.append(
+            _terminal_payload(status, error=error, image_ref=record.image_ref, image_id=record.image_id)
+        )
         record.status = status
         record.error = error
         record.finished_at = utcnow()
@@ -830,5 +849,11 @@ def _terminal_payload(
     status: BuildStatus, *, error: str | None, image_ref: str | None = None, image_id: str | None = None
 ) -> dict[str, Any]:
     if status is BuildStatus.SUCCEEDED:
-        return {"type": p.EVENT_DONE, "done": True, "status": status.value, "image_ref": image_ref, "image_id": image_id}
+        return {
+            "type": p.EVENT_DONE,
+            "done": True,
+            "status": status.value,
+            "image_ref": image_ref,
+            "image_id": image_id,
+        }
     return {"type": p.EVENT_ERROR, "error": error or status.value, "status": status.value}

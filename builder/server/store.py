@@ -275,7 +275,6 @@ class SqliteBuildStore:
         )
         return bool(rows)
 
-
     async def find_idempotent(self, namespace: str, key: str, since: str) -> tuple[str, str] | None:
         """(fingerprint, build_id) of a submit with this key at or after `since` (RFC 3339)."""
         rows = await self._read(
@@ -289,9 +288,7 @@ class SqliteBuildStore:
 
     async def remember_idempotent(self, namespace: str, key: str, fingerprint: str, build_id: str) -> None:
         row = (namespace, key, fingerprint, build_id, rfc3339(utcnow()))
-        await self._write(
-            lambda c: c.execute("INSERT OR REPLACE INTO idempotency_keys VALUES (?, ?, ?, ?, ?)", row)
-        )
+        await self._write(lambda c: c.execute("INSERT OR REPLACE INTO idempotency_keys VALUES (?, ?, ?, ?, ?)", row))
 
 
 def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -106,7 +106,9 @@ def read_pax(data: bytes, offset: int) -> dict[bytes, bytes]:
         records[data[space + 1 : equals]] = data[equals + 1 : stop - 1]
         pos = stop
         if len(records) > _MAX_PAX_RECORDS:
-            raise InvalidContext(f"build context has a pax header of more than {_MAX_PAX_RECORDS} records at byte {offset}")
+            raise InvalidContext(
+                f"build context has a pax header of more than {_MAX_PAX_RECORDS} records at byte {offset}"
+            )
     return records
 
 

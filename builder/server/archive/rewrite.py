@@ -462,13 +462,14 @@ class _DockerfileCapture:
         if path not in self.names:
             return False
         if kind == _REGULAR and size > self.max_size:
-            return self._refuse(path, DockerfileTooLarge(
-                f"the Dockerfile {path!r} is {size} bytes, over the limit of {self.max_size} bytes"
-            ))
+            return self._refuse(
+                path,
+                DockerfileTooLarge(f"the Dockerfile {path!r} is {size} bytes, over the limit of {self.max_size} bytes"),
+            )
         if kind != _REGULAR:
-            return self._refuse(path, InvalidDockerfile(
-                f"the Dockerfile {path!r} must be a regular file, not a {_KIND_NAMES[kind]}"
-            ))
+            return self._refuse(
+                path, InvalidDockerfile(f"the Dockerfile {path!r} must be a regular file, not a {_KIND_NAMES[kind]}")
+            )
         self._current = path
         self._data = bytearray()
         return True
@@ -481,9 +482,12 @@ class _DockerfileCapture:
         self._data = bytearray()
         longest = max(len(line) for line in data.split(b"\n"))
         if longest > self.max_line:
-            self._refuse(self._current, InvalidDockerfile(
-                f"the Dockerfile {self._current!r} has a line of {longest} bytes, over the limit of {self.max_line}"
-            ))
+            self._refuse(
+                self._current,
+                InvalidDockerfile(
+                    f"the Dockerfile {self._current!r} has a line of {longest} bytes, over the limit of {self.max_line}"
+                ),
+            )
         else:
             self._found[self._current] = data
 

@@ -141,12 +141,16 @@ class BuildKitRun:
                 if self._job.secrets or self._job.registry_logins is not None:
                     # Open before the build and closed after it, whatever its end: the engine
                     # asks it for the secrets and logins while the build runs.
-                    self._session = await scope.enter_async_context(BuildSession(
-                        secrets=self._job.secrets, credentials=self._job.registry_logins,
-                        docker_host=self._engine.docker_host,
-                    ))
+                    self._session = await scope.enter_async_context(
+                        BuildSession(
+                            secrets=self._job.secrets,
+                            credentials=self._job.registry_logins,
+                            docker_host=self._engine.docker_host,
+                        )
+                    )
                 async with self._engine.request(
-                    "build", "POST",
+                    "build",
+                    "POST",
                     params=self._params(),
                     headers={"Content-Type": "application/x-tar"},
                     data=self._send_context(),

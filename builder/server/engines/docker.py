@@ -89,8 +89,9 @@ class DockerEngine:
     @classmethod
     def connect(cls, docker_host: str | None, *, limits: BuildLimits | None = None) -> DockerEngine:
         # No client-wide timeout: long calls (build) must not hit one; short ones pass their own.
-        engine = cls(aiodocker.Docker(url=docker_host, timeout=aiohttp.ClientTimeout()), limits,
-                     docker_host=docker_host)
+        engine = cls(
+            aiodocker.Docker(url=docker_host, timeout=aiohttp.ClientTimeout()), limits, docker_host=docker_host
+        )
         # Imported here: the builders import this module for its helpers.
         from builder.server.engines.buildkit import BuildKitBuilder
         from builder.server.engines.legacy import LegacyBuilder
@@ -269,7 +270,9 @@ class DockerEngine:
         """Pull `repository:tag`; returns None on success, else the engine's message."""
         try:
             async with self.request(
-                "images/create", "POST", params={"fromImage": repository, "tag": tag},
+                "images/create",
+                "POST",
+                params={"fromImage": repository, "tag": tag},
                 headers={"X-Registry-Auth": auth},
             ) as response:
                 async for chunks in json_batches(response.content):

@@ -210,7 +210,8 @@ class LegacyRun:
                 if self._stopped:
                     bring_forward(deadline)
                 async with self._engine.request(
-                    "build", "POST",
+                    "build",
+                    "POST",
                     params=build_params(self._job.spec, self._job.cache_from) | self._engine.limits.params(),
                     headers={"Content-Type": "application/x-tar"},
                     data=self._send_context(),

@@ -14,9 +14,7 @@ class EnginePool:
         self._by_tenant = dict(by_tenant or {})
 
     @classmethod
-    def connect(
-        cls, docker_host: str | None, tenant_hosts: Mapping[str, str], *, limits: BuildLimits
-    ) -> EnginePool:
+    def connect(cls, docker_host: str | None, tenant_hosts: Mapping[str, str], *, limits: BuildLimits) -> EnginePool:
         return cls(
             DockerEngine.connect(docker_host, limits=limits),
             {tenant: DockerEngine.connect(host, limits=limits) for tenant, host in tenant_hosts.items()},

@@ -101,9 +101,7 @@ class BuildSession:
             CREDENTIALS: self._get_credentials,
             HEALTH_CHECK: self._health_check,
         }
-        self._h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None)
-        )
+        self._h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
         self._requests: dict[int, tuple[str, bytearray]] = {}
         self._replies: dict[int, bytes] = {}  # framed reply bytes still held back by flow control
         self._reader: asyncio.StreamReader | None = None
@@ -156,8 +154,9 @@ class BuildSession:
             # wait() rather than await: the task's own CancelledError must not look like ours.
             await asyncio.wait([self._task])
             if not self._task.cancelled() and self._task.exception() is not None:
-                log.warning("build session ended with an error", session_id=self.session_id,
-                            error=repr(self._task.exception()))
+                log.warning(
+                    "build session ended with an error", session_id=self.session_id, error=repr(self._task.exception())
+                )
         if self._writer is not None and not self._writer.is_closing():
             try:
                 self._h2.close_connection()
@@ -264,12 +263,16 @@ class BuildSession:
             reply = method(_unframe(body))
         except _GrpcError as exc:
             # A "trailers-only" response: the status goes in the only HEADERS frame.
-            self._h2.send_headers(stream_id, [
-                (":status", "200"),
-                ("content-type", "application/grpc"),
-                ("grpc-status", str(exc.code)),
-                ("grpc-message", quote(exc.message, safe=_GRPC_MESSAGE_SAFE)),
-            ], end_stream=True)
+            self._h2.send_headers(
+                stream_id,
+                [
+                    (":status", "200"),
+                    ("content-type", "application/grpc"),
+                    ("grpc-status", str(exc.code)),
+                    ("grpc-message", quote(exc.message, safe=_GRPC_MESSAGE_SAFE)),
+                ],
+                end_stream=True,
+            )
             return
         self._h2.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
         self._replies[stream_id] = b"\x00" + len(reply).to_bytes(4, "big") + reply
@@ -291,8 +294,9 @@ class BuildSession:
     def _get_secret(self, request: bytes) -> bytes:
         secret_id = protowire.last_bytes(request, 1).decode("utf-8", "replace")
         data = self._secrets.get(secret_id)
-        log.debug("build session secret asked for", session_id=self.session_id, secret_id=secret_id,
-                  found=data is not None)
+        log.debug(
+            "build session secret asked for", session_id=self.session_id, secret_id=secret_id, found=data is not None
+        )
         if data is None:
             if secret_id not in self.missing_secrets:
                 self.missing_secrets.append(secret_id)
@@ -306,11 +310,14 @@ class BuildSession:
             login = self._credentials(host) if self._credentials is not None else None
         except Exception as exc:  # noqa: BLE001 - a lookup that breaks must not end the session
             # Only the type: a lookup's message might quote what it was looking at.
-            log.error("build session credentials lookup failed", session_id=self.session_id, host=host,
-                      error=type(exc).__name__)
+            log.error(
+                "build session credentials lookup failed",
+                session_id=self.session_id,
+                host=host,
+                error=type(exc).__name__,
+            )
             raise _GrpcError(_INTERNAL, f"credentials lookup for {host} failed") from None
-        log.debug("build session credentials asked for", session_id=self.session_id, host=host,
-                  found=login is not None)
+        log.debug("build session credentials asked for", session_id=self.session_id, host=host, found=login is not None)
         if login is None:
             return b""  # empty username and secret: the engine goes on anonymously
         username, secret = login

@@ -388,9 +388,7 @@ class StepTracker:
             self._lines(step, stream, b"".join(pieces), timestamp, events)
         step.pending.clear()
 
-    def _lines(
-        self, step: _Step, stream: int, text: bytes, timestamp: int | None, events: list[EngineEvent]
-    ) -> None:
+    def _lines(self, step: _Step, stream: int, text: bytes, timestamp: int | None, events: list[EngineEvent]) -> None:
         """Lines (`text` without its final newline) as Output, joined to the previous
         event when that is the same step, stream and time."""
         if len(text) > self._max_line and max(map(len, text.split(b"\n"))) > self._max_line:
