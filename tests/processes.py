@@ -23,7 +23,6 @@ from urllib.parse import quote, urlsplit
 
 import aiodocker
 import aiohttp
-import bcrypt
 import pytest
 import redis
 
@@ -111,6 +110,8 @@ USER, PASSWORD = "builder", "correct horse"
 @pytest.fixture
 def login_registry(tmp_path: Path) -> Iterator[str]:
     """A real registry that wants USER / PASSWORD (htpasswd, so HTTP basic auth)."""
+    import bcrypt  # here, not at the top: the oldest-versions unit run loads this plugin without it
+
     htpasswd = tmp_path / "htpasswd"
     htpasswd.write_bytes(USER.encode() + b":" + bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)) + b"\n")
     with run_registry(tmp_path, f"auth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n") as address:
