@@ -48,6 +48,14 @@ _SETTLE_PASSES = 4
 _SWEEP_INTERVAL_SECONDS = 60.0
 _PRUNE_FINISH_SECONDS = 10.0
 _MOUNT = re.compile(r"--mount=(\S+)")
+# The engine (Docker 20.10's BuildKit) has a bug: once a reader falls so far behind that over
+# 1 MiB of step output waits in one status update, it sends empty status messages forever and the
+# build never ends. So the stream is read as it arrives, whatever the consumer is doing, up to
+# this much unprocessed; and a long run of empty messages is that bug, not a build.
+_READ_AHEAD_BYTES = 256 << 20
+_WEDGED_EMPTY_RUN = 10_000
+# At most this much is handed on at once, so no single piece of work keeps the reader waiting long.
+_SLICE_BYTES = 256 << 10
 _NO_SESSION = "no active session"
 _SSH_NOT_FORWARDED = "forwarded from the client"
 
@@ -130,6 +138,7 @@ class BuildKitRun:
         self._tracker = StepTracker(max_line=job.max_line)
         self._failed_step: str | None = None
         self._session: BuildSession | None = None
+        self._empty_run = 0
 
     async def events(self) -> AsyncGenerator[list[EngineEvent], None]:
         failure: EngineFailure | None = None
@@ -148,15 +157,18 @@ class BuildKitRun:
                             docker_host=self._engine.docker_host,
                         )
                     )
-                async with self._engine.request(
-                    "build",
-                    "POST",
-                    params=self._params(),
-                    headers={"Content-Type": "application/x-tar"},
-                    data=self._send_context(),
-                ) as response:
+                async with (
+                    self._engine.request(
+                        "build",
+                        "POST",
+                        params=self._params(),
+                        headers={"Content-Type": "application/x-tar"},
+                        data=self._send_context(),
+                    ) as response,
+                    contextlib.aclosing(_read_promptly(response.content, _READ_AHEAD_BYTES)) as stream,
+                ):
                     buffer = b""
-                    async for data in response.content.iter_any():
+                    async for data in stream:
                         *lines, buffer = (buffer + data).split(b"\n")
                         batch = self._batch(lines)
                         if batch:
@@ -219,7 +231,8 @@ class BuildKitRun:
             if raw.startswith(_TRACE_PREFIX):
                 # The bulk of the stream: base64 of a protobuf, decoded without the JSON parser.
                 end = raw.index(b'"', len(_TRACE_PREFIX))
-                self._trace(base64.b64decode(raw[len(_TRACE_PREFIX) : end]), events)
+                if not self._trace(base64.b64decode(raw[len(_TRACE_PREFIX) : end]), events):
+                    return events
                 continue
             if not raw.strip():
                 continue
@@ -239,17 +252,34 @@ class BuildKitRun:
                 self._image_id = aux["ID"]
                 events.append(ImageBuilt(aux["ID"]))
             elif message.get("id") == "moby.buildkit.trace" and isinstance(aux, str):
-                self._trace(base64.b64decode(aux), events)
+                if not self._trace(base64.b64decode(aux), events):
+                    return events
             elif isinstance(stream := message.get("stream"), str) and stream.strip():
                 events.append(Output(stream.rstrip("\n").split("\n")))
         return events
 
-    def _trace(self, status: bytes, events: list[EngineEvent]) -> None:
+    def _trace(self, status: bytes, events: list[EngineEvent]) -> bool:
+        """Adds what a trace message says to `events`; False once the engine's stream is wedged."""
+        if not status:
+            self._empty_run += 1
+            if self._empty_run < _WEDGED_EMPTY_RUN:
+                return True
+            events.extend(self._tracker.finish())
+            events.append(
+                EngineFailure(
+                    "the Docker engine stopped reporting the build: its BuildKit sends empty progress messages "
+                    "without end (an engine bug when over 1 MiB of step output waits to be sent); the build "
+                    "was stopped"
+                )
+            )
+            return False
+        self._empty_run = 0
         new = self._tracker.feed(decode_status(status))
         for event in new:
             if isinstance(event, StepChanged) and event.state == STEP_ERROR:
                 self._failed_step = event.name
         events.extend(new)
+        return True
 
     def _explain(self, error: str) -> str:
         """The engine's error, made plain where it is cryptic."""
@@ -294,6 +324,53 @@ class BuildKitRun:
             # Only once no tag names it any more: the service removed the build's own tags first.
             if info is not None and not info.get("RepoTags"):
                 await self._engine.remove_image(self._image_id)
+
+
+async def _read_promptly(content: aiohttp.StreamReader, limit: int) -> AsyncGenerator[bytes, None]:
+    """The response body as it arrives, read by a task of its own so the engine is never held
+    up by the consumer (up to `limit` bytes waiting); what waited is handed on in slices."""
+    waiting: list[bytes] = []
+    size = 0
+    arrived = asyncio.Event()
+    room = asyncio.Event()
+    room.set()
+
+    async def read() -> None:
+        nonlocal size
+        try:
+            async for data in content.iter_any():
+                waiting.append(data)
+                size += len(data)
+                arrived.set()
+                if size > limit:
+                    room.clear()
+                    await room.wait()
+        finally:
+            arrived.set()
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            if not waiting:
+                if reader.done():
+                    reader.result()  # the connection's error, if it broke
+                    return
+                await arrived.wait()
+                arrived.clear()
+                continue
+            data = b"".join(waiting)
+            waiting.clear()
+            size = 0
+            room.set()
+            for start in range(0, len(data), _SLICE_BYTES):
+                yield data[start : start + _SLICE_BYTES]
+                # Whatever the consumer did with the slice, the reader gets its turn before the next.
+                await asyncio.sleep(0)
+    finally:
+        reader.cancel()
+        await asyncio.wait({reader})
+        if not reader.cancelled():
+            reader.exception()  # retrieved: whoever stopped listening has no use for it
 
 
 def _session_needs(step: str) -> str:
