@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 
 from aiohttp.test_utils import TestClient
@@ -125,6 +127,26 @@ async def test_two_hundred_thousand_lines_arrive_exactly_and_in_order(client: Te
     numbers = [line for line in log_lines(frames) if line.isdigit()]
     assert numbers == [str(n) for n in range(1, 200001)]
     assert not [data for _, data in frames if data.get("phase") == "log_clipped"]
+
+
+async def test_a_busy_daemon_loop_does_not_hold_up_the_engine(client: TestClient) -> None:
+    # 400,000 lines (4.6 MB) at the engine's full speed while the daemon's loop is held for 2 s:
+    # read on that loop, the engine would hold over 1 MiB of output in one update meanwhile and
+    # wedge (its BuildKit then sends empty messages for ever). Read on a thread, nothing waits.
+    accepted = await submit(client, {"Dockerfile": f"FROM {BASE_IMAGE}\nRUN seq 1 400000 # {uuid.uuid4()}\n"})
+    build_id = accepted["build_id"]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while (await (await client.get(f"/builds/{build_id}")).json())["last_event_id"] < 1000:
+        assert loop.time() < deadline, "the step never started printing"
+        await asyncio.sleep(0.01)
+    held_until = time.monotonic() + 2
+    while time.monotonic() < held_until:
+        pass  # the loop busy, holding the GIL, as a long piece of work would
+    status = await wait_for(client, build_id, {"succeeded", "failed"}, timeout=120)
+    assert status["status"] == "succeeded", status["error"]
+    numbers = [line for line in log_lines(await read_log(client, build_id)) if line.isdigit()]
+    assert numbers == [str(n) for n in range(1, 400001)]
 
 
 async def test_ssh_mount_fails_naming_ssh_forwarding(client: TestClient) -> None:

@@ -6,14 +6,12 @@ synthetic batches cover what a real build does not show on demand.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 
-import aiohttp
 import pytest
 
 from builder.server.engines.base import (
@@ -32,7 +30,7 @@ from builder.server.engines.base import (
     Output,
     StepChanged,
 )
-from builder.server.engines.buildkit import _SLICE_BYTES, BuildKitRun, _read_promptly
+from builder.server.engines.buildkit import BuildKitRun
 from builder.server.engines.docker import DockerEngine
 from builder.server.engines.protowire import (
     FIXED32,
@@ -531,64 +529,3 @@ def test_an_empty_trace_message_now_and_then_is_not_the_engine_bug() -> None:
     events = [e for line in real for e in run._batch([trace_line(b"")] * 9_000 + [line])]
     assert not [e for e in events if isinstance(e, EngineFailure)]
     assert [e for e in events if isinstance(e, Output)]
-
-
-class _Body:
-    """An aiohttp StreamReader's iter_any, fed by the test."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
-
-    async def _chunks(self) -> AsyncIterator[bytes]:
-        while (item := await self.queue.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def iter_any(self) -> AsyncIterator[bytes]:
-        return self._chunks()
-
-
-async def test_the_stream_is_read_while_the_consumer_is_busy() -> None:
-    body = _Body()
-    stream = _read_promptly(cast(aiohttp.StreamReader, body), limit=1 << 20)
-    body.queue.put_nowait(b"a")
-    assert await anext(stream) == b"a"
-    # The consumer is busy elsewhere: the reader takes everything the engine sends meanwhile.
-    for piece in (b"b", b"c", b"d"):
-        body.queue.put_nowait(piece)
-    await asyncio.sleep(0.01)
-    assert body.queue.empty()
-    assert await anext(stream) == b"bcd"
-    body.queue.put_nowait(None)
-    with pytest.raises(StopAsyncIteration):
-        await anext(stream)
-
-
-async def test_a_big_backlog_is_handed_on_in_slices() -> None:
-    body = _Body()
-    stream = _read_promptly(cast(aiohttp.StreamReader, body), limit=1 << 30)
-    body.queue.put_nowait(b"x" * (_SLICE_BYTES * 2 + 1))
-    body.queue.put_nowait(None)
-    assert [len(piece) async for piece in stream] == [_SLICE_BYTES, _SLICE_BYTES, 1]
-
-
-async def test_the_reader_stops_at_the_limit_until_the_consumer_takes_what_waits() -> None:
-    body = _Body()
-    stream = _read_promptly(cast(aiohttp.StreamReader, body), limit=4)
-    body.queue.put_nowait(b"12345")
-    body.queue.put_nowait(b"6")
-    assert await anext(stream) == b"12345"
-    await asyncio.sleep(0.01)
-    assert await anext(stream) == b"6"
-    await stream.aclose()
-
-
-async def test_a_broken_connection_reaches_the_consumer_after_what_came_before() -> None:
-    body = _Body()
-    stream = _read_promptly(cast(aiohttp.StreamReader, body), limit=1 << 20)
-    body.queue.put_nowait(b"ok")
-    body.queue.put_nowait(aiohttp.ClientPayloadError("cut"))
-    assert await anext(stream) == b"ok"
-    with pytest.raises(aiohttp.ClientPayloadError):
-        await anext(stream)

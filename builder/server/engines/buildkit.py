@@ -48,14 +48,9 @@ _SETTLE_PASSES = 4
 _SWEEP_INTERVAL_SECONDS = 60.0
 _PRUNE_FINISH_SECONDS = 10.0
 _MOUNT = re.compile(r"--mount=(\S+)")
-# The engine (Docker 20.10's BuildKit) has a bug: once a reader falls so far behind that over
-# 1 MiB of step output waits in one status update, it sends empty status messages forever and the
-# build never ends. So the stream is read as it arrives, whatever the consumer is doing, up to
-# this much unprocessed; and a long run of empty messages is that bug, not a build.
-_READ_AHEAD_BYTES = 256 << 20
+# Docker 20.10's BuildKit, once over 1 MiB of output waits in one status update, sends empty status
+# messages for ever (streams.py): a run this long of them is that, not a build.
 _WEDGED_EMPTY_RUN = 10_000
-# At most this much is handed on at once, so no single piece of work keeps the reader waiting long.
-_SLICE_BYTES = 256 << 10
 _NO_SESSION = "no active session"
 _SSH_NOT_FORWARDED = "forwarded from the client"
 
@@ -157,16 +152,13 @@ class BuildKitRun:
                             docker_host=self._engine.docker_host,
                         )
                     )
-                async with (
-                    self._engine.request(
-                        "build",
-                        "POST",
-                        params=self._params(),
-                        headers={"Content-Type": "application/x-tar"},
-                        data=self._send_context(),
-                    ) as response,
-                    contextlib.aclosing(_read_promptly(response.content, _READ_AHEAD_BYTES)) as stream,
-                ):
+                async with self._engine.stream(
+                    "build",
+                    "POST",
+                    params=self._params(),
+                    headers={"Content-Type": "application/x-tar"},
+                    data=self._send_context(),
+                ) as stream:
                     buffer = b""
                     async for data in stream:
                         *lines, buffer = (buffer + data).split(b"\n")
@@ -324,53 +316,6 @@ class BuildKitRun:
             # Only once no tag names it any more: the service removed the build's own tags first.
             if info is not None and not info.get("RepoTags"):
                 await self._engine.remove_image(self._image_id)
-
-
-async def _read_promptly(content: aiohttp.StreamReader, limit: int) -> AsyncGenerator[bytes, None]:
-    """The response body as it arrives, read by a task of its own so the engine is never held
-    up by the consumer (up to `limit` bytes waiting); what waited is handed on in slices."""
-    waiting: list[bytes] = []
-    size = 0
-    arrived = asyncio.Event()
-    room = asyncio.Event()
-    room.set()
-
-    async def read() -> None:
-        nonlocal size
-        try:
-            async for data in content.iter_any():
-                waiting.append(data)
-                size += len(data)
-                arrived.set()
-                if size > limit:
-                    room.clear()
-                    await room.wait()
-        finally:
-            arrived.set()
-
-    reader = asyncio.create_task(read())
-    try:
-        while True:
-            if not waiting:
-                if reader.done():
-                    reader.result()  # the connection's error, if it broke
-                    return
-                await arrived.wait()
-                arrived.clear()
-                continue
-            data = b"".join(waiting)
-            waiting.clear()
-            size = 0
-            room.set()
-            for start in range(0, len(data), _SLICE_BYTES):
-                yield data[start : start + _SLICE_BYTES]
-                # Whatever the consumer did with the slice, the reader gets its turn before the next.
-                await asyncio.sleep(0)
-    finally:
-        reader.cancel()
-        await asyncio.wait({reader})
-        if not reader.cancelled():
-            reader.exception()  # retrieved: whoever stopped listening has no use for it
 
 
 def _session_needs(step: str) -> str:

@@ -10,7 +10,8 @@ import asyncio
 import dataclasses
 import json
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import aiodocker
@@ -19,6 +20,7 @@ import structlog
 
 from builder.protocol import DEFAULT_DOCKERFILE
 from builder.server.engines.base import Builder, EngineFailure
+from builder.server.engines.streams import EngineStreams
 from builder.server.models import BuildSpec
 
 log = structlog.get_logger(__name__)
@@ -83,6 +85,7 @@ class DockerEngine:
         # As configured (None: $DOCKER_HOST, else the local socket): where a BuildKit session connects.
         self.docker_host = docker_host
         self.builders: dict[str, Builder] = {}
+        self._streams = EngineStreams(docker_host)
         # (loop time, answered) of the last ping: a burst of submits asks the engine once.
         self._last_ping: tuple[float, bool] = (float("-inf"), False)
 
@@ -102,6 +105,7 @@ class DockerEngine:
     async def close(self) -> None:
         for builder in self.builders.values():
             await builder.aclose()
+        await self._streams.aclose()
         await self.docker.close()
 
     async def ping(self) -> bool:
@@ -145,6 +149,19 @@ class DockerEngine:
         """A raw API request (an async context manager giving the response); aiodocker's own
         calls cannot pass every build parameter."""
         return self.docker._query(path, method, params=params, headers=headers, data=data, timeout=timeout)
+
+    def stream(
+        self,
+        path: str,
+        method: str,
+        *,
+        params: Mapping[str, Any],
+        headers: Mapping[str, str],
+        data: AsyncIterable[bytes | memoryview] | None,
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """A raw API request whose response body is read on a thread of its own (streams.py says
+        why), as an iterator of pieces; the request's error comes from the iterator."""
+        return self._streams.stream(path, method, params=params, headers=headers, data=data, timeout=STREAM_TIMEOUT)
 
     # -- containers and images ---------------------------------------------------------
 
