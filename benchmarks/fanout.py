@@ -2,11 +2,11 @@
 
 Two builds: `sustained` prints 2,000 lines/s for 30 s, `burst` prints 100,000 lines as fast as
 `seq` does. Line n is `n`, except that every few lines a *marker* `@M n <sec>.<µs>` carries the
-container's wall clock when it was written; the lag of a marker is when a follower received it
-minus that stamp. The followers are cheap (benchmarks/followers.py: count frames, keep the last id,
-time the markers, in a few processes of their own) so that on two cores the figures are the
-daemon's, not the harness's; ten of every thousand decode the whole stream with the SDK's
-decoder and check every line, in order.
+container's wall clock when it was written; the lag of a marker is when it reached a follower's
+socket (the kernel's receive timestamp) minus that stamp. The followers are cheap
+(benchmarks/followers.py: count frames, keep the last id, time the markers, in a few processes of
+their own) so that on two cores the figures are the daemon's, not the harness's; ten of a hundred
+or more decode the whole stream with the SDK's decoder and check every line, in order.
 """
 
 from __future__ import annotations
@@ -324,6 +324,7 @@ def _notes(run: Run) -> list[str]:
             f"{harness.fmt(wall, 2)} s (queued behind the blocker included)."
             + (f" Lag of the first marker (median over followers) {harness.median(first):.0f} ms, of the last "
                f"{harness.median(last):.0f} ms." if first and last else "")
+            + f" Inexact lags (see above): {sum(t.inexact for t in run.report.tallies):,} of {len(run.lags):,}."
         )
     notes.append(
         f"{n}: cheap followers' CPU {run.report.cpu_seconds:.1f} s ({run.report.system_seconds:.1f} s of it in the "
@@ -354,31 +355,33 @@ def _section(shape: Shape, runs: list[Run]) -> str:
 
 METHOD = f"""\
 Every run has a fresh daemon (`{' '.join(DAEMON_ARGS)}`) and goes: submit a blocker build (`RUN sleep
-600`), submit the measured build (`no_cache=true`), which waits in the queue; open the N log streams
-(`GET /builds/{{id}}/logs`, `Accept: text/event-stream`, from the start) and wait until the daemon's
-`/healthz` counts all N; then cancel the blocker, and the build starts with every follower attached.
+600`), submit the measured build (`no_cache=true`, BuildKit), which waits in the queue; open the N log
+streams (`GET /builds/{{id}}/logs`, `Accept: text/event-stream`, from the start) and wait until the
+daemon's `/healthz` counts all N; then cancel the blocker: the build starts with every follower attached.
 
-*Followers.* N − {SAMPLE} (all N below 100) are cheap: raw asyncio Protocols (no aiohttp client) in
-1–4 processes of {PER_PROCESS}, that undo the HTTP chunking, count the `id:` frames, keep the last id and the
-last frame, and find the marker lines with `bytes.find`; they never decode JSON. A cheap follower is
-*complete* when it got no error, as many frames as its last id, every marker, in order, a `done` frame
-of a succeeded build last, and the same last id as the content-checked followers. {SAMPLE} of them (with
-N ≥ 100) run in the harness's main process on aiohttp and decode every frame with the SDK's SSE decoder
-(`LogFollower`): ids 1..k with no gap, every line 1..L once and in order, the markers exactly every
-k-th line; their lags are not pooled.
+*Followers.* With N ≥ 100, {SAMPLE} are *content* followers (aiohttp and the SDK's SSE decoder, in a process
+of their own at nice 19): ids 1..k with no gap, every line 1..L once and in order, a marker exactly every
+k-th line, a `done` frame of a succeeded build last. The others are *cheap*: up to {PER_PROCESS} per process on
+a bare epoll loop (1–4 processes, default priority), which undo the HTTP
+chunking, count `id:` frames (numpy counts newlines), keep the last id and the last frame, and find the
+markers with a one-byte `bytes.find`; they never decode JSON. A cheap follower is *complete* with no
+error, as many frames as its last id, every marker in order, a `done` frame of a succeeded build last,
+and the content followers' last id.
 
-*Lag* of a marker: the follower's `time.time()` when it read the network chunk holding it, minus the
-stamp in the line (the container's `CLOCK_REALTIME`, read by busybox `adjtimex`: host and container share
-the kernel's clock, no offset to estimate); all markers of all cheap followers pooled, nearest-rank
-percentiles. The stamp is taken before the line is written (fork, exec and parse of `adjtimex`: 0.6 ms
-mean, 2.2 ms max measured in this image), so lags are exact to about a millisecond; what the harness adds
-is its own queueing, shown as the follower processes' *event-loop lateness* (a 10 ms timer's delay: how
-long a ready socket could have waited for the harness's CPU).
+*Lag* of a marker: when the bytes holding it reached the follower's socket (the kernel's receive timestamp,
+`SO_TIMESTAMPNS`, so the harness's own delay in reading does not count), minus the stamp in the line (the
+container's `CLOCK_REALTIME`, read by busybox `adjtimex` (its `date` has no `%N`): host and container
+share the kernel's clock, there is no offset to estimate). The stamp is read before the line is written:
+fork, exec and parse of `adjtimex` take 0.6 ms mean, 2.2 ms max in this image, so a lag is good to about
+a millisecond, with one exception: when a read also held a later daemon write, TCP may have merged their
+segments and reports the later arrival; such lags are upper bounds, counted in the notes (*inexact*),
+and the *read delay* (when a worker read − when the bytes arrived) bounds the error. All markers of all
+cheap followers are pooled; nearest-rank percentiles.
 
 *CPU*: user + system time from `/proc/<pid>/stat`, sampled every {CpuTrace.PERIOD} s, from the blocker's
-cancel until the last stream ended: the daemon; the follower processes; the harness's main process (the
-content-checked followers, the sampling, the HTTP calls). *RSS*: the daemon's `VmRSS` before the submit
-→ its `VmHWM` (peak) at the end."""
+cancel until the last cheap stream ended: the daemon; the cheap followers' processes; the content check's
+process; the harness's main process. *RSS*: the daemon's `VmRSS` before the submit → its `VmHWM` (peak)
+at the end."""
 
 
 async def run() -> Result:
