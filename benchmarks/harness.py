@@ -194,12 +194,25 @@ class Daemon:
 
     def cpu_seconds(self) -> float:
         """User + system CPU the daemon has used so far (all its threads)."""
-        # Fields after the parenthesised command name; utime and stime are the 12th and 13th of them.
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.pid)
+
+    def reset_peak_rss(self) -> bool:
+        """Start VmHWM afresh from the current RSS (Linux `clear_refs` 5); False if not allowed."""
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True
 
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (all its threads), from /proc/<pid>/stat."""
+    # Fields after the parenthesised command name; utime and stime are the 12th and 13th of them.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------- builds
@@ -248,11 +261,12 @@ def parse_time(value: str) -> dt.datetime:
     return dt.datetime.fromisoformat(value)  # 3.11+ reads the trailing Z
 
 
-def build_wall_seconds(status: Mapping[str, Any]) -> float | None:
-    """created_at → finished_at of a finished build, as the daemon recorded it."""
-    if not status.get("created_at") or not status.get("finished_at"):
+def build_wall_seconds(status: Mapping[str, Any], since: str = "created_at") -> float | None:
+    """`since` (created_at, or started_at: its time out of the queue) → finished_at of a finished
+    build, as the daemon recorded it."""
+    if not status.get(since) or not status.get("finished_at"):
         return None
-    return (parse_time(status["finished_at"]) - parse_time(status["created_at"])).total_seconds()
+    return (parse_time(status["finished_at"]) - parse_time(status[since])).total_seconds()
 
 
 def logs_url(daemon: Daemon, build_id: str) -> str:
@@ -363,6 +377,14 @@ def median(values: Sequence[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile (None for no values)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -430,6 +452,16 @@ def met_text(met: bool | None) -> str:
 # ---------------------------------------------------------------- kernel TCP counters
 
 TCP_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPSynRetrans")
+
+
+def tcp_memory_mib() -> float | None:
+    """Memory the kernel holds in TCP buffers, all sockets of this network namespace (/proc/net/sockstat)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/net/sockstat").read_text().splitlines():
+            if line.startswith("TCP:"):
+                fields = line.split()
+                return int(fields[fields.index("mem") + 1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return None
 
 
 def tcp_counters() -> dict[str, int]:
