@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-pytest.importorskip("numpy", reason="the benchmarks' followers need the bench extra")
 from benchmarks.followers import CheapStream, id_frames
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
