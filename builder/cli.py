@@ -139,6 +139,23 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
         help="Docker engine URL (default $DOCKER_HOST or the local socket)",
     )
     serve.add_argument(
+        "--redis-url",
+        default=defaults.redis_url,
+        help="cluster mode: share builds, logs and cancels with the daemons on this Redis "
+        "(redis://HOST:PORT/DB; default $BUILDER_REDIS_URL; without it, the embedded SQLite store)",
+    )
+    serve.add_argument(
+        "--replica-id",
+        default=defaults.replica_id,
+        help="this daemon's stable name among the replicas (default: the host name)",
+    )
+    serve.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=defaults.lease_ttl,
+        help="seconds without a heartbeat after which a replica counts as lost and its builds fail",
+    )
+    serve.add_argument(
         "--tenant-engine",
         action="append",
         default=[],
@@ -315,6 +332,9 @@ def _serve(args: argparse.Namespace) -> int:
         build_network=args.build_network,
         docker_host=args.docker_host,
         tenant_engines=tuple(args.tenant_engine),
+        redis_url=args.redis_url,
+        replica_id=args.replica_id,
+        lease_ttl=args.lease_ttl,
         log_format=args.log_format,
         auth_tokens_file=args.auth_tokens_file,
         insecure=args.insecure,

@@ -195,13 +195,13 @@ ensure_venv() {
 # ---------------------------------------------------------------- ensure_oldest_venv
 
 # .venv-oldest: the oldest runtime dependency versions pyproject.toml allows (each pinned
-# to its lower bound by scripts/oldest_deps.py) plus pytest, pytest-aiohttp and redis (the
-# fixtures import it), for the tests marked `unit`.  The project itself is not installed:
+# to its lower bound by scripts/oldest_deps.py) plus pytest and pytest-aiohttp, for the
+# tests marked `unit`.  The project itself is not installed:
 # PYTHONPATH points at it.
 # Reinstalled only when that list changes (stamp .venv-oldest/.installed-<sha256 of it>).
 ensure_oldest_venv() {
     local venv="$BUILDER_ROOT/.venv-oldest" requirements sum stamp pip_log
-    requirements="$(python3 "$BUILDER_ROOT/scripts/oldest_deps.py" --with pytest --with pytest-aiohttp --with redis)" || {
+    requirements="$(python3 "$BUILDER_ROOT/scripts/oldest_deps.py" --with pytest --with pytest-aiohttp)" || {
         _setup_log "scripts/oldest_deps.py failed"
         return 1
     }
@@ -229,7 +229,7 @@ ensure_oldest_venv() {
 run_oldest_unit_tests() {
     local files
     # Only the files that carry the marker are collected: the others import test tools
-    # (schemathesis, redis) that .venv-oldest does not have.
+    # (schemathesis, bcrypt) that .venv-oldest does not have.
     mapfile -t files < <(cd "$BUILDER_ROOT" && grep -l '^pytestmark = pytest.mark.unit$\|^@pytest.mark.unit$' tests/test_*.py)
     [ "${#files[@]}" -gt 0 ] || { _setup_log "no test is marked unit"; return 1; }
     _setup_log "unit tests on the oldest allowed dependency versions (${#files[@]} files)"

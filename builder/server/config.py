@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from pathlib import Path
 
 from builder.protocol import DEFAULT_SSE_RETRY_MS
@@ -101,6 +102,12 @@ class Settings:
     keep_local: bool = True
     # The nydus conversion tool; used only when found on PATH (or at this path).
     nydusify: str = "nydusify"
+    # Cluster mode: daemons sharing one Redis share builds, logs, cancels and Idempotency-Keys.
+    # Each has a stable replica id and its own engine; one that misses heartbeats for lease_ttl
+    # seconds is lost, and another fails its builds.
+    redis_url: str | None = dataclasses.field(default_factory=lambda: os.environ.get("BUILDER_REDIS_URL"))
+    replica_id: str = dataclasses.field(default_factory=socket.gethostname)
+    lease_ttl: float = 10.0
     sse_retry_ms: int = DEFAULT_SSE_RETRY_MS
     sse_ping_interval: float = 15.0
 

@@ -71,6 +71,8 @@ class BuildRecord:
     containers: list[str] = dataclasses.field(default_factory=list)
     created_images: list[str] = dataclasses.field(default_factory=list)
     tags: list[str] = dataclasses.field(default_factory=list)
+    # The replica running it (--replica-id): the one its cancels go to, and whose lease it lives by.
+    owner: str = ""
 
     def to_public(self) -> BuildView:
         """The status JSON of GET /builds/{id}."""

@@ -11,6 +11,7 @@ import asyncio
 import builtins
 import concurrent.futures
 import contextlib
+import datetime
 import functools
 import itertools
 import json
@@ -78,12 +79,21 @@ class StoreUnavailable(Exception):
 
 
 class BuildStore(Protocol):
+    """Build records, their event logs, retention tombstones and Idempotency-Keys.
+
+    Event ids are per build, from 1, contiguous; `append_events` of ids already stored is a no-op.
+    """
+
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def save(self, record: BuildRecord) -> None: ...
     async def get(self, build_id: str) -> BuildRecord | None: ...
     async def list(self, *, namespace: str, status: BuildStatus | None, limit: int) -> list[BuildRecord]: ...
-    async def unfinished(self) -> builtins.list[BuildRecord]: ...
+    async def unfinished(self, owner: str) -> builtins.list[BuildRecord]:
+        """Builds of replica `owner` that did not end cleanly: queued or running ones, and ones
+        another replica ended for it (it was lost) while their `containers` still name leftovers."""
+        ...
+
     async def append_events(self, events: Sequence[tuple[str, Event]]) -> None: ...
     async def read_events(
         self, build_id: str, *, after: int, upto: int | None = None, limit: int = 1000
@@ -91,8 +101,21 @@ class BuildStore(Protocol):
     async def last_event_id(self, build_id: str) -> int: ...
     async def expire(self, *, finished_before: str, keep: int, exclude: Set[str]) -> builtins.list[str]: ...
     async def is_expired(self, build_id: str, namespace: str) -> bool: ...
-    async def find_idempotent(self, namespace: str, key: str, since: str) -> tuple[str, str] | None: ...
-    async def remember_idempotent(self, namespace: str, key: str, fingerprint: str, build_id: str) -> None: ...
+    async def claim_idempotent(
+        self, namespace: str, key: str, *, window: float, pending: float
+    ) -> tuple[str, str] | None:
+        """Claim `key` for a new submit, atomically across every daemon sharing the store. None:
+        the key is now the caller's (for `pending` seconds, until `remember_idempotent`). Else
+        (fingerprint, build_id) of the submit that holds it, within `window` seconds; build_id
+        is "" while that submit has not been accepted yet."""
+        ...
+
+    async def remember_idempotent(
+        self, namespace: str, key: str, fingerprint: str, build_id: str, *, window: float
+    ) -> None: ...
+    async def release_idempotent(self, namespace: str, key: str) -> None:
+        """Let a claimed key go: the submit that claimed it was refused."""
+        ...
 
 
 class SqliteBuildStore:
@@ -179,7 +202,8 @@ class SqliteBuildStore:
         rows = await self._read(lambda c: c.execute(query, args).fetchall())
         return [BuildRecord.from_storage(json.loads(r[0])) for r in rows]
 
-    async def unfinished(self) -> builtins.list[BuildRecord]:
+    async def unfinished(self, owner: str) -> builtins.list[BuildRecord]:
+        # One daemon per database file: every unfinished build in it is this daemon's.
         rows = await self._read(
             lambda c: c.execute(
                 "SELECT record FROM builds WHERE status IN (?, ?) ORDER BY rowid",
@@ -275,20 +299,39 @@ class SqliteBuildStore:
         )
         return bool(rows)
 
-    async def find_idempotent(self, namespace: str, key: str, since: str) -> tuple[str, str] | None:
-        """(fingerprint, build_id) of a submit with this key at or after `since` (RFC 3339)."""
-        rows = await self._read(
-            lambda c: c.execute(
-                "SELECT fingerprint, build_id FROM idempotency_keys WHERE namespace = ? AND key = ? "
-                "AND created_at >= ?",
-                (namespace, key, since),
-            ).fetchall()
-        )
-        return (rows[0][0], rows[0][1]) if rows else None
+    async def claim_idempotent(
+        self, namespace: str, key: str, *, window: float, pending: float
+    ) -> tuple[str, str] | None:
+        now = utcnow()
+        since = rfc3339(now - datetime.timedelta(seconds=window))
+        pending_since = rfc3339(now - datetime.timedelta(seconds=pending))
 
-    async def remember_idempotent(self, namespace: str, key: str, fingerprint: str, build_id: str) -> None:
+        def claim(c: sqlite3.Connection) -> tuple[str, str] | None:
+            rows = c.execute(
+                "SELECT fingerprint, build_id FROM idempotency_keys WHERE namespace = ? AND key = ? "
+                "AND created_at >= CASE build_id WHEN '' THEN ? ELSE ? END",
+                (namespace, key, pending_since, since),
+            ).fetchall()
+            if rows:
+                return (rows[0][0], rows[0][1])
+            row = (namespace, key, rfc3339(now))
+            c.execute("INSERT OR REPLACE INTO idempotency_keys VALUES (?, ?, '', '', ?)", row)
+            return None
+
+        return await self._write(claim)
+
+    async def remember_idempotent(
+        self, namespace: str, key: str, fingerprint: str, build_id: str, *, window: float
+    ) -> None:
         row = (namespace, key, fingerprint, build_id, rfc3339(utcnow()))
         await self._write(lambda c: c.execute("INSERT OR REPLACE INTO idempotency_keys VALUES (?, ?, ?, ?, ?)", row))
+
+    async def release_idempotent(self, namespace: str, key: str) -> None:
+        await self._write(
+            lambda c: c.execute(
+                "DELETE FROM idempotency_keys WHERE namespace = ? AND key = ? AND build_id = ''", (namespace, key)
+            )
+        )
 
 
 def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
