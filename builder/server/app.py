@@ -15,16 +15,17 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from builder.server.appkeys import (
+    CLUSTER,
     ENGINES,
     NAMESPACE,
     REGISTRY_LOGINS,
     SERVICE,
     SETTINGS,
-    STORE,
     STREAMS,
     TOKENS,
 )
 from builder.server.auth import TokenTable
+from builder.server.cluster import alone
 from builder.server.config import Settings
 from builder.server.connections import AcceptErrorLimiter, ConnectionGuard, ConnectionLimits
 from builder.server.contexts import ContextSpool
@@ -149,7 +150,7 @@ def create_app(settings: Settings) -> web.Application:
     app[REGISTRY_LOGINS] = registry_logins(settings)
     app[STREAMS] = weakref.WeakSet()
     app.add_routes(routes)
-    app.cleanup_ctx.extend([_engine_ctx, _store_ctx, _service_ctx])
+    app.cleanup_ctx.extend([_engine_ctx, _cluster_ctx, _service_ctx])
     app.on_shutdown.append(_close_streams)
     return app
 
@@ -247,22 +248,38 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[ENGINES].close()
 
 
-async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
-    store = SqliteBuildStore(app[SETTINGS].database_path)
-    await store.open()
-    app[STORE] = store
+async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    if settings.redis_url:
+        # Imported here: a daemon on its own never loads the Redis client.
+        from builder.server import redis_cluster
+
+        cluster = redis_cluster.connect(
+            settings.redis_url,
+            replica_id=settings.replica_id,
+            lease_ttl=settings.lease_ttl,
+            retention=settings.retention,
+        )
+    else:
+        cluster = alone(SqliteBuildStore(settings.database_path), settings.replica_id)
+    await cluster.open()
+    app[CLUSTER] = cluster
     yield
-    await store.close()
+    await cluster.close()
 
 
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     spool = ContextSpool(settings.spool_dir, max_bytes_per_tenant=settings.max_spool_bytes_per_tenant)
+    cluster = app[CLUSTER]
     service = BuildService(
         settings,
         app[ENGINES],
-        app[STORE],
+        cluster.store,
         spool,
+        lease=cluster.lease,
+        control=cluster.control,
+        tail=cluster.tail,
         tenants=lambda: app[TOKENS].namespaces,
         registry_logins=app[REGISTRY_LOGINS].for_tenant,
     )

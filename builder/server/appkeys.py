@@ -7,11 +7,11 @@ import weakref
 from aiohttp import web
 
 from builder.server.auth import TokenTable
+from builder.server.cluster import Cluster
 from builder.server.config import Settings
 from builder.server.engines.pool import EnginePool
 from builder.server.registry_auth import RegistryLogins
 from builder.server.service import BuildService
-from builder.server.store import BuildStore
 from builder.server.streams import LogStreamResponse
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -20,7 +20,8 @@ REGISTRY_LOGINS = web.AppKey("registry_logins", RegistryLogins)
 # The caller's namespace, from its token ("" when the daemon runs without auth).
 NAMESPACE = web.RequestKey("namespace", str)
 ENGINES = web.AppKey("engines", EnginePool)
-STORE = web.AppKey("store", BuildStore)
+# The store, and how this daemon reaches the others sharing it (cluster mode).
+CLUSTER = web.AppKey("cluster", Cluster)
 SERVICE = web.AppKey("service", BuildService)
 # Open log streams, ended on shutdown so it does not wait on them.
 STREAMS = web.AppKey("streams", weakref.WeakSet[LogStreamResponse])

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Protocol
 
 from builder.server.records import Event
+from builder.server.store import BuildStore
 
 
 class Lease(Protocol):
@@ -93,4 +95,26 @@ class LocalTail:
     """One daemon: a build that is not live here has ended, and its log is all in the store."""
 
     async def wait(self, build_id: str, *, after: int, timeout: float, limit: int) -> builtins.list[Event]:
+        await asyncio.sleep(timeout)
         return []
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """What this daemon shares with the others: the store, and how it reaches them."""
+
+    store: BuildStore
+    lease: Lease
+    control: ControlChannel
+    tail: LogTail
+
+    async def open(self) -> None:
+        await self.store.open()
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+def alone(store: BuildStore, replica_id: str) -> Cluster:
+    """One daemon with its embedded store."""
+    return Cluster(store, LocalLease(replica_id), LocalControl(), LocalTail())

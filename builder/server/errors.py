@@ -74,6 +74,13 @@ class IdempotencyKeyReused(BuilderError):
     code = "idempotency_key_reused"
 
 
+class IdempotencyKeyInProgress(BuilderError):
+    """Another request with the same Idempotency-Key is still being received."""
+
+    status = 409
+    code = "idempotency_key_in_progress"
+
+
 class ContextTooLarge(BuilderError):
     status = 413
     code = "context_too_large"

@@ -61,6 +61,19 @@ class EventLog:
             self._wake()
         return events
 
+    def extend_committed(self, events: list[Event]) -> None:
+        """Add events read back from the store (another replica wrote them), ids as given: a gap
+        (ids a lost replica's log skipped) restarts the window after it."""
+        for event in events:
+            if event.id != self.last_id + 1:
+                self._events.clear()
+            self._events.append(event)
+            self.last_id = event.id
+            self.terminated = event.terminal
+        if events:
+            self.committed(self.last_id)
+            self._wake()
+
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()

@@ -103,6 +103,7 @@ _SUBMIT_ERRORS = (
     e.DockerfileTooLarge,
     e.UnsupportedMediaType,
     e.IdempotencyKeyReused,
+    e.IdempotencyKeyInProgress,
     e.QueueFull,
     e.TenantQuotaExceeded,
     e.ShuttingDown,

@@ -27,6 +27,7 @@ from builder import protocol as p
 from builder.protocol import BuildStatus
 from builder.server import contexts
 from builder.server.build_secrets import secrets_digest
+from builder.server.cluster import ControlChannel, Lease, LocalControl, LocalLease, LocalTail, LogTail
 from builder.server.config import Settings
 from builder.server.contexts import (
     CheckedContext,
@@ -44,6 +45,7 @@ from builder.server.errors import (
     BuildExpired,
     BuildNotFound,
     EngineUnavailable,
+    IdempotencyKeyInProgress,
     IdempotencyKeyReused,
     InvalidContext,
     InvalidField,
@@ -56,6 +58,7 @@ from builder.server.errors import (
 )
 from builder.server.events import UNCOMMITTED_LIMIT, EventLog
 from builder.server.imagepolicy import ImagePolicy
+from builder.server.loghub import RemoteLogs
 from builder.server.metrics import Metrics
 from builder.server.models import BuildSpec
 from builder.server.publish import Publisher
@@ -84,6 +87,14 @@ _QUEUE_FRONT = 5
 # Most events handed to one follower at a time (and read from the store per query):
 # a follower far behind must not build one huge write.
 _FOLLOW_BATCH = 1000
+# A submit whose Idempotency-Key another is still uploading with waits up to _CLAIM_WAIT s for it,
+# looking every _CLAIM_POLL s. A claim outlives its upload's time limit by _CLAIM_MARGIN s, so
+# a daemon that died while receiving cannot hold a key for long.
+_CLAIM_WAIT = 10.0
+_CLAIM_POLL = 0.05
+_CLAIM_MARGIN = 60.0
+# A DELETE of a build another replica runs looks at its record this often until it has ended.
+_CANCEL_POLL = 0.05
 
 
 class BuildService:
@@ -94,6 +105,9 @@ class BuildService:
         store: BuildStore,
         spool: ContextSpool,
         *,
+        lease: Lease | None = None,
+        control: ControlChannel | None = None,
+        tail: LogTail | None = None,
         tenants: Callable[[], Collection[str]] = frozenset,
         registry_logins: Callable[[str], CredentialsLookup | None] = lambda tenant: None,
     ) -> None:
@@ -103,6 +117,11 @@ class BuildService:
         self._tenants = tenants
         self._store = store
         self._spool = spool
+        # Other daemons sharing the store (none by default): who owns which build, cancels routed
+        # to the owner, and the live logs of builds running elsewhere.
+        self._lease = lease or LocalLease(settings.replica_id)
+        self._control = control or LocalControl()
+        self._remote_logs = RemoteLogs(store, tail or LocalTail(), window=settings.log_window)
         self._publisher = Publisher(settings)
         self._runner = BuildRunner(
             spool,
@@ -142,14 +161,24 @@ class BuildService:
 
     # -- lifecycle -------------------------------------------------------------
 
+    @property
+    def replica_id(self) -> str:
+        return self._lease.replica_id
+
     async def start(self) -> None:
         await self._recover()
+        await self._lease.start()
         self._background = [
             asyncio.create_task(self._flush_forever(), name="event-flusher"),
             asyncio.create_task(
                 self._every(self._settings.retention_interval, self.expire_old_builds), name="retention"
             ),
+            asyncio.create_task(self._obey_control(), name="control"),
         ]
+        if self._lease.ttl != float("inf"):
+            self._background.append(
+                asyncio.create_task(self._every(self._lease.ttl / 2, self.fail_lost_replicas), name="reaper")
+            )
 
     async def drain(self, grace: float) -> None:
         """Graceful shutdown: refuse new builds, give running ones `grace` seconds, stop the rest.
@@ -183,39 +212,62 @@ class BuildService:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self._remote_logs.close()
         await self._flush()
+        await self._lease.stop()
 
     async def _recover(self) -> None:
-        """Builds that were queued or running when the daemon died: fail them, remove leftovers."""
+        """Builds of this replica that were queued or running when it died: fail them (unless
+        another replica did, as it found this one lost), and remove what they left on the engine."""
         self._spool.reset()
-        for record in await self._store.unfinished():
+        for record in await self._store.unfinished(self.replica_id):
             for container_id in record.containers:
                 try:
                     await self._engines.for_tenant(record.namespace).remove_container(container_id)
                 except Exception:
                     log.exception("leftover_container_removal_failed", container_id=container_id)
-            last_id = await self._store.last_event_id(record.build_id)
-            stored = await self._store.read_events(record.build_id, after=last_id - 1, limit=1)
-            if stored and stored[-1].terminal:
-                # Its outcome was decided and logged, but the record was not saved after it (the
-                # store failed, or the daemon died in between): the log has the last word.
-                outcome = json.loads(stored[-1].data)
-                record.status = BuildStatus(outcome["status"])
-                record.error = outcome.get("error")
-                record.image_ref, record.image_id = outcome.get("image_ref"), outcome.get("image_id")
-                record.last_event_id = stored[-1].id
-            else:
-                # Followers may have been shown ids past the last committed one: skip them all.
-                terminal = EventLog(record.build_id, last_id=last_id + UNCOMMITTED_LIMIT + 1).append(
-                    _terminal_payload(BuildStatus.FAILED, error=RESTARTED_MESSAGE)
-                )
-                await self._store.append_events([(record.build_id, terminal)])
-                record.status = BuildStatus.FAILED
-                record.error = RESTARTED_MESSAGE
-                record.last_event_id = terminal.id
-                log.warning("interrupted_build_failed", build_id=record.build_id)
-            record.finished_at = record.finished_at or utcnow()
+            record.containers = []
+            if not record.status.terminal:
+                await self._fail_interrupted(record, RESTARTED_MESSAGE)
             await self._store.save(record)
+
+    async def fail_lost_replicas(self) -> builtins.list[str]:
+        """The reaper: builds of replicas whose lease expired fail, with a terminal frame that their
+        followers on every replica receive. Their leftovers are the lost replica's to remove when
+        it starts again (its engine is its own)."""
+        lost = await self._lease.claim_lost()
+        for replica_id in lost:
+            for record in await self._store.unfinished(replica_id):
+                if not record.status.terminal:
+                    await self._fail_interrupted(record, f"replica {replica_id} lost")
+                    await self._store.save(record)
+                    log.warning("lost_replica_build_failed", build_id=record.build_id, replica=replica_id)
+            await self._lease.release_lost(replica_id)
+        return lost
+
+    async def _fail_interrupted(self, record: BuildRecord, error: str) -> None:
+        """End a build whose daemon died: from its log's last word if it had one, else failed."""
+        last_id = await self._store.last_event_id(record.build_id)
+        stored = await self._store.read_events(record.build_id, after=last_id - 1, limit=1)
+        if stored and stored[-1].terminal:
+            # Its outcome was decided and logged, but the record was not saved after it (the
+            # store failed, or the daemon died in between): the log has the last word.
+            outcome = json.loads(stored[-1].data)
+            record.status = BuildStatus(outcome["status"])
+            record.error = outcome.get("error")
+            record.image_ref, record.image_id = outcome.get("image_ref"), outcome.get("image_id")
+            record.last_event_id = stored[-1].id
+        else:
+            # Followers may have been shown ids past the last committed one: skip them all.
+            terminal = EventLog(record.build_id, last_id=last_id + UNCOMMITTED_LIMIT + 1).append(
+                _terminal_payload(BuildStatus.FAILED, error=error)
+            )
+            await self._store.append_events([(record.build_id, terminal)])
+            record.status = BuildStatus.FAILED
+            record.error = error
+            record.last_event_id = terminal.id
+            log.warning("interrupted_build_failed", build_id=record.build_id, error=error)
+        record.finished_at = record.finished_at or utcnow()
 
     # -- queries ---------------------------------------------------------------
 
@@ -227,6 +279,10 @@ class BuildService:
             record.last_event_id = build.log.last_id
         else:
             record = await self._store.get(build_id)
+            if record is not None and not record.status.terminal:
+                # Running on another replica: its record is saved at each change of state, its
+                # log as it goes.
+                record.last_event_id = await self._store.last_event_id(build_id)
         if record is None or record.namespace != namespace:
             if await self._store.is_expired(build_id, namespace):
                 raise BuildExpired(build_id)
@@ -374,11 +430,11 @@ class BuildService:
         if key is None:
             build, _ = await self._accept(spec, context, namespace, secrets, digest=False)
             return build.record, True
-        # One submit per key at a time, so two racing retries cannot both start a build.
+        # One submit per key at a time, here and (through the store's claim) on every replica, so
+        # two racing retries cannot both start a build.
         async with self._idempotency_locks.setdefault((namespace, key), asyncio.Lock()):
             try:
-                since = rfc3339(utcnow() - datetime.timedelta(seconds=IDEMPOTENCY_WINDOW))
-                if (seen := await self._store.find_idempotent(namespace, key, since)) is not None:
+                if (seen := await self._claim_key(namespace, key)) is not None:
                     # A repeat: its upload is read to compare it, never built.
                     checked = await self._read_repeat(spec, context, namespace)
                     if seen[0] != _fingerprint(spec, checked.digest, secrets):
@@ -386,13 +442,37 @@ class BuildService:
                             "this Idempotency-Key was used for a different request in the last 24 h"
                         )
                     return await self.get(seen[1], namespace), False
-                build, checked = await self._accept(spec, context, namespace, secrets, digest=True)
+                try:
+                    build, checked = await self._accept(spec, context, namespace, secrets, digest=True)
+                except BaseException:
+                    with contextlib.suppress(StoreUnavailable):
+                        await asyncio.shield(self._store.release_idempotent(namespace, key))
+                    raise
                 await self._store.remember_idempotent(
-                    namespace, key, _fingerprint(spec, checked.digest, secrets), build.record.build_id
+                    namespace,
+                    key,
+                    _fingerprint(spec, checked.digest, secrets),
+                    build.record.build_id,
+                    window=IDEMPOTENCY_WINDOW,
                 )
                 return build.record, True
             finally:
                 self._idempotency_locks.pop((namespace, key), None)
+
+    async def _claim_key(self, namespace: str, key: str) -> tuple[str, str] | None:
+        """None once the key is ours; else (fingerprint, build_id) of the submit that has it. A
+        submit with the key that is still being received elsewhere is waited for, a while."""
+        pending = self._settings.upload_timeout + _CLAIM_MARGIN
+        deadline = time.monotonic() + _CLAIM_WAIT
+        while True:
+            seen = await self._store.claim_idempotent(namespace, key, window=IDEMPOTENCY_WINDOW, pending=pending)
+            if seen is None or seen[1]:
+                return seen
+            if time.monotonic() > deadline:
+                raise IdempotencyKeyInProgress(
+                    "a request with this Idempotency-Key is still being received; retry later"
+                )
+            await asyncio.sleep(_CLAIM_POLL)
 
     async def _read_repeat(
         self, spec: BuildSpec, context: AsyncIterable[bytes] | SpooledContext, namespace: str
@@ -412,7 +492,11 @@ class BuildService:
         digest: bool,
     ) -> tuple[ActiveBuild, CheckedContext]:
         record = BuildRecord(
-            build_id=token_urlsafe(16), spec=spec, namespace=namespace, nydus_status=self._nydus_plan(spec)
+            build_id=token_urlsafe(16),
+            spec=spec,
+            namespace=namespace,
+            nydus_status=self._nydus_plan(spec),
+            owner=self.replica_id,
         )
         build = ActiveBuild(
             record=record,
@@ -621,13 +705,37 @@ class BuildService:
     # -- cancel ----------------------------------------------------------------
 
     async def cancel(self, build_id: str, namespace: str = "") -> tuple[BuildRecord, bool]:
-        """Cancel a build; returns its record and whether teardown completed in time."""
+        """Cancel a build; returns its record and whether teardown completed in time. A build
+        another replica runs is cancelled there, and waited for the same way."""
         record = await self.get(build_id, namespace)
-        build = self._active.get(build_id)
-        if build is None or record.status.terminal:
+        if record.status.terminal:
             return record, True
+        build = self._active.get(build_id)
+        if build is None:
+            return await self._cancel_elsewhere(record)
         await self._stop_build(build, BuildStatus.CANCELLED, CANCELLED_MESSAGE)
         return build.record, await self._wait_done(build, self._settings.cancel_wait)
+
+    async def _cancel_elsewhere(self, record: BuildRecord) -> tuple[BuildRecord, bool]:
+        if record.owner == self.replica_id:
+            return record, True  # ours and not live: it ended a moment ago
+        await self._control.send_cancel(record.owner, record.build_id)
+        deadline = time.monotonic() + self._settings.cancel_wait
+        while time.monotonic() < deadline:
+            await asyncio.sleep(_CANCEL_POLL)
+            current = await self._store.get(record.build_id)
+            if current is None or current.status.terminal:
+                return current or record, True
+        return record, False
+
+    async def _obey_control(self) -> None:
+        """Cancels that other replicas route to this one, the owner of the build."""
+        async for build_id in self._control.cancels():
+            build = self._active.get(build_id)
+            if build is not None:
+                task = asyncio.create_task(self._stop_build(build, BuildStatus.CANCELLED, CANCELLED_MESSAGE))
+                self._stoppers.add(task)
+                task.add_done_callback(self._stoppers.discard)
 
     async def _stop_build(self, build: ActiveBuild, status: BuildStatus, reason: str) -> None:
         """Tear a queued or running build down (DELETE, timeout, shutdown); it ends `status`."""
@@ -792,14 +900,36 @@ class BuildService:
                 del self._followers[namespace]
 
     async def _follow(self, build_id: str, *, after: int, follow: bool) -> AsyncIterator[builtins.list[Event]]:
+        if build_id in self._active:
+            async for batch in self._tail(build_id, self._live_log, after=after, follow=follow):
+                yield batch
+            return
+        record = await self._store.get(build_id)
+        if not follow or record is None or record.status.terminal:
+            async for batch in self._replay(build_id, after=after, upto=None):
+                yield batch
+            return
+        # Live on another replica: followed from the store as its owner commits it.
+        async with self._remote_logs.attach(build_id, after) as remote:
+            async for batch in self._tail(build_id, lambda _: remote, after=after, follow=follow):
+                yield batch
+
+    def _live_log(self, build_id: str) -> EventLog | None:
+        build = self._active.get(build_id)
+        return None if build is None else build.log
+
+    async def _tail(
+        self, build_id: str, live_log: Callable[[str], EventLog | None], *, after: int, follow: bool
+    ) -> AsyncIterator[builtins.list[Event]]:
+        """Events after `after` from a live log's shared window, or from the store for what the
+        window has let go; `live_log` gives the log, or None once the build has left memory."""
         last = after
         while True:
-            build = self._active.get(build_id)
-            if build is None:
+            log = live_log(build_id)
+            if log is None:
                 async for batch in self._replay(build_id, after=last, upto=None):
                     yield batch
                 return
-            log = build.log
             events = log.events_after(last, _FOLLOW_BATCH)
             if events is None:
                 # Everything older than the window is committed: read it from the store.
@@ -807,6 +937,7 @@ class BuildService:
                 async for batch in self._replay(build_id, after=last, upto=log.first_id - 1):
                     last = batch[-1].id
                     yield batch
+                last = max(last, log.first_id - 1)  # ids skipped after a crash are in no store
                 continue
             if events:
                 last = events[-1].id
