@@ -60,6 +60,9 @@ PHASE_STEP = "step"
 PHASE_LOG_CLIPPED = "log_clipped"
 PHASE_LOG_TRUNCATED = "log_truncated"
 
+# Names the daemon (its --replica-id) that gave a response: several may answer behind one address.
+REPLICA_HEADER = "X-Builder-Replica"
+
 DEFAULT_DOCKERFILE = "Dockerfile"
 DEFAULT_SSE_RETRY_MS = 1000
 

@@ -12,6 +12,7 @@ from builder.server.engines.base import EngineFailure, ImageBuilt
 from builder.server.engines.legacy import BuildOutputParser, LinePiece, StepContainer, StepLayer
 from builder.server.errors import InvalidField, InvalidImageReference
 from builder.server.events import EventLog
+from builder.server.records import Event
 from builder.server.hosts import is_loopback
 from builder.server.imageref import parse_image_name, validate_reference
 from builder.server.models import BuildSpec, Shape, normalise_context_path
@@ -173,6 +174,19 @@ async def test_event_log_window_keeps_uncommitted_events_and_says_when_to_read_t
     assert [e.id for e in log.events_after(18, 100)] == [19, 20]
     assert log.events_after(20, 100) == []
     assert [e.id for e in log.events_after(18, 1)] == [19]
+
+
+async def test_event_log_of_a_build_elsewhere_keeps_the_store_ids_and_restarts_after_a_gap() -> None:
+    log = EventLog("b", last_id=10, window=100)
+    waiter = asyncio.create_task(log.wait_for_events(10))
+    log.extend_committed([Event.of(n, f'{{"type":"log","line":"{n}"}}') for n in (11, 12)])
+    await asyncio.wait_for(waiter, 1)
+    assert [e.id for e in log.events_after(10, 100)] == [11, 12] and log.fully_committed is False
+    # A lost replica's terminal frame comes after the ids its followers may have been shown.
+    log.extend_committed([Event.of(12 + 65537, '{"type":"error","status":"failed","error":"replica r1 lost"}')])
+    assert log.first_id == 12 + 65537 and log.events_after(12, 100) is None
+    assert [e.id for e in log.events_after(12 + 65536, 100)] == [12 + 65537]
+    assert log.terminated and log.complete and log.fully_committed
 
 
 async def test_waiting_follower_wakes_on_new_events() -> None:

@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from builder import protocol as p
 from builder.server.appkeys import (
     CLUSTER,
     ENGINES,
@@ -151,6 +152,7 @@ def create_app(settings: Settings) -> web.Application:
     app[STREAMS] = weakref.WeakSet()
     app.add_routes(routes)
     app.cleanup_ctx.extend([_engine_ctx, _cluster_ctx, _service_ctx])
+    app.on_response_prepare.append(_name_replica)
     app.on_shutdown.append(_close_streams)
     return app
 
@@ -176,6 +178,11 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
     if not response.prepared:
         response.headers["X-Request-ID"] = request_id
     return response
+
+
+async def _name_replica(request: web.Request, response: web.StreamResponse) -> None:
+    """Behind a load balancer, every answer says which daemon gave it (streams included)."""
+    response.headers[p.REPLICA_HEADER] = request.app[SETTINGS].replica_id
 
 
 # Probes for load balancers and orchestrators answer without a token.

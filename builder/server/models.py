@@ -479,6 +479,7 @@ class BuildView(TypedDict):
     nydus_convert: bool
     nydus_image_ref: str | None
     nydus_status: str | None
+    replica: Annotated[str, Doc("the daemon (its --replica-id) that runs or ran the build")]
 
 
 class BuildList(TypedDict):

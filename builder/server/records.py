@@ -103,6 +103,7 @@ class BuildRecord:
             "nydus_convert": spec.nydus_convert,
             "nydus_image_ref": self.nydus_image_ref,
             "nydus_status": self.nydus_status,
+            "replica": self.owner,
         }
 
     def to_storage(self) -> dict[str, Any]:

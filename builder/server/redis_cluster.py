@@ -1,0 +1,599 @@
+"""Cluster mode: several daemons, each with its own Docker engine, sharing one Redis (7.x).
+
+The Redis implementations of `BuildStore` (store.py) and of `Lease`, `ControlChannel` and
+`LogTail` (cluster.py). `open_cluster` connects them all to one server.
+
+Keys (namespaces never contain ":", see auth.py, so none of these can collide):
+
+    builder:build:<build_id>            hash: `record` (the record's JSON) and the fields it is
+                                        indexed by: namespace, status, owner, created_at,
+                                        finished_at ("" while running)
+    builder:events:<build_id>           stream: event N is entry `N-0`, field `data`
+    builder:builds:<namespace>          zset: the namespace's build ids, scored by created_at (ms)
+    builder:by-status:<status>:<ns>     zset: the same, for one status
+    builder:namespaces                  set: every namespace with builds
+    builder:finished                    zset: finished build ids, scored by finished_at (ms)
+    builder:open:<owner>                set: ids of the replica's builds that are not done with:
+                                        queued or running, or ended with containers left over
+    builder:expired:<build_id>          string: the namespace of a build removed by retention
+                                        (expires after 30 days)
+    builder:idempotency:<ns>:<key>      string: JSON {fingerprint, build_id}; build_id "" while
+                                        the submit that claimed it is pending
+    builder:replicas                    set: replica ids that have taken a lease
+    builder:lease:<replica_id>          string: alive while the replica heartbeats (PX lease ttl)
+    builder:reap:<replica_id>           string: the replica failing a lost one's builds (PX ttl)
+    builder:control:<replica_id>        stream: cancels routed to the replica (field build_id)
+
+A finished build's hash and stream also get a TTL of the retention plus a day: a safety net
+for when no daemon runs the retention sweep, which leaves no tombstone (its ids answer 404,
+not 410). Index entries it leaves dangling are dropped when next read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import socket
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence, Set
+from typing import Any, Final
+
+import structlog
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
+
+from builder.protocol import BuildStatus
+from builder.server.cluster import Cluster
+from builder.server.records import BuildRecord, Event
+from builder.server.store import StoreUnavailable
+
+log = structlog.get_logger(__name__)
+
+PREFIX: Final = "builder:"
+_NAMESPACES = PREFIX + "namespaces"
+_FINISHED = PREFIX + "finished"
+_REPLICAS = PREFIX + "replicas"
+
+# How long a 410 outlives the build it stands for.
+TOMBSTONE_SECONDS: Final = 30 * 24 * 3600
+# The safety-net TTL of a finished build exceeds the retention by this much, so that the sweep
+# (every --retention-interval) gets to it first and leaves a tombstone.
+_SAFETY_MARGIN = 24 * 3600.0
+# Cancels kept per replica: only the ones since its reader started matter.
+_CONTROL_MAXLEN = 1000
+# Cancel streams of replicas gone for good vanish after this.
+_CONTROL_TTL = 24 * 3600
+# One blocking read of the control stream; its socket has no timeout, so this plus a margin
+# bounds a read that a half-open connection would never end.
+_CONTROL_BLOCK_MS = 5000
+_BLOCKING_MARGIN = 5.0
+# Backoff of the control reader while Redis fails.
+_RETRY_FIRST, _RETRY_MAX = 0.05, 1.0
+
+_CONNECT_TIMEOUT = 2.0
+_COMMAND_TIMEOUT = 5.0
+_HEALTH_CHECK_SECONDS = 5
+# Every follower of a build on another replica holds a connection in XREAD BLOCK.
+_BLOCKING_CONNECTIONS = 256
+_COMMAND_CONNECTIONS = 64
+# Seconds a command waits for a free pooled connection before the store counts as unavailable.
+_POOL_WAIT = 5.0
+
+_PENDING = json.dumps({"fingerprint": "", "build_id": ""})
+_STATUSES = tuple(BuildStatus)
+
+# Event ids already in the stream (at most its last id) are skipped, so that a retried batch is a
+# no-op. KEYS: streams; ARGV: per stream, its number of events, then id, data pairs.
+_APPEND = """
+local at = 1
+for k = 1, #KEYS do
+  local count = tonumber(ARGV[at])
+  at = at + 1
+  local last = 0
+  local top = redis.call('XREVRANGE', KEYS[k], '+', '-', 'COUNT', 1)
+  if top[1] then last = tonumber(string.match(top[1][1], '^%d+')) end
+  for i = at, at + 2 * count - 1, 2 do
+    local id = tonumber(ARGV[i])
+    if id > last then
+      redis.call('XADD', KEYS[k], ARGV[i] .. '-0', 'data', ARGV[i + 1])
+      last = id
+    end
+  end
+  at = at + 2 * count
+end
+return 0
+"""
+# A remembered key must survive the release of a claim that was, in the meantime, accepted.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# KEYS: lease, reap pairs; ARGV: claimer, claim ms. The lease is checked in the same step as the
+# claim, so a replica that heartbeats again in between is not claimed.
+_CLAIM_LOST = """
+local claimed = {}
+for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i]) == 0 and redis.call('SET', KEYS[i + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    table.insert(claimed, (i + 1) / 2)
+  end
+end
+return claimed
+"""
+
+
+def _build_key(build_id: str) -> str:
+    return f"{PREFIX}build:{build_id}"
+
+
+def _events_key(build_id: str) -> str:
+    return f"{PREFIX}events:{build_id}"
+
+
+def _namespace_key(namespace: str) -> str:
+    return f"{PREFIX}builds:{namespace}"
+
+
+def _status_key(status: BuildStatus, namespace: str) -> str:
+    return f"{PREFIX}by-status:{status.value}:{namespace}"
+
+
+def _open_key(owner: str) -> str:
+    return f"{PREFIX}open:{owner}"
+
+
+def _tombstone_key(build_id: str) -> str:
+    return f"{PREFIX}expired:{build_id}"
+
+
+def _idempotency_key(namespace: str, key: str) -> str:
+    return f"{PREFIX}idempotency:{namespace}:{key}"
+
+
+def _lease_key(replica_id: str) -> str:
+    return f"{PREFIX}lease:{replica_id}"
+
+
+def _reap_key(replica_id: str) -> str:
+    return f"{PREFIX}reap:{replica_id}"
+
+
+def _control_key(replica_id: str) -> str:
+    return f"{PREFIX}control:{replica_id}"
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _epoch_ms(value: dt.datetime) -> int:
+    return round(value.timestamp() * 1000)
+
+
+def _event_id(entry_id: str) -> int:
+    return int(entry_id.partition("-")[0])
+
+
+# redis-py types replies as bytes or str; the clients here decode them (decode_responses=True).
+def _text(value: Any) -> str:
+    assert isinstance(value, str), f"a decoded reply, not {value!r}"
+    return value
+
+
+def _texts(values: Iterable[Any]) -> list[str]:
+    return [_text(value) for value in values]
+
+
+def _events(entries: Any) -> list[Event]:
+    """XRANGE entries, as events."""
+    return [Event.of(_event_id(_text(entry_id)), _text(fields["data"])) for entry_id, fields in entries]
+
+
+def _read_entries(reply: Any) -> Iterator[tuple[str, dict[str, str]]]:
+    """XREAD's entries (of every stream read), as (entry id, fields)."""
+    for _stream, entries in reply:
+        for entry_id, fields in entries:
+            yield _text(entry_id), fields
+
+
+@contextlib.contextmanager
+def _unavailable(action: str) -> Iterator[None]:
+    """Redis failures, as the store's one error: the daemon's flusher retries those."""
+    try:
+        yield
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise StoreUnavailable(f"Redis: {action} failed: {exc or type(exc).__name__}") from exc
+
+
+class RedisBuildStore:
+    """`BuildStore` on Redis, shared by every daemon of the cluster."""
+
+    def __init__(self, client: Redis, *, retention: float) -> None:
+        self._redis = client
+        self._safety_ttl = _ms(retention + _SAFETY_MARGIN) if retention < float("inf") else None
+        self._append = client.register_script(_APPEND)
+        self._release = client.register_script(_RELEASE)
+
+    async def open(self) -> None:
+        with _unavailable("connecting"):
+            await self._redis.ping()
+
+    async def close(self) -> None:
+        """The connections are the cluster's to close (`RedisCluster.close`)."""
+
+    async def save(self, record: BuildRecord) -> None:
+        data = record.to_storage()
+        build_id, namespace, owner = record.build_id, record.namespace, record.owner
+        fields: dict[FieldT, EncodableT] = {
+            "record": json.dumps(data),
+            "namespace": namespace,
+            "status": record.status.value,
+            "owner": owner,
+            "created_at": data["created_at"],
+            "finished_at": data["finished_at"] or "",
+        }
+        with _unavailable(f"saving build {build_id}"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(_build_key(build_id), mapping=fields)
+                pipe.zadd(_namespace_key(namespace), {build_id: _epoch_ms(record.created_at)})
+                for status in _STATUSES:
+                    if status is not record.status:
+                        pipe.zrem(_status_key(status, namespace), build_id)
+                pipe.zadd(_status_key(record.status, namespace), {build_id: _epoch_ms(record.created_at)})
+                pipe.sadd(_NAMESPACES, namespace)
+                if record.finished_at is not None:
+                    pipe.zadd(_FINISHED, {build_id: _epoch_ms(record.finished_at)})
+                else:
+                    pipe.zrem(_FINISHED, build_id)
+                # A terminal record with containers was ended by a reaper: its owner still has
+                # to remove them when it starts again.
+                if not record.status.terminal or record.containers:
+                    pipe.sadd(_open_key(owner), build_id)
+                else:
+                    pipe.srem(_open_key(owner), build_id)
+                if record.status.terminal and self._safety_ttl is not None:
+                    pipe.pexpire(_build_key(build_id), self._safety_ttl)
+                    pipe.pexpire(_events_key(build_id), self._safety_ttl)
+                await pipe.execute()
+
+    async def get(self, build_id: str) -> BuildRecord | None:
+        with _unavailable(f"reading build {build_id}"):
+            raw = await self._redis.hget(_build_key(build_id), "record")
+        return None if raw is None else BuildRecord.from_storage(json.loads(raw))
+
+    async def _records(self, build_ids: Sequence[str]) -> builtins.list[BuildRecord | None]:
+        if not build_ids:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for build_id in build_ids:
+                pipe.hget(_build_key(build_id), "record")
+            raws = await pipe.execute()
+        return [None if raw is None else BuildRecord.from_storage(json.loads(raw)) for raw in raws]
+
+    async def list(self, *, namespace: str, status: BuildStatus | None, limit: int) -> list[BuildRecord]:
+        index = _namespace_key(namespace) if status is None else _status_key(status, namespace)
+        found: list[BuildRecord] = []
+        start = 0
+        with _unavailable(f"listing builds of {namespace!r}"):
+            while len(found) < limit:
+                page_size = limit - len(found)
+                build_ids = _texts(await self._redis.zrevrange(index, start, start + page_size - 1))
+                records = await self._records(build_ids)
+                dangling = [b for b, r in zip(build_ids, records, strict=True) if r is None]
+                found += [r for r in records if r is not None]
+                if dangling:
+                    # Their hashes expired (the safety net): drop them from the index, and read on.
+                    await self._redis.zrem(index, *dangling)
+                start += page_size - len(dangling)
+                if len(build_ids) < page_size:
+                    break
+        return found
+
+    async def unfinished(self, owner: str) -> builtins.list[BuildRecord]:
+        with _unavailable(f"reading the open builds of {owner!r}"):
+            build_ids = sorted(_texts(await self._redis.smembers(_open_key(owner))))
+            records = await self._records(build_ids)
+            stale = [b for b, r in zip(build_ids, records, strict=True) if r is None or r.owner != owner]
+            if stale:
+                await self._redis.srem(_open_key(owner), *stale)
+        mine = [r for r in records if r is not None and r.owner == owner]
+        return sorted(mine, key=lambda r: r.created_at)
+
+    async def append_events(self, events: Sequence[tuple[str, Event]]) -> None:
+        by_build: dict[str, builtins.list[Event]] = {}
+        for build_id, event in events:
+            by_build.setdefault(build_id, []).append(event)
+        if not by_build:
+            return
+        args: builtins.list[str | int] = []
+        for group in by_build.values():
+            args.append(len(group))
+            for event in group:
+                args += (event.id, event.data)
+        with _unavailable(f"appending {len(events)} events"):
+            await self._append(keys=[_events_key(b) for b in by_build], args=args)
+
+    async def read_events(
+        self, build_id: str, *, after: int, upto: int | None = None, limit: int = 1000
+    ) -> builtins.list[Event]:
+        if limit <= 0:
+            return []
+        upper = "+" if upto is None else f"{upto}-0"
+        with _unavailable(f"reading the events of {build_id}"):
+            entries = await self._redis.xrange(_events_key(build_id), f"{after + 1}-0", upper, count=limit)
+        return _events(entries)
+
+    async def last_event_id(self, build_id: str) -> int:
+        with _unavailable(f"reading the events of {build_id}"):
+            top = await self._redis.xrevrange(_events_key(build_id), "+", "-", count=1)
+        return _event_id(_text(top[0][0])) if top else 0
+
+    async def expire(self, *, finished_before: str, keep: int, exclude: Set[str]) -> builtins.list[str]:
+        """Remove finished builds older than `finished_before` (RFC 3339) or beyond each tenant's newest `keep`."""
+        cutoff = _epoch_ms(dt.datetime.fromisoformat(finished_before.replace("Z", "+00:00")))
+        with _unavailable("expiring builds"):
+            candidates = set(_texts(await self._redis.zrangebyscore(_FINISHED, "-inf", f"({cutoff}")))
+            # `keep` per tenant: one tenant's many builds do not evict another's few.
+            for namespace in _texts(await self._redis.smembers(_NAMESPACES)):
+                candidates.update(_texts(await self._redis.zrange(_namespace_key(namespace), 0, -keep - 1)))
+            candidates -= exclude
+            ordered = sorted(candidates)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for build_id in ordered:
+                    pipe.hmget(_build_key(build_id), ["namespace", "owner", "finished_at"])
+                rows = await pipe.execute()
+            expired: list[str] = []
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for build_id, (namespace, owner, finished_at) in zip(ordered, rows, strict=True):
+                    if namespace is None:
+                        # Gone already (the safety net): only its index entries are left.
+                        pipe.zrem(_FINISHED, build_id)
+                        continue
+                    if not finished_at:
+                        continue
+                    pipe.delete(_build_key(build_id), _events_key(build_id))
+                    pipe.zrem(_namespace_key(namespace), build_id)
+                    for status in _STATUSES:
+                        pipe.zrem(_status_key(status, namespace), build_id)
+                    pipe.zrem(_FINISHED, build_id)
+                    pipe.srem(_open_key(owner), build_id)
+                    pipe.set(_tombstone_key(build_id), namespace, ex=TOMBSTONE_SECONDS)
+                    expired.append(build_id)
+                await pipe.execute()
+        return expired
+
+    async def is_expired(self, build_id: str, namespace: str) -> bool:
+        with _unavailable(f"reading build {build_id}"):
+            return bool(await self._redis.get(_tombstone_key(build_id)) == namespace)
+
+    async def claim_idempotent(
+        self, namespace: str, key: str, *, window: float, pending: float
+    ) -> tuple[str, str] | None:
+        name = _idempotency_key(namespace, key)
+        with _unavailable("claiming an Idempotency-Key"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(name, _PENDING, nx=True, px=_ms(pending))
+                pipe.get(name)
+                claimed, value = await pipe.execute()
+        if claimed:
+            return None
+        held = json.loads(value)
+        return str(held["fingerprint"]), str(held["build_id"])
+
+    async def remember_idempotent(
+        self, namespace: str, key: str, fingerprint: str, build_id: str, *, window: float
+    ) -> None:
+        value = json.dumps({"fingerprint": fingerprint, "build_id": build_id})
+        with _unavailable("remembering an Idempotency-Key"):
+            await self._redis.set(_idempotency_key(namespace, key), value, px=_ms(window))
+
+    async def release_idempotent(self, namespace: str, key: str) -> None:
+        with _unavailable("releasing an Idempotency-Key"):
+            await self._release(keys=[_idempotency_key(namespace, key)], args=[_PENDING])
+
+
+class RedisLease:
+    """A key per replica that lives while the replica heartbeats."""
+
+    def __init__(self, client: Redis, replica_id: str, ttl: float) -> None:
+        self.replica_id = replica_id
+        self.ttl = ttl
+        self._redis = client
+        self._key = _lease_key(replica_id)
+        # Who holds the lease, for whoever looks at Redis.
+        self._holder = f"{socket.gethostname()}:{os.getpid()}"
+        self._claim_lost = client.register_script(_CLAIM_LOST)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Take the lease (StoreUnavailable if Redis cannot be reached) and heartbeat it until `stop`."""
+        await self._beat()
+        self._task = asyncio.create_task(self._heartbeat(), name=f"lease-{self.replica_id}")
+
+    async def _beat(self) -> None:
+        with _unavailable("renewing the lease"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(self._key, self._holder, px=_ms(self.ttl))
+                # Again at every beat: a replica thought lost and released comes back here.
+                pipe.sadd(_REPLICAS, self.replica_id)
+                await pipe.execute()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                await self._beat()
+            except StoreUnavailable as exc:
+                log.warning("lease_heartbeat_failed", replica_id=self.replica_id, error=str(exc))
+
+    async def halt(self) -> None:
+        """Stop heartbeating and leave the lease to expire, as a crash would."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def stop(self) -> None:
+        await self.halt()
+        try:
+            with _unavailable("letting the lease go"):
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.delete(self._key)
+                    pipe.srem(_REPLICAS, self.replica_id)
+                    await pipe.execute()
+        except StoreUnavailable as exc:
+            # It expires within ttl anyway; then a reaper finds none of our builds unfinished.
+            log.warning("lease_release_failed", replica_id=self.replica_id, error=str(exc))
+
+    async def claim_lost(self) -> builtins.list[str]:
+        with _unavailable("looking for lost replicas"):
+            others = sorted(r for r in _texts(await self._redis.smembers(_REPLICAS)) if r != self.replica_id)
+            if not others:
+                return []
+            keys = [key for replica in others for key in (_lease_key(replica), _reap_key(replica))]
+            claimed = await self._claim_lost(keys=keys, args=[self.replica_id, _ms(self.ttl)])
+        return [others[int(index) - 1] for index in claimed]
+
+    async def release_lost(self, replica_id: str) -> None:
+        with _unavailable(f"releasing lost replica {replica_id}"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.srem(_REPLICAS, replica_id)
+                pipe.delete(_reap_key(replica_id))
+                await pipe.execute()
+
+
+class RedisControl:
+    """A stream per replica of the cancels routed to it."""
+
+    def __init__(self, client: Redis, blocking: Redis, replica_id: str) -> None:
+        self._redis = client
+        # XREAD BLOCK holds its connection for seconds: not one of the short commands' ones.
+        self._blocking = blocking
+        self._key = _control_key(replica_id)
+
+    async def send_cancel(self, replica_id: str, build_id: str) -> None:
+        key = _control_key(replica_id)
+        with _unavailable(f"sending a cancel to replica {replica_id}"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(key, {"build_id": build_id}, maxlen=_CONTROL_MAXLEN, approximate=True)
+                pipe.expire(key, _CONTROL_TTL)
+                await pipe.execute()
+
+    async def cancels(self) -> AsyncIterator[str]:
+        """Cancels sent from the first iteration on; a Redis failure is logged and waited out."""
+        last: str | None = None
+        delay = _RETRY_FIRST
+        while True:
+            try:
+                if last is None:
+                    # "$" once, as a concrete id: each later read goes on from the last entry
+                    # seen, so nothing sent between two reads is missed.
+                    top = await self._redis.xrevrange(self._key, "+", "-", count=1)
+                    last = _text(top[0][0]) if top else "0-0"
+                async with asyncio.timeout(_CONTROL_BLOCK_MS / 1000 + _BLOCKING_MARGIN):
+                    reply = await self._blocking.xread({self._key: last}, count=100, block=_CONTROL_BLOCK_MS)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("control_read_failed", error=str(exc) or type(exc).__name__, retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+                continue
+            delay = _RETRY_FIRST
+            for entry_id, fields in _read_entries(reply):
+                last = entry_id
+                yield _text(fields["build_id"])
+
+
+class RedisTail:
+    """Events of a build as its owner, on another replica, commits them."""
+
+    def __init__(self, blocking: Redis) -> None:
+        self._blocking = blocking
+
+    async def wait(self, build_id: str, *, after: int, timeout: float, limit: int) -> builtins.list[Event]:
+        # BLOCK 0 would wait for ever; without BLOCK, XREAD answers at once.
+        block = _ms(timeout) if timeout > 0 else None
+        with _unavailable(f"following the events of {build_id}"):
+            async with asyncio.timeout(max(timeout, 0) + _BLOCKING_MARGIN):
+                reply = await self._blocking.xread({_events_key(build_id): f"{after}-0"}, count=limit, block=block)
+        return [Event.of(_event_id(entry_id), _text(fields["data"])) for entry_id, fields in _read_entries(reply)]
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisCluster(Cluster):
+    """The four parts on one Redis, and the connections they share."""
+
+    redis: Redis
+    blocking: Redis
+    heartbeat: RedisLease
+
+    async def close(self) -> None:
+        """Close the connections; a lease not stopped before is left to expire."""
+        await self.heartbeat.halt()
+        await self.redis.connection_pool.disconnect()
+        await self.blocking.connection_pool.disconnect()
+
+
+def _client(url: str, *, socket_timeout: float | None, max_connections: int, name: str) -> Redis:
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=_POOL_WAIT,
+        decode_responses=True,
+        # The reply shapes this module reads (XREAD as a list of pairs, say), on any redis-py.
+        protocol=2,
+        client_name=name,
+        socket_connect_timeout=_CONNECT_TIMEOUT,
+        socket_timeout=socket_timeout,
+        socket_keepalive=True,
+        # A pooled connection idle this long is pinged before use: one that a Redis restart cut
+        # is replaced before a command goes to it.
+        health_check_interval=_HEALTH_CHECK_SECONDS,
+        # A connection error (a restarted Redis, say) is retried on a new connection; every write
+        # of the store is idempotent, so one that got through before the error is harmless.
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3, supported_errors=(RedisConnectionError,)),
+        retry_on_error=[RedisConnectionError],
+    )
+    return Redis(connection_pool=pool)
+
+
+def _connect(url: str, *, replica_id: str, lease_ttl: float, retention: float) -> RedisCluster:
+    commands = _client(
+        url, socket_timeout=_COMMAND_TIMEOUT, max_connections=_COMMAND_CONNECTIONS, name=f"builder-{replica_id}"
+    )
+    # No socket timeout: a blocking read is bounded by its BLOCK (plus a margin) instead.
+    blocking = _client(url, socket_timeout=None, max_connections=_BLOCKING_CONNECTIONS, name=f"builder-{replica_id}")
+    lease = RedisLease(commands, replica_id, lease_ttl)
+    return RedisCluster(
+        store=RedisBuildStore(commands, retention=retention),
+        lease=lease,
+        control=RedisControl(commands, blocking, replica_id),
+        tail=RedisTail(blocking),
+        redis=commands,
+        blocking=blocking,
+        heartbeat=lease,
+    )
+
+
+async def open_cluster(url: str, *, replica_id: str, lease_ttl: float, retention: float) -> RedisCluster:
+    """`connect`, and check that Redis answers (StoreUnavailable if not)."""
+    cluster = _connect(url, replica_id=replica_id, lease_ttl=lease_ttl, retention=retention)
+    try:
+        await cluster.open()
+    except BaseException:
+        await cluster.close()
+        raise
+    return cluster
+
+
+def connect(url: str, *, replica_id: str, lease_ttl: float, retention: float) -> Cluster:
+    """The cluster's parts on Redis at `url` (redis://HOST:PORT/DB), not connected yet: `open()`
+    checks that Redis answers, `close()` closes the connections."""
+    return _connect(url, replica_id=replica_id, lease_ttl=lease_ttl, retention=retention)
