@@ -12,10 +12,10 @@ from builder.server.engines.base import EngineFailure, ImageBuilt
 from builder.server.engines.legacy import BuildOutputParser, LinePiece, StepContainer, StepLayer
 from builder.server.errors import InvalidField, InvalidImageReference
 from builder.server.events import EventLog
-from builder.server.records import Event
 from builder.server.hosts import is_loopback
 from builder.server.imageref import parse_image_name, validate_reference
 from builder.server.models import BuildSpec, Shape, normalise_context_path
+from builder.server.records import Event
 
 pytestmark = pytest.mark.unit
 
