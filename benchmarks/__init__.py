@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from benchmarks import (
     cancel,
     chatty,
+    cluster,
     concurrency,
     e2e,
     fanout,
@@ -47,5 +48,6 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("concurrency", "20 builds, two at a time", concurrency.run),
         Scenario("reconnect-memory", "Log-stream reconnect churn", reconnect_memory.run),
         Scenario("session", "A BuildKit session's added time (build secrets)", session.run),
+        Scenario("cluster", "Cluster mode: replicas sharing one Redis", cluster.run),
     )
 }

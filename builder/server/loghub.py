@@ -65,7 +65,7 @@ class RemoteLogs:
                     remote.build_id, after=remote.last_id, timeout=_WAIT_SECONDS, limit=_READ_BATCH
                 )
             except StoreUnavailable as exc:
-                log.warning("remote_log_read_failed", build_id=remote.build_id, error=str(exc))
+                log.warning("remote_log_read_failed", build_id=remote.build_id, error=exc.message)
                 await asyncio.sleep(_RETRY_SECONDS)
                 continue
             remote.extend_committed(events)

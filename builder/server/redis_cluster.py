@@ -39,7 +39,7 @@ import datetime as dt
 import json
 import os
 import socket
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence, Set
+from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence, Set
 from typing import Any, Final
 
 import structlog
@@ -487,7 +487,7 @@ class RedisControl:
                 pipe.expire(key, _CONTROL_TTL)
                 await pipe.execute()
 
-    async def cancels(self) -> AsyncIterator[str]:
+    async def cancels(self) -> AsyncGenerator[str, None]:
         """Cancels sent from the first iteration on; a Redis failure is logged and waited out."""
         last: str | None = None
         delay = _RETRY_FIRST

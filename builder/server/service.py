@@ -771,7 +771,7 @@ class BuildService:
             try:
                 await self._flush()
             except StoreUnavailable as exc:
-                status, error = BuildStatus.FAILED, f"{STORE_FAILED_MESSAGE}: {exc}"
+                status, error = BuildStatus.FAILED, f"{STORE_FAILED_MESSAGE}: {exc.message}"
                 build.log.drop_unshown()
         if build.spool is not None:
             await self._spool.remove(build.spool)
@@ -838,9 +838,9 @@ class BuildService:
                         del self._active[build.record.build_id]
             except StoreUnavailable as exc:
                 if self.store_error is None:
-                    log.error("store_write_failed", error=str(exc))
-                self.store_error = str(exc)
-                self._fail_unstorable_builds(str(exc))
+                    log.error("store_write_failed", error=exc.message)
+                self.store_error = exc.message
+                self._fail_unstorable_builds(exc.message)
                 raise
             if self.store_error is not None:
                 log.info("store_write_recovered")

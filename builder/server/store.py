@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from builder.protocol import BuildStatus
+from builder.server.errors import StoreFailing
 from builder.server.records import BuildRecord, Event, rfc3339, utcnow
 
 T = TypeVar("T")
@@ -74,8 +75,9 @@ DROP TABLE event_runs;
 """
 
 
-class StoreUnavailable(Exception):
-    """The store could not write (a full disk, say): nothing of that write was kept."""
+class StoreUnavailable(StoreFailing):
+    """The store could not write (a full disk, say), or cannot be reached (a Redis away): nothing
+    of that write was kept. A request that meets it gets a 503."""
 
 
 class BuildStore(Protocol):
