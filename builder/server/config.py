@@ -73,8 +73,10 @@ class Settings:
     shutdown_grace: float = 30.0
     # DELETE waits this long for teardown before answering 202.
     cancel_wait: float = 10.0
-    # How often buffered log events are committed to the store, in one transaction.
-    flush_interval: float = 0.05
+    # How often buffered log events are committed to the store, in one transaction (None: 50 ms
+    # alone, where a commit is a SQLite transaction; 10 ms in cluster mode, where followers on
+    # other replicas see events only once committed, and a commit is one Redis round trip).
+    flush_interval: float | None = None
     # Longest output line kept whole (longer ones are cut into continuation events), and the most
     # output a build's log keeps (past it, the build goes on and its log says so).
     max_log_line: int = 64 * 1024
@@ -110,6 +112,12 @@ class Settings:
     lease_ttl: float = 10.0
     sse_retry_ms: int = DEFAULT_SSE_RETRY_MS
     sse_ping_interval: float = 15.0
+
+    @property
+    def commit_interval(self) -> float:
+        if self.flush_interval is not None:
+            return self.flush_interval
+        return 0.01 if self.redis_url else 0.05
 
     @property
     def database_path(self) -> Path:

@@ -858,8 +858,8 @@ class BuildService:
                 task.add_done_callback(self._stoppers.discard)
 
     async def _flush_forever(self) -> None:
-        """The flusher: every --flush-interval, or less often (up to 5 s) while the store cannot write."""
-        interval = self._settings.flush_interval
+        """The flusher: every commit interval, or less often (up to 5 s) while the store cannot write."""
+        interval = self._settings.commit_interval
         while True:
             await asyncio.sleep(interval)
             try:
@@ -869,7 +869,7 @@ class BuildService:
             except Exception:
                 log.exception("flush_failed")
             else:
-                interval = self._settings.flush_interval
+                interval = self._settings.commit_interval
 
     # -- following -------------------------------------------------------------
 
