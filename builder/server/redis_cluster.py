@@ -38,12 +38,14 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import re
 import socket
-from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence, Set
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence, Set
 from typing import Any, Final
 
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -212,6 +214,26 @@ def _unavailable(action: str) -> Iterator[None]:
         raise StoreUnavailable(f"Redis: {action} failed: {exc or type(exc).__name__}") from exc
 
 
+async def _pipelined(client: Redis, fill: Callable[[Pipeline], object], *, transaction: bool = True) -> list[Any]:
+    """The commands `fill` queues (a lambda queues several as a tuple), in one round trip and,
+    unless not `transaction`, one MULTI/EXEC.
+
+    Retried once after a connection error, as redis-py retries a single command: a restarted
+    Redis leaves the pool's connections dead. redis-py 5.0 does not retry pipelines itself.
+    Every pipeline here may be applied twice.
+    """
+
+    async def run() -> list[Any]:
+        async with client.pipeline(transaction=transaction) as pipe:
+            fill(pipe)
+            return await pipe.execute()
+
+    try:
+        return await run()
+    except RedisConnectionError:
+        return await run()
+
+
 class RedisBuildStore:
     """`BuildStore` on Redis, shared by every daemon of the cluster."""
 
@@ -239,29 +261,31 @@ class RedisBuildStore:
             "created_at": data["created_at"],
             "finished_at": data["finished_at"] or "",
         }
+
+        def fill(pipe: Pipeline) -> None:
+            pipe.hset(_build_key(build_id), mapping=fields)
+            pipe.zadd(_namespace_key(namespace), {build_id: _epoch_ms(record.created_at)})
+            for status in _STATUSES:
+                if status is not record.status:
+                    pipe.zrem(_status_key(status, namespace), build_id)
+            pipe.zadd(_status_key(record.status, namespace), {build_id: _epoch_ms(record.created_at)})
+            pipe.sadd(_NAMESPACES, namespace)
+            if record.finished_at is not None:
+                pipe.zadd(_FINISHED, {build_id: _epoch_ms(record.finished_at)})
+            else:
+                pipe.zrem(_FINISHED, build_id)
+            # A terminal record with containers was ended by a reaper: its owner still has to
+            # remove them when it starts again.
+            if not record.status.terminal or record.containers:
+                pipe.sadd(_open_key(owner), build_id)
+            else:
+                pipe.srem(_open_key(owner), build_id)
+            if record.status.terminal and self._safety_ttl is not None:
+                pipe.pexpire(_build_key(build_id), self._safety_ttl)
+                pipe.pexpire(_events_key(build_id), self._safety_ttl)
+
         with _unavailable(f"saving build {build_id}"):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(_build_key(build_id), mapping=fields)
-                pipe.zadd(_namespace_key(namespace), {build_id: _epoch_ms(record.created_at)})
-                for status in _STATUSES:
-                    if status is not record.status:
-                        pipe.zrem(_status_key(status, namespace), build_id)
-                pipe.zadd(_status_key(record.status, namespace), {build_id: _epoch_ms(record.created_at)})
-                pipe.sadd(_NAMESPACES, namespace)
-                if record.finished_at is not None:
-                    pipe.zadd(_FINISHED, {build_id: _epoch_ms(record.finished_at)})
-                else:
-                    pipe.zrem(_FINISHED, build_id)
-                # A terminal record with containers was ended by a reaper: its owner still has
-                # to remove them when it starts again.
-                if not record.status.terminal or record.containers:
-                    pipe.sadd(_open_key(owner), build_id)
-                else:
-                    pipe.srem(_open_key(owner), build_id)
-                if record.status.terminal and self._safety_ttl is not None:
-                    pipe.pexpire(_build_key(build_id), self._safety_ttl)
-                    pipe.pexpire(_events_key(build_id), self._safety_ttl)
-                await pipe.execute()
+            await _pipelined(self._redis, fill)
 
     async def get(self, build_id: str) -> BuildRecord | None:
         with _unavailable(f"reading build {build_id}"):
@@ -271,10 +295,12 @@ class RedisBuildStore:
     async def _records(self, build_ids: Sequence[str]) -> builtins.list[BuildRecord | None]:
         if not build_ids:
             return []
-        async with self._redis.pipeline(transaction=False) as pipe:
+
+        def fill(pipe: Pipeline) -> None:
             for build_id in build_ids:
                 pipe.hget(_build_key(build_id), "record")
-            raws = await pipe.execute()
+
+        raws = await _pipelined(self._redis, fill, transaction=False)
         return [None if raw is None else BuildRecord.from_storage(json.loads(raw)) for raw in raws]
 
     async def list(self, *, namespace: str, status: BuildStatus | None, limit: int) -> list[BuildRecord]:
@@ -339,35 +365,48 @@ class RedisBuildStore:
         """Remove finished builds older than `finished_before` (RFC 3339) or beyond each tenant's newest `keep`."""
         cutoff = _epoch_ms(dt.datetime.fromisoformat(finished_before.replace("Z", "+00:00")))
         with _unavailable("expiring builds"):
-            candidates = set(_texts(await self._redis.zrangebyscore(_FINISHED, "-inf", f"({cutoff}")))
+            # Build id -> the namespace whose index named it (None: the index of finished builds).
+            candidates: dict[str, str | None] = dict.fromkeys(
+                _texts(await self._redis.zrangebyscore(_FINISHED, "-inf", f"({cutoff}"))
+            )
             # `keep` per tenant: one tenant's many builds do not evict another's few.
             for namespace in _texts(await self._redis.smembers(_NAMESPACES)):
-                candidates.update(_texts(await self._redis.zrange(_namespace_key(namespace), 0, -keep - 1)))
-            candidates -= exclude
-            ordered = sorted(candidates)
-            async with self._redis.pipeline(transaction=False) as pipe:
+                beyond = _texts(await self._redis.zrange(_namespace_key(namespace), 0, -keep - 1))
+                candidates.update(dict.fromkeys(beyond, namespace))
+            ordered = sorted(candidates.keys() - exclude)
+
+            def read(pipe: Pipeline) -> None:
                 for build_id in ordered:
                     pipe.hmget(_build_key(build_id), ["namespace", "owner", "finished_at"])
-                rows = await pipe.execute()
-            expired: list[str] = []
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for build_id, (namespace, owner, finished_at) in zip(ordered, rows, strict=True):
-                    if namespace is None:
-                        # Gone already (the safety net): only its index entries are left.
-                        pipe.zrem(_FINISHED, build_id)
-                        continue
-                    if not finished_at:
-                        continue
+
+            rows = await _pipelined(self._redis, read, transaction=False)
+            expired = [
+                (build_id, namespace, owner)
+                for build_id, (namespace, owner, finished_at) in zip(ordered, rows, strict=True)
+                if namespace is not None and finished_at
+            ]
+            # Gone already (the safety net): only index entries are left of them.
+            gone = [build_id for build_id, (namespace, _, _) in zip(ordered, rows, strict=True) if namespace is None]
+
+            def remove(pipe: Pipeline) -> None:
+                for build_id in gone:
+                    self._unindex(pipe, build_id, candidates[build_id])
+                for build_id, namespace, owner in expired:
                     pipe.delete(_build_key(build_id), _events_key(build_id))
-                    pipe.zrem(_namespace_key(namespace), build_id)
-                    for status in _STATUSES:
-                        pipe.zrem(_status_key(status, namespace), build_id)
-                    pipe.zrem(_FINISHED, build_id)
+                    self._unindex(pipe, build_id, namespace)
                     pipe.srem(_open_key(owner), build_id)
                     pipe.set(_tombstone_key(build_id), namespace, ex=TOMBSTONE_SECONDS)
-                    expired.append(build_id)
-                await pipe.execute()
-        return expired
+
+            await _pipelined(self._redis, remove)
+        return [build_id for build_id, _, _ in expired]
+
+    @staticmethod
+    def _unindex(pipe: Pipeline, build_id: str, namespace: str | None) -> None:
+        pipe.zrem(_FINISHED, build_id)
+        if namespace is not None:
+            pipe.zrem(_namespace_key(namespace), build_id)
+            for status in _STATUSES:
+                pipe.zrem(_status_key(status, namespace), build_id)
 
     async def is_expired(self, build_id: str, namespace: str) -> bool:
         with _unavailable(f"reading build {build_id}"):
@@ -377,15 +416,16 @@ class RedisBuildStore:
         self, namespace: str, key: str, *, window: float, pending: float
     ) -> tuple[str, str] | None:
         name = _idempotency_key(namespace, key)
-        with _unavailable("claiming an Idempotency-Key"):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(name, _PENDING, nx=True, px=_ms(pending))
-                pipe.get(name)
-                claimed, value = await pipe.execute()
-        if claimed:
-            return None
-        held = json.loads(value)
-        return str(held["fingerprint"]), str(held["build_id"])
+        while True:
+            with _unavailable("claiming an Idempotency-Key"):
+                claimed, value = await _pipelined(
+                    self._redis, lambda pipe: (pipe.set(name, _PENDING, nx=True, px=_ms(pending)), pipe.get(name))
+                )
+            if claimed:
+                return None
+            if value is not None:  # else it expired between the two: claim again
+                held = json.loads(value)
+                return str(held["fingerprint"]), str(held["build_id"])
 
     async def remember_idempotent(
         self, namespace: str, key: str, fingerprint: str, build_id: str, *, window: float
@@ -415,15 +455,19 @@ class RedisLease:
     async def start(self) -> None:
         """Take the lease (StoreUnavailable if Redis cannot be reached) and heartbeat it until `stop`."""
         await self._beat()
-        self._task = asyncio.create_task(self._heartbeat(), name=f"lease-{self.replica_id}")
+        if self._task is None:
+            self._task = asyncio.create_task(self._heartbeat(), name=f"lease-{self.replica_id}")
 
     async def _beat(self) -> None:
         with _unavailable("renewing the lease"):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(self._key, self._holder, px=_ms(self.ttl))
-                # Again at every beat: a replica thought lost and released comes back here.
-                pipe.sadd(_REPLICAS, self.replica_id)
-                await pipe.execute()
+            # Registered again at every beat: a replica thought lost, and released, is back.
+            await _pipelined(
+                self._redis,
+                lambda pipe: (
+                    pipe.set(self._key, self._holder, px=_ms(self.ttl)),
+                    pipe.sadd(_REPLICAS, self.replica_id),
+                ),
+            )
 
     async def _heartbeat(self) -> None:
         while True:
@@ -445,10 +489,9 @@ class RedisLease:
         await self.halt()
         try:
             with _unavailable("letting the lease go"):
-                async with self._redis.pipeline(transaction=True) as pipe:
-                    pipe.delete(self._key)
-                    pipe.srem(_REPLICAS, self.replica_id)
-                    await pipe.execute()
+                await _pipelined(
+                    self._redis, lambda pipe: (pipe.delete(self._key), pipe.srem(_REPLICAS, self.replica_id))
+                )
         except StoreUnavailable as exc:
             # It expires within ttl anyway; then a reaper finds none of our builds unfinished.
             log.warning("lease_release_failed", replica_id=self.replica_id, error=str(exc))
@@ -464,10 +507,9 @@ class RedisLease:
 
     async def release_lost(self, replica_id: str) -> None:
         with _unavailable(f"releasing lost replica {replica_id}"):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.srem(_REPLICAS, replica_id)
-                pipe.delete(_reap_key(replica_id))
-                await pipe.execute()
+            await _pipelined(
+                self._redis, lambda pipe: (pipe.srem(_REPLICAS, replica_id), pipe.delete(_reap_key(replica_id)))
+            )
 
 
 class RedisControl:
@@ -482,10 +524,14 @@ class RedisControl:
     async def send_cancel(self, replica_id: str, build_id: str) -> None:
         key = _control_key(replica_id)
         with _unavailable(f"sending a cancel to replica {replica_id}"):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.xadd(key, {"build_id": build_id}, maxlen=_CONTROL_MAXLEN, approximate=True)
-                pipe.expire(key, _CONTROL_TTL)
-                await pipe.execute()
+            # A retry may send the cancel twice: a cancel of a cancelled build is a no-op.
+            await _pipelined(
+                self._redis,
+                lambda pipe: (
+                    pipe.xadd(key, {"build_id": build_id}, maxlen=_CONTROL_MAXLEN, approximate=True),
+                    pipe.expire(key, _CONTROL_TTL),
+                ),
+            )
 
     async def cancels(self) -> AsyncGenerator[str, None]:
         """Cancels sent from the first iteration on; a Redis failure is logged and waited out."""
@@ -558,18 +604,18 @@ def _client(url: str, *, socket_timeout: float | None, max_connections: int, nam
         health_check_interval=_HEALTH_CHECK_SECONDS,
         # A connection error (a restarted Redis, say) is retried on a new connection; every write
         # of the store is idempotent, so one that got through before the error is harmless.
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3, supported_errors=(RedisConnectionError,)),
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.025), 2, supported_errors=(RedisConnectionError,)),
         retry_on_error=[RedisConnectionError],
     )
     return Redis(connection_pool=pool)
 
 
 def _connect(url: str, *, replica_id: str, lease_ttl: float, retention: float) -> RedisCluster:
-    commands = _client(
-        url, socket_timeout=_COMMAND_TIMEOUT, max_connections=_COMMAND_CONNECTIONS, name=f"builder-{replica_id}"
-    )
+    # CLIENT LIST shows whose each connection is (a name has no spaces).
+    name = "builder-" + re.sub(r"\s", "_", replica_id)
+    commands = _client(url, socket_timeout=_COMMAND_TIMEOUT, max_connections=_COMMAND_CONNECTIONS, name=name)
     # No socket timeout: a blocking read is bounded by its BLOCK (plus a margin) instead.
-    blocking = _client(url, socket_timeout=None, max_connections=_BLOCKING_CONNECTIONS, name=f"builder-{replica_id}")
+    blocking = _client(url, socket_timeout=None, max_connections=_BLOCKING_CONNECTIONS, name=f"{name}-blocking")
     lease = RedisLease(commands, replica_id, lease_ttl)
     return RedisCluster(
         store=RedisBuildStore(commands, retention=retention),
