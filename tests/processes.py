@@ -197,6 +197,16 @@ async def second_docker(second_engine: str) -> AsyncIterator[aiodocker.Docker]:
 # ---------------------------------------------------------------- redis-server
 
 
+def redis_argv(binary: str, port: int, directory: Path, log: Path) -> list[str]:
+    """redis-server on a loopback port, in the foreground, with AOF on (what the README shows)
+    and no RDB snapshots; the benchmarks run it the same way."""
+    return [
+        binary,
+        *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)),
+        *("--appendonly", "yes", "--save", "", "--daemonize", "no", "--logfile", str(log)),
+    ]
+
+
 class RedisServer:
     """redis-server on a loopback port with AOF on, its files in `directory`; restartable on the same
     port and files."""
@@ -206,23 +216,7 @@ class RedisServer:
         self.directory = directory
         self.url = f"redis://127.0.0.1:{port}/0"
         self._log = directory / "redis.log"
-        self._argv = [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(directory),
-            "--appendonly",
-            "yes",
-            "--save",
-            "",
-            "--daemonize",
-            "no",
-            "--logfile",
-            str(self._log),
-        ]
+        self._argv = redis_argv(binary, port, directory, self._log)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
