@@ -493,3 +493,22 @@ async def test_lease_and_cancels_survive_a_redis_restart(
         await asyncio.gather(first, return_exceptions=True)
         await cancels.aclose()
     await b.lease.stop()
+
+
+async def test_the_heartbeat_and_the_reader_stop_promptly_after_a_redis_restart(
+    redis_server: RedisServer, a: RedisCluster, b: RedisCluster
+) -> None:
+    # redis-py 5.0.0 swallows a cancellation that lands while it checks a pooled connection.
+    await b.lease.start()
+    reader = asyncio.ensure_future(anext(b.control.cancels()))
+    await blocked_clients(a.redis, 1)
+    redis_server.stop()
+    await asyncio.sleep(TTL / 2)
+    redis_server.start()
+    await a.close()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reader.cancel()
+    await asyncio.wait_for(asyncio.gather(reader, return_exceptions=True), 5)
+    await asyncio.wait_for(b.lease.stop(), 5)
+    assert loop.time() - started < 0.5

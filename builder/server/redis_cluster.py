@@ -234,6 +234,18 @@ async def _pipelined(client: Redis, fill: Callable[[Pipeline], object], *, trans
         return await run()
 
 
+def _cancelled_anyway() -> None:
+    """Raise the cancellation of the current task if one is pending.
+
+    redis-py 5.0.0 can swallow one: taking a pooled connection, it probes the socket under a
+    zero timeout and takes the CancelledError for that timeout's own. A task cancelled there
+    would go on for ever; the loops here look for it after each Redis call.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class RedisBuildStore:
     """`BuildStore` on Redis, shared by every daemon of the cluster."""
 
@@ -476,6 +488,7 @@ class RedisLease:
                 await self._beat()
             except StoreUnavailable as exc:
                 log.warning("lease_heartbeat_failed", replica_id=self.replica_id, error=str(exc))
+            _cancelled_anyway()
 
     async def halt(self) -> None:
         """Stop heartbeating and leave the lease to expire, as a crash would."""
@@ -547,10 +560,12 @@ class RedisControl:
                 async with asyncio.timeout(_CONTROL_BLOCK_MS / 1000 + _BLOCKING_MARGIN):
                     reply = await self._blocking.xread({self._key: last}, count=100, block=_CONTROL_BLOCK_MS)
             except (RedisError, OSError, TimeoutError) as exc:
+                _cancelled_anyway()
                 log.warning("control_read_failed", error=str(exc) or type(exc).__name__, retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX)
                 continue
+            _cancelled_anyway()
             delay = _RETRY_FIRST
             for entry_id, fields in _read_entries(reply):
                 last = entry_id
@@ -569,6 +584,7 @@ class RedisTail:
         with _unavailable(f"following the events of {build_id}"):
             async with asyncio.timeout(max(timeout, 0) + _BLOCKING_MARGIN):
                 reply = await self._blocking.xread({_events_key(build_id): f"{after}-0"}, count=limit, block=block)
+        _cancelled_anyway()
         return [Event.of(_event_id(entry_id), _text(fields["data"])) for entry_id, fields in _read_entries(reply)]
 
 
