@@ -40,6 +40,7 @@ import json
 import os
 import re
 import socket
+import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence, Set
 from typing import Any, Final
 
@@ -463,6 +464,8 @@ class RedisLease:
         self._holder = f"{socket.gethostname()}:{os.getpid()}"
         self._claim_lost = client.register_script(_CLAIM_LOST)
         self._task: asyncio.Task[None] | None = None
+        # Since when every heartbeat has reached Redis (None after one failed).
+        self._steady_since: float | None = None
 
     async def start(self) -> None:
         """Take the lease (StoreUnavailable if Redis cannot be reached) and heartbeat it until `stop`."""
@@ -471,15 +474,21 @@ class RedisLease:
             self._task = asyncio.create_task(self._heartbeat(), name=f"lease-{self.replica_id}")
 
     async def _beat(self) -> None:
-        with _unavailable("renewing the lease"):
-            # Registered again at every beat: a replica thought lost, and released, is back.
-            await _pipelined(
-                self._redis,
-                lambda pipe: (
-                    pipe.set(self._key, self._holder, px=_ms(self.ttl)),
-                    pipe.sadd(_REPLICAS, self.replica_id),
-                ),
-            )
+        try:
+            with _unavailable("renewing the lease"):
+                # Registered again at every beat: a replica thought lost, and released, is back.
+                await _pipelined(
+                    self._redis,
+                    lambda pipe: (
+                        pipe.set(self._key, self._holder, px=_ms(self.ttl)),
+                        pipe.sadd(_REPLICAS, self.replica_id),
+                    ),
+                )
+        except StoreUnavailable:
+            self._steady_since = None
+            raise
+        if self._steady_since is None:
+            self._steady_since = time.monotonic()
 
     async def _heartbeat(self) -> None:
         while True:
@@ -510,6 +519,10 @@ class RedisLease:
             log.warning("lease_release_failed", replica_id=self.replica_id, error=str(exc))
 
     async def claim_lost(self) -> builtins.list[str]:
+        # After Redis was away longer than a ttl every lease has lapsed, live replicas' too: none
+        # is lost until ours has been renewed for a whole ttl, time enough for them to renew theirs.
+        if self._steady_since is None or time.monotonic() - self._steady_since < self.ttl:
+            return []
         with _unavailable("looking for lost replicas"):
             others = sorted(r for r in _texts(await self._redis.smembers(_REPLICAS)) if r != self.replica_id)
             if not others:
