@@ -496,7 +496,7 @@ class RedisLease:
             try:
                 await self._beat()
             except StoreUnavailable as exc:
-                log.warning("lease_heartbeat_failed", replica_id=self.replica_id, error=str(exc))
+                log.warning("lease_heartbeat_failed", replica_id=self.replica_id, error=exc.message)
             _cancelled_anyway()
 
     async def halt(self) -> None:
@@ -516,7 +516,7 @@ class RedisLease:
                 )
         except StoreUnavailable as exc:
             # It expires within ttl anyway; then a reaper finds none of our builds unfinished.
-            log.warning("lease_release_failed", replica_id=self.replica_id, error=str(exc))
+            log.warning("lease_release_failed", replica_id=self.replica_id, error=exc.message)
 
     async def claim_lost(self) -> builtins.list[str]:
         # After Redis was away longer than a ttl every lease has lapsed, live replicas' too: none
