@@ -111,7 +111,7 @@ async def test_slow_follower_catches_up_from_store_without_loss(aiohttp_client: 
     assert [i for i, _ in frames] == list(range(1, len(frames) + 1))
     assert [int(line) for line in log_lines(frames) if line.isdigit()] == list(range(1, 200001))
     assert frames[-1][1]["status"] == "succeeded"
-    assert client.app[SERVICE].lagged_followers >= 1
+    assert client.app[SERVICE].logs.lagged_followers >= 1
 
 
 async def test_abandoned_streams_release_their_subscriptions(client: TestClient) -> None:

@@ -13,6 +13,7 @@ import asyncio
 from typing import Any
 
 from builder import protocol
+from builder.protocol import BuildStatus
 from builder.server.records import Event
 
 # Followers see at most this many events beyond what the store has committed (and the terminal
@@ -136,3 +137,18 @@ class EventLog:
             # Let a chatty build's lines pile up briefly: one write per follower per window
             # instead of one per engine read, which is what costs with many followers.
             await asyncio.sleep(self._coalesce)
+
+
+def terminal_payload(
+    status: BuildStatus, *, error: str | None, image_ref: str | None = None, image_id: str | None = None
+) -> dict[str, Any]:
+    """The last event of a build's log: its outcome."""
+    if status is BuildStatus.SUCCEEDED:
+        return {
+            "type": protocol.EVENT_DONE,
+            "done": True,
+            "status": status.value,
+            "image_ref": image_ref,
+            "image_id": image_id,
+        }
+    return {"type": protocol.EVENT_ERROR, "error": error or status.value, "status": status.value}

@@ -1,24 +1,32 @@
-"""Live logs of builds that run on another replica, read from the store once per replica.
+"""The log hub: the only code that hands a build's events to its followers.
 
-Every follower here of such a build shares one reader of its log and one window of its recent
-events (an `EventLog`, as for a build running here); the reader stops with the last follower.
+From the shared window of a build live here (its `EventLog`), from the store for what a window
+has let go and for finished builds, and, for a build live on another replica, from one reader
+of its log per replica whose window every follower here shares.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
+import collections
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import structlog
 
 from builder.server.cluster import LogTail
+from builder.server.errors import TenantQuotaExceeded
 from builder.server.events import EventLog
+from builder.server.records import Event
 from builder.server.store import BuildStore, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
+# Most events handed to one follower at a time (and read from the store per query):
+# a follower far behind must not build one huge write.
+_FOLLOW_BATCH = 1000
 # One blocking read waits this long for new events before it looks again.
 _WAIT_SECONDS = 5.0
 _READ_BATCH = 1000
@@ -75,3 +83,105 @@ class RemoteLogs:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class LogHub:
+    def __init__(
+        self,
+        store: BuildStore,
+        tail: LogTail,
+        *,
+        live: Callable[[str], EventLog | None],
+        window: int,
+        max_followers_per_tenant: int,
+    ) -> None:
+        self._store = store
+        # The log of a build live on this replica, or None.
+        self._live = live
+        self._remote = RemoteLogs(store, tail, window=window)
+        self._max_followers = max_followers_per_tenant
+        self._followers: collections.Counter[str] = collections.Counter()  # open streams per tenant
+        self.follower_count = 0  # open log streams
+        self.lagged_followers = 0  # times a follower fell behind the window and read the store
+
+    def check_follower(self, namespace: str) -> None:
+        """Raise if the tenant has as many log streams open as it may."""
+        if self._followers[namespace] >= self._max_followers:
+            raise TenantQuotaExceeded(f"{self._max_followers} of your log streams are already open; retry later")
+
+    async def follow(
+        self, build_id: str, *, after: int, follow: bool, namespace: str
+    ) -> AsyncGenerator[builtins.list[Event], None]:
+        """Batches of every event with id > `after`, then live ones until the terminal event.
+
+        With `follow=False`, only what exists now. A follower that falls behind the in-memory
+        window reads the gap from the store, then rejoins live.
+        """
+        self.follower_count += 1
+        self._followers[namespace] += 1
+        try:
+            async for batch in self._follow(build_id, after=after, follow=follow):
+                yield batch
+        finally:
+            self.follower_count -= 1
+            self._followers[namespace] -= 1
+            if not self._followers[namespace]:
+                del self._followers[namespace]
+
+    async def _follow(self, build_id: str, *, after: int, follow: bool) -> AsyncIterator[builtins.list[Event]]:
+        if self._live(build_id) is not None:
+            async for batch in self._tail(build_id, self._live, after=after, follow=follow):
+                yield batch
+            return
+        record = await self._store.get(build_id)
+        if not follow or record is None or record.status.terminal:
+            async for batch in self._replay(build_id, after=after, upto=None):
+                yield batch
+            return
+        # Live on another replica: followed from the store as its owner commits it.
+        async with self._remote.attach(build_id, after) as remote:
+            async for batch in self._tail(build_id, lambda _: remote, after=after, follow=follow):
+                yield batch
+
+    async def _tail(
+        self, build_id: str, live: Callable[[str], EventLog | None], *, after: int, follow: bool
+    ) -> AsyncIterator[builtins.list[Event]]:
+        """Events after `after` from a live log's shared window, or from the store for what the
+        window has let go; `live` gives the log, or None once the build has left memory."""
+        last = after
+        while True:
+            log = live(build_id)
+            if log is None:
+                async for batch in self._replay(build_id, after=last, upto=None):
+                    yield batch
+                return
+            events = log.events_after(last, _FOLLOW_BATCH)
+            if events is None:
+                # Everything older than the window is committed: read it from the store.
+                self.lagged_followers += 1
+                async for batch in self._replay(build_id, after=last, upto=log.first_id - 1):
+                    last = batch[-1].id
+                    yield batch
+                last = max(last, log.first_id - 1)  # ids skipped after a crash are in no store
+                continue
+            if events:
+                last = events[-1].id
+                yield events
+                if events[-1].terminal:
+                    return
+                continue
+            if not follow or log.complete:
+                # Nothing more will come (a client may resume at, or past, the terminal frame).
+                return
+            await log.wait_for_events(last)
+
+    async def _replay(self, build_id: str, *, after: int, upto: int | None) -> AsyncIterator[builtins.list[Event]]:
+        while upto is None or after < upto:
+            events = await self._store.read_events(build_id, after=after, upto=upto, limit=_FOLLOW_BATCH)
+            if not events:
+                return
+            yield events
+            after = events[-1].id
+
+    async def close(self) -> None:
+        await self._remote.close()

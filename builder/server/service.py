@@ -14,7 +14,7 @@ import datetime
 import hashlib
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from secrets import token_urlsafe
 from typing import Any
@@ -56,9 +56,9 @@ from builder.server.errors import (
     TenantQuotaExceeded,
     UploadStalled,
 )
-from builder.server.events import UNCOMMITTED_LIMIT, EventLog
+from builder.server.events import UNCOMMITTED_LIMIT, EventLog, terminal_payload
 from builder.server.imagepolicy import ImagePolicy
-from builder.server.loghub import RemoteLogs
+from builder.server.loghub import LogHub
 from builder.server.metrics import Metrics
 from builder.server.models import BuildSpec
 from builder.server.publish import Publisher
@@ -69,6 +69,7 @@ from builder.server.records import (
     rfc3339,
     utcnow,
 )
+from builder.server.recovery import Recovery
 from builder.server.runner import ActiveBuild, BuildRunner
 from builder.server.scheduler import FairQueue
 from builder.server.store import BuildStore, StoreUnavailable
@@ -77,16 +78,12 @@ log = structlog.get_logger(__name__)
 
 CANCELLED_MESSAGE = "build cancelled by request"
 IDEMPOTENCY_WINDOW = 24 * 3600
-RESTARTED_MESSAGE = "daemon restarted"
 STORE_FAILED_MESSAGE = "the daemon could not store this build's log"
 # While the store cannot write, the flusher backs off up to this many seconds between tries.
 _FLUSH_BACKOFF_MAX = 5.0
 SHUTDOWN_MESSAGE = "daemon shut down while the build was running"
 # Queue positions up to this are announced at every move; further back, at most once a second.
 _QUEUE_FRONT = 5
-# Most events handed to one follower at a time (and read from the store per query):
-# a follower far behind must not build one huge write.
-_FOLLOW_BATCH = 1000
 # A submit whose Idempotency-Key another is still uploading with waits up to _CLAIM_WAIT s for it,
 # looking every _CLAIM_POLL s. A claim outlives its upload's time limit by _CLAIM_MARGIN s, so
 # a daemon that died while receiving cannot hold a key for long.
@@ -121,7 +118,14 @@ class BuildService:
         # to the owner, and the live logs of builds running elsewhere.
         self._lease = lease or LocalLease(settings.replica_id)
         self._control = control or LocalControl()
-        self._remote_logs = RemoteLogs(store, tail or LocalTail(), window=settings.log_window)
+        self._recovery = Recovery(store, engines, self._lease)
+        self.logs = LogHub(
+            store,
+            tail or LocalTail(),
+            live=self._live_log,
+            window=settings.log_window,
+            max_followers_per_tenant=settings.max_followers_per_tenant,
+        )
         self._publisher = Publisher(settings)
         self._runner = BuildRunner(
             spool,
@@ -138,9 +142,8 @@ class BuildService:
         )
         self._active: dict[str, ActiveBuild] = {}
         self._queue: FairQueue[ActiveBuild] = FairQueue()
-        # Per tenant: uploads being received, open log streams, bytes of spooled contexts.
+        # Per tenant: uploads being received, bytes of spooled contexts.
         self._uploads: collections.Counter[str] = collections.Counter()
-        self._followers: collections.Counter[str] = collections.Counter()
         self._spooled: collections.Counter[str] = collections.Counter()
         self._running: set[ActiveBuild] = set()
         self._flush_lock = asyncio.Lock()
@@ -153,11 +156,9 @@ class BuildService:
         self._idempotency_locks: dict[tuple[str, str], asyncio.Lock] = {}
         # Per engine, settled at its first build: an engine may not answer yet when the daemon starts.
         self._default_builders: dict[DockerEngine, str] = {}
-        self.follower_count = 0  # open log streams
         self.uploads = 0  # contexts being received
         # Why the store cannot write, while it cannot (the daemon is unready meanwhile).
         self.store_error: str | None = None
-        self.lagged_followers = 0  # times a follower fell behind the window and read the store
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -166,7 +167,8 @@ class BuildService:
         return self._lease.replica_id
 
     async def start(self) -> None:
-        await self._recover()
+        self._spool.reset()
+        await self._recovery.recover_own()
         await self._lease.start()
         self._background = [
             asyncio.create_task(self._flush_forever(), name="event-flusher"),
@@ -177,7 +179,7 @@ class BuildService:
         ]
         if self._lease.ttl != float("inf"):
             self._background.append(
-                asyncio.create_task(self._every(self._lease.ttl / 2, self.fail_lost_replicas), name="reaper")
+                asyncio.create_task(self._every(self._lease.ttl / 2, self._recovery.fail_lost_replicas), name="reaper")
             )
 
     async def drain(self, grace: float) -> None:
@@ -212,62 +214,9 @@ class BuildService:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await self._remote_logs.close()
+        await self.logs.close()
         await self._flush()
         await self._lease.stop()
-
-    async def _recover(self) -> None:
-        """Builds of this replica that were queued or running when it died: fail them (unless
-        another replica did, as it found this one lost), and remove what they left on the engine."""
-        self._spool.reset()
-        for record in await self._store.unfinished(self.replica_id):
-            for container_id in record.containers:
-                try:
-                    await self._engines.for_tenant(record.namespace).remove_container(container_id)
-                except Exception:
-                    log.exception("leftover_container_removal_failed", container_id=container_id)
-            record.containers = []
-            if not record.status.terminal:
-                await self._fail_interrupted(record, RESTARTED_MESSAGE)
-            await self._store.save(record)
-
-    async def fail_lost_replicas(self) -> builtins.list[str]:
-        """The reaper: builds of replicas whose lease expired fail, with a terminal frame that their
-        followers on every replica receive. Their leftovers are the lost replica's to remove when
-        it starts again (its engine is its own)."""
-        lost = await self._lease.claim_lost()
-        for replica_id in lost:
-            for record in await self._store.unfinished(replica_id):
-                if not record.status.terminal:
-                    await self._fail_interrupted(record, f"replica {replica_id} lost")
-                    await self._store.save(record)
-                    log.warning("lost_replica_build_failed", build_id=record.build_id, replica=replica_id)
-            await self._lease.release_lost(replica_id)
-        return lost
-
-    async def _fail_interrupted(self, record: BuildRecord, error: str) -> None:
-        """End a build whose daemon died: from its log's last word if it had one, else failed."""
-        last_id = await self._store.last_event_id(record.build_id)
-        stored = await self._store.read_events(record.build_id, after=last_id - 1, limit=1)
-        if stored and stored[-1].terminal:
-            # Its outcome was decided and logged, but the record was not saved after it (the
-            # store failed, or the daemon died in between): the log has the last word.
-            outcome = json.loads(stored[-1].data)
-            record.status = BuildStatus(outcome["status"])
-            record.error = outcome.get("error")
-            record.image_ref, record.image_id = outcome.get("image_ref"), outcome.get("image_id")
-            record.last_event_id = stored[-1].id
-        else:
-            # Followers may have been shown ids past the last committed one: skip them all.
-            terminal = EventLog(record.build_id, last_id=last_id + UNCOMMITTED_LIMIT + 1).append(
-                _terminal_payload(BuildStatus.FAILED, error=error)
-            )
-            await self._store.append_events([(record.build_id, terminal)])
-            record.status = BuildStatus.FAILED
-            record.error = error
-            record.last_event_id = terminal.id
-            log.warning("interrupted_build_failed", build_id=record.build_id, error=error)
-        record.finished_at = record.finished_at or utcnow()
 
     # -- queries ---------------------------------------------------------------
 
@@ -298,6 +247,10 @@ class BuildService:
                 found[build.record.build_id] = build.record
         current = [r for r in found.values() if status is None or r.status is status]
         return sorted(current, key=lambda r: r.created_at, reverse=True)[:limit]
+
+    def _live_log(self, build_id: str) -> EventLog | None:
+        build = self._active.get(build_id)
+        return None if build is None else build.log
 
     @property
     def queued_count(self) -> int:
@@ -777,7 +730,7 @@ class BuildService:
             await self._spool.remove(build.spool)
         # All in one step, with no await in between: readers never see a half-finished record.
         terminal = build.log.append(
-            _terminal_payload(status, error=error, image_ref=record.image_ref, image_id=record.image_id)
+            terminal_payload(status, error=error, image_ref=record.image_ref, image_id=record.image_id)
         )
         record.status = status
         record.error = error
@@ -874,89 +827,16 @@ class BuildService:
     # -- following -------------------------------------------------------------
 
     def check_follower(self, namespace: str = "") -> None:
-        """Raise if the tenant has as many log streams open as it may."""
-        if self._followers[namespace] >= self._settings.max_followers_per_tenant:
-            raise TenantQuotaExceeded(
-                f"{self._settings.max_followers_per_tenant} of your log streams are already open; retry later"
-            )
+        self.logs.check_follower(namespace)
 
-    async def follow(
+    def follow(
         self, build_id: str, *, after: int = 0, follow: bool = True, namespace: str = ""
     ) -> AsyncGenerator[builtins.list[Event], None]:
-        """Batches of every event with id > `after`, then live ones until the terminal event.
+        return self.logs.follow(build_id, after=after, follow=follow, namespace=namespace)
 
-        With `follow=False`, only what exists now. A follower that falls behind the in-memory
-        window reads the gap from the store, then rejoins live.
-        """
-        self.follower_count += 1
-        self._followers[namespace] += 1
-        try:
-            async for batch in self._follow(build_id, after=after, follow=follow):
-                yield batch
-        finally:
-            self.follower_count -= 1
-            self._followers[namespace] -= 1
-            if not self._followers[namespace]:
-                del self._followers[namespace]
-
-    async def _follow(self, build_id: str, *, after: int, follow: bool) -> AsyncIterator[builtins.list[Event]]:
-        if build_id in self._active:
-            async for batch in self._tail(build_id, self._live_log, after=after, follow=follow):
-                yield batch
-            return
-        record = await self._store.get(build_id)
-        if not follow or record is None or record.status.terminal:
-            async for batch in self._replay(build_id, after=after, upto=None):
-                yield batch
-            return
-        # Live on another replica: followed from the store as its owner commits it.
-        async with self._remote_logs.attach(build_id, after) as remote:
-            async for batch in self._tail(build_id, lambda _: remote, after=after, follow=follow):
-                yield batch
-
-    def _live_log(self, build_id: str) -> EventLog | None:
-        build = self._active.get(build_id)
-        return None if build is None else build.log
-
-    async def _tail(
-        self, build_id: str, live_log: Callable[[str], EventLog | None], *, after: int, follow: bool
-    ) -> AsyncIterator[builtins.list[Event]]:
-        """Events after `after` from a live log's shared window, or from the store for what the
-        window has let go; `live_log` gives the log, or None once the build has left memory."""
-        last = after
-        while True:
-            log = live_log(build_id)
-            if log is None:
-                async for batch in self._replay(build_id, after=last, upto=None):
-                    yield batch
-                return
-            events = log.events_after(last, _FOLLOW_BATCH)
-            if events is None:
-                # Everything older than the window is committed: read it from the store.
-                self.lagged_followers += 1
-                async for batch in self._replay(build_id, after=last, upto=log.first_id - 1):
-                    last = batch[-1].id
-                    yield batch
-                last = max(last, log.first_id - 1)  # ids skipped after a crash are in no store
-                continue
-            if events:
-                last = events[-1].id
-                yield events
-                if events[-1].terminal:
-                    return
-                continue
-            if not follow or log.complete:
-                # Nothing more will come (a client may resume at, or past, the terminal frame).
-                return
-            await log.wait_for_events(last)
-
-    async def _replay(self, build_id: str, *, after: int, upto: int | None) -> AsyncIterator[builtins.list[Event]]:
-        while upto is None or after < upto:
-            events = await self._store.read_events(build_id, after=after, upto=upto, limit=_FOLLOW_BATCH)
-            if not events:
-                return
-            yield events
-            after = events[-1].id
+    @property
+    def follower_count(self) -> int:
+        return self.logs.follower_count
 
 
 def _fingerprint(spec: BuildSpec, digest: str | None, secrets: Mapping[str, bytes]) -> str:
@@ -974,17 +854,3 @@ async def _discard(pieces: object) -> None:
 
 def _queued_payload(position: int) -> dict[str, Any]:
     return {"type": p.EVENT_STATUS, "status": BuildStatus.QUEUED.value, "queue_position": position}
-
-
-def _terminal_payload(
-    status: BuildStatus, *, error: str | None, image_ref: str | None = None, image_id: str | None = None
-) -> dict[str, Any]:
-    if status is BuildStatus.SUCCEEDED:
-        return {
-            "type": p.EVENT_DONE,
-            "done": True,
-            "status": status.value,
-            "image_ref": image_ref,
-            "image_id": image_id,
-        }
-    return {"type": p.EVENT_ERROR, "error": error or status.value, "status": status.value}
