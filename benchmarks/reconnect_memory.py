@@ -23,24 +23,26 @@ SLEEP_SECONDS = 60
 # and the allocator gets a moment to hand back what was freed.
 SETTLE_SECONDS = 1.0
 RUNNING_TIMEOUT = 30.0
-DOCKERFILE = harness.dockerfile(f"RUN sleep {SLEEP_SECONDS}")
+# The step says it runs itself: either builder prints its output as a log line.
+STARTED_LINE = "reconnect-memory: step running"
+DOCKERFILE = harness.dockerfile(f"RUN echo '{STARTED_LINE}' && sleep {SLEEP_SECONDS}")
 
 
 class _StepWatcher(LogFollower):
-    """Signals once the engine announces the step container (`Running in …`)."""
+    """Signals once the step runs (it prints STARTED_LINE)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen = asyncio.Event()
 
     def on_log(self, event_id: int, line: str) -> None:
-        if "Running in" in line:
+        if line == STARTED_LINE:
             self.seen.set()
 
 
-async def _wait_for_step_container(session: aiohttp.ClientSession, daemon: Daemon, build_id: str) -> None:
+async def _wait_for_step(session: aiohttp.ClientSession, daemon: Daemon, build_id: str) -> None:
     # The churn must hit a build that is really running (live subscriptions,
-    # not a replay of a finished log), so wait for its RUN container.
+    # not a replay of a finished log), so wait for its RUN step.
     watcher = _StepWatcher()
     follow = asyncio.create_task(watcher.run(session, harness.logs_url(daemon, build_id)))
     seen = asyncio.create_task(watcher.seen.wait())
@@ -86,7 +88,7 @@ async def run() -> Result:
         context = harness.make_context({"Dockerfile": DOCKERFILE})
         build_id = await harness.submit_build(session, daemon, context, no_cache="true")
         try:
-            await _wait_for_step_container(session, daemon, build_id)
+            await _wait_for_step(session, daemon, build_id)
             await asyncio.sleep(SETTLE_SECONDS)
             before = await _snapshot(session, daemon, build_id)
             churn_seconds, notes = await _churn(session, harness.logs_url(daemon, build_id))
@@ -95,7 +97,7 @@ async def run() -> Result:
             settled = await _snapshot(session, daemon, build_id)
             status_during = (await harness.get_build(session, daemon, build_id))["status"]
         finally:
-            # Cancel even when the scenario failed half-way: no 60 s step container left behind.
+            # Cancel even when the scenario failed half-way: no 60 s step left behind.
             cancel_started = time.monotonic()
             cancel_code, cancel_body = await harness.cancel_build(session, daemon, build_id)
             cancel_seconds = time.monotonic() - cancel_started
@@ -129,8 +131,8 @@ async def run() -> Result:
     if not alive:
         notes.append("**The daemon had died by the end of the run.**")
     method = f"""\
-A build whose step is `RUN sleep {SLEEP_SECONDS}`, followed until the engine announces the step
-container. Then, {CYCLES:,} times in a row on one aiohttp session: `GET /builds/{{id}}/logs` with
+A build whose step is `RUN echo '{STARTED_LINE}' && sleep {SLEEP_SECONDS}`, followed until the
+step prints that line. Then, {CYCLES:,} times in a row on one aiohttp session: `GET /builds/{{id}}/logs` with
 `Accept: text/event-stream`, read the first bytes, close the connection. RSS is the daemon's `VmRSS`,
 fds are the entries of `/proc/<pid>/fd` (the harness's one keep-alive connection included in all
 three), taken {SETTLE_SECONDS:.0f} s after the step started (*before*), right after the last cycle
