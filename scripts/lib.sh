@@ -117,6 +117,23 @@ _engine_ping() {
     DOCKER_HOST="$host" timeout 15 "$cli" version --format '{{.Server.Version}}' >/dev/null 2>&1
 }
 
+# _buildkit_answers SOCKET: the engine's BuildKit finishes a build of `FROM scratch` within
+# 20 s.  Its BuildKit (20.10) can deadlock for good when a client vanishes in the middle of a
+# build (its status sender blocks on a channel nobody reads): the engine still answers ping,
+# but every BuildKit build on it hangs until dockerd restarts.
+_buildkit_answers() {
+    local sock="$1" dir answer
+    command -v curl >/dev/null 2>&1 || return 0  # no way to ask here: assume it answers
+    dir="$(mktemp -d)" || return 1
+    printf 'FROM scratch\nLABEL builder.probe=1\n' >"$dir/Dockerfile"
+    tar -C "$dir" -cf "$dir/context.tar" Dockerfile
+    answer="$(curl -sS --max-time 20 --unix-socket "$sock" -X POST -H 'Content-Type: application/x-tar' \
+        --data-binary @"$dir/context.tar" "http://localhost/v1.41/build?version=2&buildid=builder-probe-$$-$RANDOM" \
+        2>/dev/null)"
+    rm -rf "$dir"
+    [[ "$answer" == *'"moby.image.id"'* ]]
+}
+
 # _pid_alive PID: the process exists and is not a zombie (pgrep and kill -0
 # both count zombies, e.g. a dead dockerd nobody has reaped yet).
 _pid_alive() {
@@ -271,7 +288,9 @@ ensure_engine() {
     if _engine_ping; then
         _setup_log "engine at $_DOCKER_SOCK answers"
         _ensure_docker_client || return 1
-        return 0
+        _buildkit_answers "$_DOCKER_SOCK" && return 0
+        _setup_log "its BuildKit does not finish a build (deadlocked); restarting dockerd"
+        _stop_dockerd || return 1
     fi
 
     _apt_install docker.io || return 1
@@ -282,6 +301,21 @@ ensure_engine() {
 _ensure_docker_client() {
     _docker_cli >/dev/null && return 0
     _apt_install docker.io
+}
+
+# _stop_dockerd: SIGTERM to the dockerd of $_DOCKER_PIDFILE, and wait for it to exit.
+_stop_dockerd() {
+    local pid start=$SECONDS
+    pid="$(tr -dc '0-9' <"$_DOCKER_PIDFILE" 2>/dev/null || true)"
+    _pid_is_dockerd "$pid" || { _setup_log "no dockerd of ours to stop ($_DOCKER_PIDFILE)"; return 1; }
+    _run_as_root kill -TERM "$pid" || return 1
+    while _pid_alive "$pid"; do
+        if [ $((SECONDS - start)) -ge "$BUILDER_ENGINE_TIMEOUT" ]; then
+            _setup_log "dockerd (pid $pid) still running after ${BUILDER_ENGINE_TIMEOUT}s"
+            return 1
+        fi
+        sleep 0.2
+    done
 }
 
 _start_dockerd() {
@@ -432,6 +466,10 @@ BUILDER_DOCKERD2_LOG="${BUILDER_DOCKERD2_LOG:-/var/log/builder-dockerd2.log}"
 # not) and holds $BASE_IMAGE (copied from the main engine, so run
 # ensure_base_image first); exports BUILDER_SECOND_DOCKER_HOST.  Idempotent.
 ensure_second_engine() {
+    if _engine_ping "$_ENGINE2_HOST" && ! _buildkit_answers "$_ENGINE2_SOCK"; then
+        _setup_log "the second engine's BuildKit does not finish a build (deadlocked); restarting it"
+        stop_second_engine || return 1
+    fi
     if _engine_ping "$_ENGINE2_HOST"; then
         _setup_log "second engine at $_ENGINE2_HOST answers"
     else
