@@ -53,6 +53,17 @@ class Cluster:
                 await asyncio.sleep(0.05)
         return status
 
+    async def cancel_unfinished(self) -> None:
+        """Before the daemons are killed: the engine's BuildKit (20.10) can deadlock for good when
+        a client vanishes in the middle of a build, so none is left running."""
+        live = next(r.url for r in self.replicas if r.proc.poll() is None)
+        async with self.session.get(f"{live}/builds", params={"limit": "500"}) as response:
+            builds = (await response.json())["builds"]
+        for build in builds:
+            if build["status"] not in TERMINAL:
+                async with self.session.delete(f"{live}/builds/{build['build_id']}") as response:
+                    assert response.status == 200, await response.text()
+
     async def follow(self, base: str, build_id: str) -> list[tuple[int, dict[str, Any]]]:
         """The whole log, followed live until its terminal frame, from one replica."""
         decoder = SSEDecoder()
@@ -76,7 +87,9 @@ async def cluster(
     for replica in replicas:
         await replica.ready()
     async with aiohttp.ClientSession() as session:
-        yield Cluster(replicas, nginx_proxy([r.url for r in replicas]), redis_server, session)
+        cluster = Cluster(replicas, nginx_proxy([r.url for r in replicas]), redis_server, session)
+        yield cluster
+        await cluster.cancel_unfinished()
 
 
 def echo(text: str) -> str:
