@@ -3,10 +3,13 @@ mounts are its own."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
+import aiodocker
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
@@ -58,11 +61,13 @@ async def _status(client: TestClient, headers: dict[str, str], build_id: str) ->
 
 
 @pytest.fixture
-async def b_secret(tenants: TestClient) -> str:
-    """Tenant B's image holding a secret: `tenant-b/secret:<tag>`."""
+async def b_secret(tenants: TestClient, docker: aiodocker.Docker) -> AsyncIterator[str]:
+    """Tenant B's image holding a secret: `tenant-b/secret:<tag>`, removed afterwards."""
     tag = uuid.uuid4().hex[:12]
     await _build(tenants, B, f"FROM {BASE_IMAGE}\nRUN echo b-only-{tag} > /secret\n", image_name=f"secret:{tag}")
-    return f"tenant-b/secret:{tag}"
+    yield f"tenant-b/secret:{tag}"
+    with contextlib.suppress(aiodocker.DockerError):
+        await docker.images.delete(f"tenant-b/secret:{tag}", force=True)
 
 
 @pytest.mark.parametrize(
