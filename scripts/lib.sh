@@ -290,7 +290,7 @@ ensure_engine() {
         _ensure_docker_client || return 1
         _buildkit_answers "$_DOCKER_SOCK" && return 0
         _setup_log "its BuildKit does not finish a build (deadlocked); restarting dockerd"
-        _stop_dockerd || return 1
+        _stop_dockerd "$_DOCKER_PIDFILE" || { _setup_log "could not stop the dockerd of $_DOCKER_PIDFILE"; return 1; }
     fi
 
     _apt_install docker.io || return 1
@@ -303,11 +303,13 @@ _ensure_docker_client() {
     _apt_install docker.io
 }
 
-# _stop_dockerd: SIGTERM to the dockerd of $_DOCKER_PIDFILE, and wait for it to exit.
+# _stop_dockerd PIDFILE: SIGTERM to the dockerd of PIDFILE, and wait for it to exit.
+# Returns 2 when PIDFILE names no running dockerd.
 _stop_dockerd() {
-    local pid start=$SECONDS
-    pid="$(tr -dc '0-9' <"$_DOCKER_PIDFILE" 2>/dev/null || true)"
-    _pid_is_dockerd "$pid" || { _setup_log "no dockerd of ours to stop ($_DOCKER_PIDFILE)"; return 1; }
+    local pidfile="$1" pid start=$SECONDS
+    pid="$(tr -dc '0-9' 2>/dev/null <"$pidfile" || true)"
+    _pid_is_dockerd "$pid" || return 2
+    _setup_log "stopping dockerd (pid $pid, $pidfile)"
     _run_as_root kill -TERM "$pid" || return 1
     while _pid_alive "$pid"; do
         if [ $((SECONDS - start)) -ge "$BUILDER_ENGINE_TIMEOUT" ]; then
@@ -525,21 +527,13 @@ _ensure_engine2_bridge() {
 # stop_second_engine: SIGTERM to the second dockerd, wait for it to exit, remove
 # its bridge.  Its data root stays, so the next start finds its images.
 stop_second_engine() {
-    local pid start=$SECONDS
-    pid="$(tr -dc '0-9' <"$_ENGINE2_PIDFILE" 2>/dev/null || true)"
-    if _pid_is_dockerd "$pid"; then
-        _setup_log "stopping the second dockerd (pid $pid)"
-        _run_as_root kill -TERM "$pid" || return 1
-        while _pid_alive "$pid"; do
-            if [ $((SECONDS - start)) -ge "$BUILDER_ENGINE_TIMEOUT" ]; then
-                _setup_log "second dockerd (pid $pid) still running after ${BUILDER_ENGINE_TIMEOUT}s"
-                return 1
-            fi
-            sleep 0.2
-        done
-    else
-        _setup_log "second engine not running"
-    fi
+    local rc=0
+    _stop_dockerd "$_ENGINE2_PIDFILE" || rc=$?
+    case "$rc" in
+        0) ;;
+        2) _setup_log "second engine not running" ;;
+        *) return 1 ;;
+    esac
     if ip link show "$_ENGINE2_BRIDGE" >/dev/null 2>&1; then
         _run_as_root ip link delete "$_ENGINE2_BRIDGE" || return 1
     fi
