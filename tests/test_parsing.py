@@ -11,7 +11,7 @@ import pytest
 from builder.server.engines.base import EngineFailure, ImageBuilt
 from builder.server.engines.legacy import BuildOutputParser, LinePiece, StepContainer, StepLayer
 from builder.server.errors import InvalidField, InvalidImageReference
-from builder.server.events import EventLog
+from builder.server.events import BACKLOG_LIMIT, WAKE_GROUP, EventLog
 from builder.server.hosts import is_loopback
 from builder.server.imageref import parse_image_name, validate_reference
 from builder.server.models import BuildSpec, Shape, normalise_context_path
@@ -197,6 +197,49 @@ async def test_waiting_follower_wakes_on_new_events() -> None:
     log.append({"type": "log", "line": "x"})
     await asyncio.wait_for(waiter, 1)
     await asyncio.wait_for(log.wait_for_events(0), 1)  # already there: no wait
+
+
+async def test_many_waiting_followers_are_woken_a_group_per_turn_of_the_loop() -> None:
+    log = EventLog("b")
+    woken: list[int] = []
+
+    async def follower(n: int) -> None:
+        await log.wait_for_events(0)
+        woken.append(n)
+
+    followers = [asyncio.create_task(follower(n)) for n in range(WAKE_GROUP * 3 + 1)]
+    await asyncio.sleep(0)
+    gone = followers.pop()  # one hangs up while it waits: nothing of it stays behind
+    gone.cancel()
+    await asyncio.sleep(0)
+    log.append({"type": "log", "line": "x"})
+    turns = 0
+    while len(woken) < len(followers):
+        await asyncio.sleep(0)
+        turns += 1
+        assert len(woken) <= WAKE_GROUP * turns
+    assert turns >= 3 and sorted(woken) == list(range(len(followers)))
+    assert not log._waiters and not log._waking
+
+
+async def test_the_engine_reader_waits_while_too_much_waits_for_the_store() -> None:
+    log = EventLog("b")
+    log.extend_data(['{"type":"log","line":"x"}'] * (BACKLOG_LIMIT + 10))
+    reader = asyncio.create_task(log.wait_for_store())
+    await asyncio.sleep(0.01)
+    assert not reader.done()
+    log.committed(5)  # still over the limit
+    await asyncio.sleep(0.01)
+    assert not reader.done()
+    log.committed(10)
+    await asyncio.wait_for(reader, 1)
+    # A build being stopped is never held up by a store that cannot write.
+    log.extend_data(['{"type":"log","line":"x"}'] * 100)
+    reader = asyncio.create_task(log.wait_for_store())
+    await asyncio.sleep(0.01)
+    assert not reader.done()
+    log.stop_waiting()
+    await asyncio.wait_for(reader, 1)
 
 
 @pytest.mark.parametrize(

@@ -132,7 +132,7 @@ async def test_a_status_change_moves_the_build_between_status_lists(a: RedisClus
 async def test_a_terminal_record_and_its_log_get_the_safety_net_ttl(a: RedisCluster) -> None:
     build = record("b1", status=BuildStatus.RUNNING)
     await a.store.save(build)
-    await a.store.append_events([("b1", e) for e in events(1, 3)])
+    await a.store.append_events([("b1", events(1, 3))])
     assert await a.redis.ttl("builder:build:b1") == -1
     build.status, build.finished_at = BuildStatus.SUCCEEDED, utcnow()
     await a.store.save(build)
@@ -152,7 +152,7 @@ async def test_builds_whose_hash_expired_drop_out_of_the_list(a: RedisCluster) -
 
 
 async def test_events_read_back_after_upto_and_limit(a: RedisCluster) -> None:
-    await a.store.append_events([("b1", e) for e in events(1, 10)] + [("b2", e) for e in events(1, 2)])
+    await a.store.append_events([("b1", events(1, 10)), ("b2", events(1, 2))])
     assert await a.store.read_events("b1", after=0) == events(1, 10)
     assert await a.store.read_events("b1", after=3, upto=6) == events(4, 6)
     assert await a.store.read_events("b1", after=3, limit=2) == events(4, 5)
@@ -164,23 +164,23 @@ async def test_events_read_back_after_upto_and_limit(a: RedisCluster) -> None:
 
 
 async def test_event_n_is_stream_entry_n_0(a: RedisCluster) -> None:
-    await a.store.append_events([("b1", e) for e in events(1, 3)])
+    await a.store.append_events([("b1", events(1, 3))])
     entries = await a.redis.xrange("builder:events:b1")
     assert entries == [(f"{e.id}-0", {"data": e.data}) for e in events(1, 3)]
 
 
 async def test_appending_stored_ids_again_is_a_no_op(a: RedisCluster) -> None:
-    await a.store.append_events([("b1", e) for e in events(1, 5)])
-    await a.store.append_events([("b1", e) for e in events(1, 5)])
+    await a.store.append_events([("b1", events(1, 5))])
+    await a.store.append_events([("b1", events(1, 5))])
     # A retried batch that overlaps what is stored: only the new ids are added.
-    await a.store.append_events([("b1", e) for e in events(4, 8)])
+    await a.store.append_events([("b1", events(4, 8))])
     assert await a.store.read_events("b1", after=0) == events(1, 8)
 
 
 async def test_a_batch_of_thousands_of_events_is_one_script_call(a: RedisCluster) -> None:
-    await a.store.append_events([("warm-up", Event.of(1, "{}"))])  # Redis learns the script
+    await a.store.append_events([("warm-up", [Event.of(1, "{}")])])  # Redis learns the script
     before = await a.redis.info("commandstats")
-    await a.store.append_events([("b1", e) for e in events(1, 1500)] + [("b2", e) for e in events(1, 1500)])
+    await a.store.append_events([("b1", events(1, 1500)), ("b2", events(1, 1500))])
     after = await a.redis.info("commandstats")
 
     def calls(stats: dict[str, dict[str, int]], command: str) -> int:
@@ -200,7 +200,7 @@ async def test_expire_removes_old_finished_builds_and_leaves_a_tombstone(a: Redi
     await a.store.save(record("old", namespace="x", status=BuildStatus.SUCCEEDED, finished=old))
     await a.store.save(record("recent", namespace="x", status=BuildStatus.FAILED, finished=recent, minute=1))
     await a.store.save(record("running", namespace="x", status=BuildStatus.RUNNING, minute=2))
-    await a.store.append_events([("old", e) for e in events(1, 3)])
+    await a.store.append_events([("old", events(1, 3))])
 
     cutoff = rfc3339(now - dt.timedelta(days=1))
     assert await a.store.expire(finished_before=cutoff, keep=100, exclude=set()) == ["old"]
@@ -427,17 +427,17 @@ async def test_cancels_sent_before_the_reader_started_are_not_replayed(a: RedisC
 
 
 async def test_tail_returns_events_committed_while_it_waits(a: RedisCluster, b: RedisCluster) -> None:
-    await a.store.append_events([("b1", e) for e in events(1, 2)])
+    await a.store.append_events([("b1", events(1, 2))])
     assert await b.tail.wait("b1", after=0, timeout=1, limit=10) == events(1, 2)
 
     waiting = asyncio.ensure_future(b.tail.wait("b1", after=2, timeout=5, limit=2))
     await blocked_clients(a.redis, 1)
-    await a.store.append_events([("b1", e) for e in events(3, 5)])
+    await a.store.append_events([("b1", events(3, 5))])
     assert await asyncio.wait_for(waiting, 5) == events(3, 4)
 
 
 async def test_tail_gives_nothing_when_nothing_comes(a: RedisCluster, b: RedisCluster) -> None:
-    await a.store.append_events([("b1", e) for e in events(1, 2)])
+    await a.store.append_events([("b1", events(1, 2))])
     loop = asyncio.get_running_loop()
     started = loop.time()
     assert await b.tail.wait("b1", after=2, timeout=0.3, limit=10) == []
@@ -453,7 +453,7 @@ async def test_store_is_unavailable_while_redis_is_down_and_loses_nothing(
 ) -> None:
     build = record("b1", namespace="x", status=BuildStatus.RUNNING)
     await a.store.save(build)
-    await a.store.append_events([("b1", e) for e in events(1, 5)])
+    await a.store.append_events([("b1", events(1, 5))])
 
     redis_server.stop()
     attempts: list[Awaitable[object]] = [
@@ -461,7 +461,7 @@ async def test_store_is_unavailable_while_redis_is_down_and_loses_nothing(
         a.store.get("b1"),
         a.store.list(namespace="x", status=None, limit=10),
         a.store.unfinished("a"),
-        a.store.append_events([("b1", e) for e in events(6, 7)]),
+        a.store.append_events([("b1", events(6, 7))]),
         a.store.read_events("b1", after=0),
         a.store.last_event_id("b1"),
         a.store.expire(finished_before=rfc3339(utcnow()), keep=10, exclude=set()),
@@ -478,14 +478,14 @@ async def test_store_is_unavailable_while_redis_is_down_and_loses_nothing(
 
     redis_server.start()
     # The same client, with no reconnect of ours: the first command after the restart succeeds.
-    await a.store.append_events([("b1", e) for e in events(1, 7)])
+    await a.store.append_events([("b1", events(1, 7))])
     assert await a.store.get("b1") == build
     assert await a.store.read_events("b1", after=0) == events(1, 7)
 
 
 async def test_a_restart_is_invisible_to_the_next_command(redis_server: RedisServer, a: RedisCluster) -> None:
     await a.store.save(record("b1"))
-    await a.store.append_events([("b1", e) for e in events(1, 3)])
+    await a.store.append_events([("b1", events(1, 3))])
     redis_server.restart()
     assert await a.store.get("b1") == record("b1")
     assert await a.store.last_event_id("b1") == 3

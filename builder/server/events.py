@@ -10,6 +10,8 @@ event loop, nothing can slip between the two.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 from typing import Any
 
 from builder import protocol
@@ -21,6 +23,14 @@ from builder.server.records import Event
 # so after a restart the build's next event takes an id after that: ids are never given twice,
 # whatever the crash lost.
 UNCOMMITTED_LIMIT = 1 << 16
+# A build's engine reader waits while more events than this wait for the store: an engine that
+# outruns the store (a burst of a million lines) leaves its output in the engine stream's compact
+# bytes, not in a growing list of events, and a flush never takes more than about this many.
+BACKLOG_LIMIT = 1 << 15
+# Followers woken per turn of the event loop. Woken all at once, a few thousand followers would
+# hold the loop (every other request, and the build's own reading) for as long as all their
+# writes take; in groups, the loop polls its sockets between them.
+WAKE_GROUP = 64
 
 
 class EventLog:
@@ -34,7 +44,10 @@ class EventLog:
         self._window = window
         self._coalesce = coalesce
         self._events: list[Event] = []  # ids committed_id-ish .. last_id, contiguous
-        self._changed = asyncio.Event()
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waking: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._stored = asyncio.Event()  # set by each commit, and when the build is stopping
+        self.stopping = False
 
     @property
     def first_id(self) -> int:
@@ -76,8 +89,20 @@ class EventLog:
             self._wake()
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        # Those waiting now; one that waits again meanwhile is woken by the next change only.
+        idle = not self._waking
+        self._waking.extend(self._waiters)
+        self._waiters.clear()
+        if idle and self._waking:
+            asyncio.get_running_loop().call_soon(self._wake_group)
+
+    def _wake_group(self) -> None:
+        for _ in range(min(WAKE_GROUP, len(self._waking))):
+            waiter = self._waking.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+        if self._waking:
+            asyncio.get_running_loop().call_soon(self._wake_group)
 
     @property
     def visible_id(self) -> int:
@@ -101,12 +126,14 @@ class EventLog:
 
     def events_after(self, after: int, limit: int) -> list[Event] | None:
         """Up to `limit` visible events with id > `after` from memory, or None if the next is only
-        in the store."""
+        in the store. A batch never crosses a multiple of `limit`: followers at different places
+        soon ask for the same batches, whose rendered bytes they then share (streams.py), and a
+        follower whose socket is full holds a batch others hold too, not one of its own."""
         first = self.first_id
         if after + 1 < first:
             return None
-        start = after + 1 - first
-        return self._events[start : min(start + limit, self.visible_id + 1 - first)]
+        last = min((after // limit + 1) * limit, self.visible_id)
+        return self._events[after + 1 - first : last + 1 - first]
 
     def uncommitted(self) -> list[Event]:
         return self._events[self.committed_id + 1 - self.first_id :] if self._events else []
@@ -115,6 +142,7 @@ class EventLog:
         """Events up to `upto` are in the store: the window may let them go."""
         held_back = self.visible_id < self.last_id
         self.committed_id = upto
+        self._stored.set()
         if held_back:
             self._wake()
         excess = len(self._events) - self._window
@@ -124,6 +152,17 @@ class EventLog:
             if drop > 0:
                 del self._events[:drop]
 
+    async def wait_for_store(self) -> None:
+        """Return once at most BACKLOG_LIMIT events wait for the store, or the build is stopping
+        (then a store that cannot write must not hold its reader up)."""
+        while self.last_id - self.committed_id > BACKLOG_LIMIT and not self.stopping:
+            self._stored.clear()
+            await self._stored.wait()
+
+    def stop_waiting(self) -> None:
+        self.stopping = True
+        self._stored.set()
+
     @property
     def fully_committed(self) -> bool:
         return self.terminated and self.committed_id == self.last_id
@@ -132,7 +171,16 @@ class EventLog:
         """Return once there is a visible event with id > `after` (after a short coalescing pause)."""
         if self.visible_id > after:
             return
-        await self._changed.wait()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            # A follower gone while it waited (it hung up) leaves nothing behind.
+            for queue in (self._waiters, self._waking):
+                with contextlib.suppress(ValueError):
+                    queue.remove(waiter)
+            raise
         if self._coalesce:
             # Let a chatty build's lines pile up briefly: one write per follower per window
             # instead of one per engine read, which is what costs with many followers.

@@ -32,6 +32,9 @@ _WAIT_SECONDS = 5.0
 _READ_BATCH = 1000
 # After a failed read (the store is away), the reader waits this long before the next.
 _RETRY_SECONDS = 0.5
+# Store reads kept for followers that come to the same place: a crowd that has fallen behind
+# the window reads each batch once, and a follower whose socket is full holds a shared batch.
+_SHARED_READS = 64
 
 
 @dataclasses.dataclass
@@ -103,6 +106,9 @@ class LogHub:
         self._followers: collections.Counter[str] = collections.Counter()  # open streams per tenant
         self.follower_count = 0  # open log streams
         self.lagged_followers = 0  # times a follower fell behind the window and read the store
+        self._reads: collections.OrderedDict[tuple[str, int, int], asyncio.Future[builtins.list[Event]]] = (
+            collections.OrderedDict()
+        )
 
     def check_follower(self, namespace: str) -> None:
         """Raise if the tenant has as many log streams open as it may."""
@@ -177,11 +183,35 @@ class LogHub:
 
     async def _replay(self, build_id: str, *, after: int, upto: int | None) -> AsyncIterator[builtins.list[Event]]:
         while upto is None or after < upto:
-            events = await self._store.read_events(build_id, after=after, upto=upto, limit=_FOLLOW_BATCH)
+            events = await self._read(build_id, after=after, upto=upto)
             if not events:
                 return
             yield events
             after = events[-1].id
+
+    async def _read(self, build_id: str, *, after: int, upto: int | None) -> builtins.list[Event]:
+        """Events after `after` from the store, up to the next multiple of the batch size (as
+        `EventLog.events_after`): followers at the same place share one read and its events."""
+        end = (after // _FOLLOW_BATCH + 1) * _FOLLOW_BATCH
+        if upto is not None:
+            end = min(end, upto)
+        key = (build_id, after, end)
+        if (read := self._reads.get(key)) is None:
+            read = self._reads[key] = asyncio.ensure_future(
+                self._store.read_events(build_id, after=after, upto=end, limit=_FOLLOW_BATCH)
+            )
+            read.add_done_callback(lambda done: self._forget_short_read(key, done))
+            if len(self._reads) > _SHARED_READS:
+                self._reads.popitem(last=False)
+        # Shielded: one follower hanging up must not end a read others wait for.
+        return await asyncio.shield(read)
+
+    def _forget_short_read(self, key: tuple[str, int, int], read: asyncio.Future[builtins.list[Event]]) -> None:
+        # A failed read, or one that found less than its range (the rest was not stored yet), is not kept.
+        _, after, end = key
+        short = read.cancelled() or read.exception() is not None or len(read.result()) < end - after
+        if short and self._reads.get(key) is read:
+            del self._reads[key]
 
     async def close(self) -> None:
         await self._remote.close()

@@ -35,18 +35,17 @@ class Event(NamedTuple):
 
     A tuple of plain values, made by `Event.of`: a chatty build keeps a hundred thousand
     of these alive, and CPython's garbage collector stops tracking such tuples, where it
-    would scan as many class instances over and over.
+    would scan as many class instances over and over. Its SSE frame is not kept: a batch's
+    frames are rendered once, when a follower first sends that batch (streams.py).
     """
 
     id: int
     data: str
     terminal: bool
-    # The SSE frame, encoded once here rather than once per follower.
-    frame: bytes
 
     @classmethod
     def of(cls, id: int, data: str) -> Event:
-        return cls(id, data, is_terminal_data(data), f"id: {id}\ndata: {data}\n\n".encode())
+        return cls(id, data, is_terminal_data(data))
 
 
 @dataclasses.dataclass

@@ -71,7 +71,7 @@ class Recovery:
             terminal = EventLog(record.build_id, last_id=last_id + UNCOMMITTED_LIMIT + 1).append(
                 terminal_payload(BuildStatus.FAILED, error=error)
             )
-            await self._store.append_events([(record.build_id, terminal)])
+            await self._store.append_events([(record.build_id, [terminal])])
             record.status = BuildStatus.FAILED
             record.error = error
             record.last_event_id = terminal.id

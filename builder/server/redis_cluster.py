@@ -345,19 +345,17 @@ class RedisBuildStore:
         mine = [r for r in records if r is not None and r.owner == owner]
         return sorted(mine, key=lambda r: r.created_at)
 
-    async def append_events(self, events: Sequence[tuple[str, Event]]) -> None:
-        by_build: dict[str, builtins.list[Event]] = {}
-        for build_id, event in events:
-            by_build.setdefault(build_id, []).append(event)
-        if not by_build:
+    async def append_events(self, logs: Sequence[tuple[str, Sequence[Event]]]) -> None:
+        logs = [(build_id, group) for build_id, group in logs if group]
+        if not logs:
             return
         args: builtins.list[str | int] = []
-        for group in by_build.values():
+        for _, group in logs:
             args.append(len(group))
             for event in group:
                 args += (event.id, event.data)
-        with _unavailable(f"appending {len(events)} events"):
-            await self._append(keys=[_events_key(b) for b in by_build], args=args)
+        with _unavailable(f"appending {sum(len(group) for _, group in logs)} events"):
+            await self._append(keys=[_events_key(build_id) for build_id, _ in logs], args=args)
 
     async def read_events(
         self, build_id: str, *, after: int, upto: int | None = None, limit: int = 1000

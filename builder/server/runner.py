@@ -108,6 +108,7 @@ class BuildRunner:
 
     async def stop(self, build: ActiveBuild) -> None:
         """Stop a running build now; returns once the engine runs nothing of it."""
+        build.log.stop_waiting()
         if build.deadline is not None:
             bring_forward(build.deadline)
         elif build.run is not None:
@@ -214,6 +215,7 @@ class BuildRunner:
                             failure = message
                 if datas:
                     build.log.extend_data(datas)  # one wake-up of the followers per engine read
+                    await build.log.wait_for_store()
         return image_id, failure
 
     def _output(self, build: ActiveBuild, output: Output, datas: list[str]) -> None:

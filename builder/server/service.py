@@ -780,9 +780,9 @@ class BuildService:
         async with self._flush_lock:
             try:
                 batches = [(b, b.log.uncommitted()) for b in self._active.values()]
-                rows = [(b.record.build_id, e) for b, events in batches for e in events]
-                if rows:
-                    await self._store.append_events(rows)
+                logs = [(b.record.build_id, events) for b, events in batches if events]
+                if logs:
+                    await self._store.append_events(logs)
                 for build, events in batches:
                     if events:
                         build.log.committed(events[-1].id)

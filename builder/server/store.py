@@ -13,7 +13,6 @@ import concurrent.futures
 import contextlib
 import datetime
 import functools
-import itertools
 import json
 import sqlite3
 from collections.abc import Callable, Sequence, Set
@@ -96,7 +95,7 @@ class BuildStore(Protocol):
         another replica ended for it (it was lost) while their `containers` still name leftovers."""
         ...
 
-    async def append_events(self, events: Sequence[tuple[str, Event]]) -> None: ...
+    async def append_events(self, logs: Sequence[tuple[str, Sequence[Event]]]) -> None: ...
     async def read_events(
         self, build_id: str, *, after: int, upto: int | None = None, limit: int = 1000
     ) -> builtins.list[Event]: ...
@@ -214,22 +213,12 @@ class SqliteBuildStore:
         )
         return [BuildRecord.from_storage(json.loads(r[0])) for r in rows]
 
-    async def append_events(self, events: Sequence[tuple[str, Event]]) -> None:
-        rows = []
-        for build_id, group in itertools.groupby(events, key=lambda item: item[0]):
-            batch: list[Event] = []
-            size = 0
-            for _, event in group:
-                if batch and (len(batch) == _BATCH_EVENTS or size + len(event.data) > _BATCH_BYTES):
-                    rows.append((build_id, batch[0].id, batch[-1].id, "\n".join(e.data for e in batch)))
-                    batch, size = [], 0
-                batch.append(event)
-                size += len(event.data)
-            if batch:
-                rows.append((build_id, batch[0].id, batch[-1].id, "\n".join(e.data for e in batch)))
+    async def append_events(self, logs: Sequence[tuple[str, Sequence[Event]]]) -> None:
+        # Grouped on the writer's thread: tens of thousands of events must not hold the event loop.
         await self._write(
             lambda c: c.executemany(
-                "INSERT OR IGNORE INTO event_batches (build_id, first_id, last_id, data) VALUES (?, ?, ?, ?)", rows
+                "INSERT OR IGNORE INTO event_batches (build_id, first_id, last_id, data) VALUES (?, ?, ?, ?)",
+                _event_rows(logs),
             )
         )
 
@@ -348,3 +337,20 @@ def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection],
             conn.execute("ROLLBACK")
         raise
     return result
+
+
+def _event_rows(logs: Sequence[tuple[str, Sequence[Event]]]) -> list[tuple[str, int, int, str]]:
+    """(build, first id, last id, lines) rows of at most _BATCH_EVENTS events and about _BATCH_BYTES."""
+    rows = []
+    for build_id, group in logs:
+        batch: list[Event] = []
+        size = 0
+        for event in group:
+            if batch and (len(batch) == _BATCH_EVENTS or size + len(event.data) > _BATCH_BYTES):
+                rows.append((build_id, batch[0].id, batch[-1].id, "\n".join(e.data for e in batch)))
+                batch, size = [], 0
+            batch.append(event)
+            size += len(event.data)
+        if batch:
+            rows.append((build_id, batch[0].id, batch[-1].id, "\n".join(e.data for e in batch)))
+    return rows

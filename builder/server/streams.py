@@ -107,7 +107,7 @@ class EventStreamResponse(LogStreamResponse):
         self._ping_task = asyncio.create_task(self._ping())
 
     def render(self, events: Sequence[Event]) -> bytes:
-        return b"".join(e.frame for e in events)
+        return "".join([f"id: {e.id}\ndata: {e.data}\n\n" for e in events]).encode()
 
     async def _ping(self) -> None:
         # Keeps idle proxies from cutting the stream, and reveals a client that is gone.
