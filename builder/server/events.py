@@ -25,8 +25,9 @@ from builder.server.records import Event
 UNCOMMITTED_LIMIT = 1 << 16
 # A build's engine reader waits while more events than this wait for the store: an engine that
 # outruns the store (a burst of a million lines) leaves its output in the engine stream's compact
-# bytes, not in a growing list of events, and a flush never takes more than about this many.
-BACKLOG_LIMIT = 1 << 15
+# bytes, not in a growing list of events. The same as UNCOMMITTED_LIMIT: past it, a store that
+# cannot write fails the build (service.py), which releases the reader.
+BACKLOG_LIMIT = UNCOMMITTED_LIMIT
 # Followers woken per turn of the event loop. Woken all at once, a few thousand followers would
 # hold the loop (every other request, and the build's own reading) for as long as all their
 # writes take; in groups, the loop polls its sockets between them.
