@@ -204,7 +204,11 @@ class LogHub:
             if len(self._reads) > _SHARED_READS:
                 self._reads.popitem(last=False)
         # Shielded: one follower hanging up must not end a read others wait for.
-        return await asyncio.shield(read)
+        events = await asyncio.shield(read)
+        if not events and end != upto:
+            # Nothing in the range: the log ends here, or its ids skip past it (after a crash).
+            events = await self._store.read_events(build_id, after=after, upto=upto, limit=_FOLLOW_BATCH)
+        return events
 
     def _forget_short_read(self, key: tuple[str, int, int], read: asyncio.Future[builtins.list[Event]]) -> None:
         # A failed read, or one that found less than its range (the rest was not stored yet), is not kept.
