@@ -12,7 +12,7 @@ server's event classes. The format, as BuildKit's plain printer writes it:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from builder.protocol import (
@@ -89,6 +89,24 @@ def event_lines(payload: Mapping[str, Any]) -> list[str]:
     if phase == PHASE_LOG_TRUNCATED:
         return [f"--- {payload.get('message')}"]
     return []
+
+
+def plain_text(payloads: Iterable[Mapping[str, Any]]) -> str:
+    """The lines of many log and status events, each ending in a newline: a printer's one write
+    for a batch. Output lines logged together share one `#5 0.154 ` prefix, formatted once."""
+    out: list[str] = []
+    last_step: object = None
+    last_elapsed: object = None
+    prefix = ""
+    for payload in payloads:
+        if payload.get("type") == EVENT_LOG and (step := payload.get("step")) is not None:
+            elapsed = payload.get("elapsed")
+            if step != last_step or elapsed != last_elapsed:
+                last_step, last_elapsed, prefix = step, elapsed, output_line(step, "", elapsed)
+            out.append(prefix + payload["line"] + "\n")
+        else:
+            out.extend(line + "\n" for line in event_lines(payload))
+    return "".join(out)
 
 
 def terminal_lines(payload: Mapping[str, Any]) -> list[str]:

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from builder.client import (
@@ -28,7 +28,7 @@ from builder.client import (
     DoneEvent,
     ErrorEvent,
 )
-from builder.plainlog import event_lines
+from builder.plainlog import plain_text
 
 EXIT_OK = 0
 EXIT_BUILD_FAILED = 1
@@ -124,14 +124,7 @@ async def _build(client: BuilderClient, session: Session) -> int:
     log_stream = None if args.quiet else sys.stderr if args.json else sys.stdout
     printer = None if log_stream is None else Printer(log_stream)
     try:
-        result = await client.wait(
-            session.build_id,
-            on_event=printer,
-            # Flushed per batch that arrived together, so a closed pipe (`| head`) is noticed
-            # at the next batch, as with docker, without a write syscall per line.
-            on_batch_end=None if log_stream is None else log_stream.flush,
-            started=started,
-        )
+        result = await client.wait(session.build_id, on_events=printer, started=started)
     finally:
         if printer is not None:
             printer.close()
@@ -164,9 +157,12 @@ class Printer:
     def __init__(self, stream: Any) -> None:
         self._stream = stream
 
-    def __call__(self, event: BuildEvent) -> None:
-        if lines := event_lines(event.data):
-            self._stream.write("\n".join(lines) + "\n")
+    def __call__(self, events: Iterable[BuildEvent]) -> None:
+        """A batch that arrived together: one write, then a flush, so a closed pipe (`| head`) is
+        noticed at the next batch, as with docker, without a write and a syscall per line."""
+        if text := plain_text(event.data for event in events):
+            self._stream.write(text)
+            self._stream.flush()
 
     def close(self) -> None:
         self._stream.flush()
@@ -241,17 +237,13 @@ async def _logs(client: BuilderClient, session: Session) -> int:
     session.build_id = args.build_id
     printer = Printer(sys.stdout)
     async for batch in client.log_batches(args.build_id, after=args.after, follow=args.follow):
-        for event in batch:
-            if isinstance(event, DoneEvent):
-                printer.close()
-                print(f"--- succeeded: {event.image_ref}", file=sys.stderr)
-            elif isinstance(event, ErrorEvent):
-                printer.close()
-                print(f"--- {event.status}: {event.error}", file=sys.stderr)
-                return EXIT_BUILD_FAILED
-            else:
-                printer(event)
-        sys.stdout.flush()
+        end = batch[-1]
+        printer(batch[:-1] if end.terminal else batch)
+        if isinstance(end, DoneEvent):
+            print(f"--- succeeded: {end.image_ref}", file=sys.stderr)
+        elif isinstance(end, ErrorEvent):
+            print(f"--- {end.status}: {end.error}", file=sys.stderr)
+            return EXIT_BUILD_FAILED
     printer.close()
     return EXIT_OK
 

