@@ -289,20 +289,22 @@ class BuilderClient:
         started = time.monotonic() if started is None else started
         try:
             async for batch in self.log_batches(build_id):
+                # A batch ends at the terminal frame, if it holds one.
+                end = batch[-1]
                 if on_events is not None:
-                    on_events(batch[:-1] if batch[-1].terminal else batch)
-                for event in batch:
-                    if isinstance(event, LogEvent) and on_log is not None:
-                        if (result := on_log(event.line)) is not None:
+                    on_events(batch[:-1] if end.terminal else batch)
+                if on_log is not None:
+                    for event in batch:
+                        if isinstance(event, LogEvent) and (result := on_log(event.line)) is not None:
                             await result
-                    elif isinstance(event, DoneEvent):
-                        return BuildResult(
-                            build_id, event.data["status"], event.image_ref, event.image_id, time.monotonic() - started
-                        )
-                    elif isinstance(event, ErrorEvent):
-                        if event.status == p.BuildStatus.CANCELLED.value:
-                            raise BuildCancelled(build_id, event.error)
-                        raise BuildFailed(build_id, event.error)
+                if isinstance(end, DoneEvent):
+                    return BuildResult(
+                        build_id, end.data["status"], end.image_ref, end.image_id, time.monotonic() - started
+                    )
+                if isinstance(end, ErrorEvent):
+                    if end.status == p.BuildStatus.CANCELLED.value:
+                        raise BuildCancelled(build_id, end.error)
+                    raise BuildFailed(build_id, end.error)
         except BuilderError:
             raise
         except BaseException:
