@@ -11,11 +11,12 @@ import pytest
 from builder.server.engines.base import EngineFailure, ImageBuilt
 from builder.server.engines.legacy import BuildOutputParser, LinePiece, StepContainer, StepLayer
 from builder.server.errors import InvalidField, InvalidImageReference
-from builder.server.events import BACKLOG_LIMIT, WAKE_GROUP, EventLog
+from builder.server.events import BACKLOG_LIMIT, EventLog
 from builder.server.hosts import is_loopback
 from builder.server.imageref import parse_image_name, validate_reference
 from builder.server.models import BuildSpec, Shape, normalise_context_path
 from builder.server.records import Event
+from builder.server.turnstile import GROUP, Turnstile
 
 pytestmark = pytest.mark.unit
 
@@ -207,7 +208,7 @@ async def test_many_waiting_followers_are_woken_a_group_per_turn_of_the_loop() -
         await log.wait_for_events(0)
         woken.append(n)
 
-    followers = [asyncio.create_task(follower(n)) for n in range(WAKE_GROUP * 3 + 1)]
+    followers = [asyncio.create_task(follower(n)) for n in range(GROUP * 3 + 1)]
     await asyncio.sleep(0)
     gone = followers.pop()  # one hangs up while it waits: nothing of it stays behind
     gone.cancel()
@@ -217,9 +218,35 @@ async def test_many_waiting_followers_are_woken_a_group_per_turn_of_the_loop() -
     while len(woken) < len(followers):
         await asyncio.sleep(0)
         turns += 1
-        assert len(woken) <= WAKE_GROUP * turns
+        assert len(woken) <= GROUP * turns
     assert turns >= 3 and sorted(woken) == list(range(len(followers)))
-    assert not log._waiters and not log._waking
+
+
+async def test_a_turnstile_lets_a_group_through_per_turn_and_forgets_who_left() -> None:
+    turnstile = Turnstile(group=2)
+    passed: list[int] = []
+
+    async def writer(n: int) -> None:
+        await turnstile.take_turn()
+        passed.append(n)
+
+    writers = [asyncio.create_task(writer(n)) for n in range(5)]
+    await asyncio.sleep(0)  # all queued; the first group passes at the next turn
+    writers[4].cancel()
+    counts = [0]
+    while len(passed) < 4:
+        await asyncio.sleep(0)
+        assert len(passed) - counts[-1] <= 2  # a group per turn at most
+        counts.append(len(passed))
+    assert 2 in counts and passed == [0, 1, 2, 3]
+    # Who waits after a let_through waits for the next one.
+    late = asyncio.create_task(turnstile.wait())
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not late.done()
+    turnstile.let_through()
+    await asyncio.wait_for(late, 1)
+    assert not turnstile._waiting and not turnstile._passing
 
 
 async def test_the_engine_reader_waits_while_too_much_waits_for_the_store() -> None:

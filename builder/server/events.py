@@ -10,13 +10,12 @@ event loop, nothing can slip between the two.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 from typing import Any
 
 from builder import protocol
 from builder.protocol import BuildStatus
 from builder.server.records import Event
+from builder.server.turnstile import Turnstile
 
 # Followers see at most this many events beyond what the store has committed (and the terminal
 # event right after them). A daemon that crashes has shown no id past (last committed + this + 1),
@@ -28,10 +27,6 @@ UNCOMMITTED_LIMIT = 1 << 16
 # bytes, not in a growing list of events. The same as UNCOMMITTED_LIMIT: past it, a store that
 # cannot write fails the build (service.py), which releases the reader.
 BACKLOG_LIMIT = UNCOMMITTED_LIMIT
-# Followers woken per turn of the event loop. Woken all at once, a few thousand followers would
-# hold the loop (every other request, and the build's own reading) for as long as all their
-# writes take; in groups, the loop polls its sockets between them.
-WAKE_GROUP = 64
 
 
 class EventLog:
@@ -45,8 +40,8 @@ class EventLog:
         self._window = window
         self._coalesce = coalesce
         self._events: list[Event] = []  # ids committed_id-ish .. last_id, contiguous
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._waking: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Followers waiting for events: woken a group per turn of the loop, not thousands at once.
+        self._arrivals = Turnstile()
         self._stored = asyncio.Event()  # set by each commit, and when the build is stopping
         self.stopping = False
 
@@ -94,20 +89,7 @@ class EventLog:
             self._wake()
 
     def _wake(self) -> None:
-        # Those waiting now; one that waits again meanwhile is woken by the next change only.
-        idle = not self._waking
-        self._waking.extend(self._waiters)
-        self._waiters.clear()
-        if idle and self._waking:
-            asyncio.get_running_loop().call_soon(self._wake_group)
-
-    def _wake_group(self) -> None:
-        for _ in range(min(WAKE_GROUP, len(self._waking))):
-            waiter = self._waking.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-        if self._waking:
-            asyncio.get_running_loop().call_soon(self._wake_group)
+        self._arrivals.let_through()
 
     @property
     def visible_id(self) -> int:
@@ -176,16 +158,7 @@ class EventLog:
         """Return once there is a visible event with id > `after` (after a short coalescing pause)."""
         if self.visible_id > after:
             return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            # A follower gone while it waited (it hung up) leaves nothing behind.
-            for queue in (self._waiters, self._waking):
-                with contextlib.suppress(ValueError):
-                    queue.remove(waiter)
-            raise
+        await self._arrivals.wait()
         if self._coalesce:
             # Let a chatty build's lines pile up briefly: one write per follower per window
             # instead of one per engine read, which is what costs with many followers.

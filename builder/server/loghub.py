@@ -126,48 +126,56 @@ class LogHub:
         self.follower_count += 1
         self._followers[namespace] += 1
         try:
-            async for batch in self._follow(build_id, after=after, follow=follow):
-                yield batch
+            async with contextlib.aclosing(self._follow(build_id, after=after, follow=follow)) as batches:
+                async for batch in batches:
+                    yield batch
         finally:
             self.follower_count -= 1
             self._followers[namespace] -= 1
             if not self._followers[namespace]:
                 del self._followers[namespace]
 
-    async def _follow(self, build_id: str, *, after: int, follow: bool) -> AsyncIterator[builtins.list[Event]]:
+    async def _follow(self, build_id: str, *, after: int, follow: bool) -> AsyncGenerator[builtins.list[Event], None]:
         if self._live(build_id) is not None:
-            async for batch in self._tail(build_id, self._live, after=after, follow=follow):
-                yield batch
+            async with contextlib.aclosing(self._tail(build_id, self._live, after=after, follow=follow)) as batches:
+                async for batch in batches:
+                    yield batch
             return
         record = await self._store.get(build_id)
         if not follow or record is None or record.status.terminal:
-            async for batch in self._replay(build_id, after=after, upto=None):
-                yield batch
+            async with contextlib.aclosing(self._replay(build_id, after=after, upto=None)) as batches:
+                async for batch in batches:
+                    yield batch
             return
         # Live on another replica: followed from the store as its owner commits it.
-        async with self._remote.attach(build_id, after) as remote:
-            async for batch in self._tail(build_id, lambda _: remote, after=after, follow=follow):
+        async with (
+            self._remote.attach(build_id, after) as remote,
+            contextlib.aclosing(self._tail(build_id, lambda _: remote, after=after, follow=follow)) as batches,
+        ):
+            async for batch in batches:
                 yield batch
 
     async def _tail(
         self, build_id: str, live: Callable[[str], EventLog | None], *, after: int, follow: bool
-    ) -> AsyncIterator[builtins.list[Event]]:
+    ) -> AsyncGenerator[builtins.list[Event], None]:
         """Events after `after` from a live log's shared window, or from the store for what the
         window has let go; `live` gives the log, or None once the build has left memory."""
         last = after
         while True:
             log = live(build_id)
             if log is None:
-                async for batch in self._replay(build_id, after=last, upto=None):
-                    yield batch
+                async with contextlib.aclosing(self._replay(build_id, after=last, upto=None)) as batches:
+                    async for batch in batches:
+                        yield batch
                 return
             events = log.events_after(last, _FOLLOW_BATCH)
             if events is None:
                 # Everything older than the window is committed: read it from the store.
                 self.lagged_followers += 1
-                async for batch in self._replay(build_id, after=last, upto=log.first_id - 1):
-                    last = batch[-1].id
-                    yield batch
+                async with contextlib.aclosing(self._replay(build_id, after=last, upto=log.first_id - 1)) as batches:
+                    async for batch in batches:
+                        last = batch[-1].id
+                        yield batch
                 last = max(last, log.first_id - 1)  # ids skipped after a crash are in no store
                 continue
             if events:
@@ -181,7 +189,9 @@ class LogHub:
                 return
             await log.wait_for_events(last)
 
-    async def _replay(self, build_id: str, *, after: int, upto: int | None) -> AsyncIterator[builtins.list[Event]]:
+    async def _replay(
+        self, build_id: str, *, after: int, upto: int | None
+    ) -> AsyncGenerator[builtins.list[Event], None]:
         while upto is None or after < upto:
             events = await self._read(build_id, after=after, upto=upto)
             if not events:

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from builder import plainlog
 from builder.server.records import Event
+from builder.server.turnstile import Turnstile
 
 # Most bytes a follower has in flight beyond what its socket took.
 WRITE_SLICE = 16 * 1024
@@ -32,7 +33,7 @@ _RENDERED_KEEP = 64
 class LogStreamResponse(web.StreamResponse):
     """A chunked response fed batch by batch from a build's event log."""
 
-    def __init__(self, *, content_type: str) -> None:
+    def __init__(self, *, content_type: str, turns: Turnstile) -> None:
         super().__init__(
             status=200,
             headers={
@@ -43,6 +44,9 @@ class LogStreamResponse(web.StreamResponse):
             },
         )
         self._lock = asyncio.Lock()
+        # Shared by every follower: a slice each per group, so thousands of followers whose
+        # sockets take all they are given do not write their catch-up in one turn of the loop.
+        self._turns = turns
         self.handler_task: asyncio.Task[object] | None = None
 
     format = "text"
@@ -66,6 +70,7 @@ class LogStreamResponse(web.StreamResponse):
                 _RENDERED.popitem(last=False)
         view = memoryview(data)
         for start in range(0, len(view), WRITE_SLICE):
+            await self._turns.take_turn()
             await self._write(view[start : start + WRITE_SLICE])
 
     def render(self, events: Sequence[Event]) -> bytes:
@@ -94,8 +99,8 @@ class EventStreamResponse(LogStreamResponse):
 
     format = "sse"
 
-    def __init__(self, *, retry_ms: int, ping_interval: float) -> None:
-        super().__init__(content_type="text/event-stream")
+    def __init__(self, *, retry_ms: int, ping_interval: float, turns: Turnstile) -> None:
+        super().__init__(content_type="text/event-stream", turns=turns)
         self._retry_ms = retry_ms
         self._ping_interval = ping_interval
         self._ping_task: asyncio.Task[None] | None = None
@@ -155,8 +160,8 @@ def _batch_frame(events: Sequence[Event]) -> bytes:
 class PlainLogResponse(LogStreamResponse):
     """The build's output as `docker build --progress=plain` prints it, then one line with the outcome."""
 
-    def __init__(self) -> None:
-        super().__init__(content_type="text/plain")
+    def __init__(self, *, turns: Turnstile) -> None:
+        super().__init__(content_type="text/plain", turns=turns)
         self.charset = "utf-8"
 
     def render(self, events: Sequence[Event]) -> bytes:
