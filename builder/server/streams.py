@@ -44,8 +44,7 @@ class LogStreamResponse(web.StreamResponse):
             },
         )
         self._lock = asyncio.Lock()
-        # Shared by every follower: a slice each per group, so thousands of followers whose
-        # sockets take all they are given do not write their catch-up in one turn of the loop.
+        # Shared by every follower: a group of them writes a batch each per turn of the loop.
         self._turns = turns
         self.handler_task: asyncio.Task[object] | None = None
 
@@ -68,9 +67,11 @@ class LogStreamResponse(web.StreamResponse):
             data = _RENDERED[key] = self.render(events)
             if len(_RENDERED) > _RENDERED_KEEP:
                 _RENDERED.popitem(last=False)
+        # A turn per batch: thousands of followers whose sockets take all they are given would
+        # otherwise write their catch-up in one turn of the loop.
+        await self._turns.take_turn()
         view = memoryview(data)
         for start in range(0, len(view), WRITE_SLICE):
-            await self._turns.take_turn()
             await self._write(view[start : start + WRITE_SLICE])
 
     def render(self, events: Sequence[Event]) -> bytes:
