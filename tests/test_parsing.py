@@ -226,13 +226,15 @@ async def test_a_turnstile_lets_a_group_through_per_turn_and_forgets_who_left() 
     turnstile = Turnstile(group=2)
     passed: list[int] = []
 
-    async def writer(n: int) -> None:
-        await turnstile.take_turn()
+    async def waiter(n: int) -> None:
+        await turnstile.wait()
         passed.append(n)
 
-    writers = [asyncio.create_task(writer(n)) for n in range(5)]
-    await asyncio.sleep(0)  # all queued; the first group passes at the next turn
-    writers[4].cancel()
+    waiters = [asyncio.create_task(waiter(n)) for n in range(5)]
+    await asyncio.sleep(0)  # all waiting
+    waiters[4].cancel()
+    await asyncio.sleep(0)
+    turnstile.let_through()
     counts = [0]
     while len(passed) < 4:
         await asyncio.sleep(0)

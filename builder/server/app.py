@@ -22,7 +22,6 @@ from builder.server.appkeys import (
     REGISTRY_LOGINS,
     SERVICE,
     SETTINGS,
-    STREAM_TURNS,
     STREAMS,
     TOKENS,
 )
@@ -39,7 +38,6 @@ from builder.server.hosts import is_loopback, open_mode_refusal
 from builder.server.registry_auth import RegistryLogins
 from builder.server.service import BuildService
 from builder.server.store import SqliteBuildStore
-from builder.server.turnstile import Turnstile
 
 log = structlog.get_logger(__name__)
 
@@ -152,7 +150,6 @@ def create_app(settings: Settings) -> web.Application:
     app[TOKENS] = TokenTable(path=settings.auth_tokens_file, env=settings.auth_tokens)
     app[REGISTRY_LOGINS] = registry_logins(settings)
     app[STREAMS] = weakref.WeakSet()
-    app[STREAM_TURNS] = Turnstile()
     app.add_routes(routes)
     app.cleanup_ctx.extend([_engine_ctx, _cluster_ctx, _service_ctx])
     app.on_response_prepare.append(_name_replica)

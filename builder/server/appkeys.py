@@ -13,7 +13,6 @@ from builder.server.engines.pool import EnginePool
 from builder.server.registry_auth import RegistryLogins
 from builder.server.service import BuildService
 from builder.server.streams import LogStreamResponse
-from builder.server.turnstile import Turnstile
 
 SETTINGS = web.AppKey("settings", Settings)
 TOKENS = web.AppKey("tokens", TokenTable)
@@ -26,5 +25,3 @@ CLUSTER = web.AppKey("cluster", Cluster)
 SERVICE = web.AppKey("service", BuildService)
 # Open log streams, ended on shutdown so it does not wait on them.
 STREAMS = web.AppKey("streams", weakref.WeakSet[LogStreamResponse])
-# Turns of the loop the open log streams take to write, a group of them at a time.
-STREAM_TURNS = web.AppKey("stream_turns", Turnstile)

@@ -12,7 +12,7 @@ from aiohttp import BodyPartReader, web
 
 from builder import protocol as p
 from builder.protocol import BuildStatus
-from builder.server.appkeys import ENGINES, NAMESPACE, SERVICE, SETTINGS, STREAM_TURNS, STREAMS
+from builder.server.appkeys import ENGINES, NAMESPACE, SERVICE, SETTINGS, STREAMS
 from builder.server.build_secrets import MAX_SECRET_BYTES, MAX_SECRETS_BYTES, add_secret, secrets_from_json
 from builder.server.contexts import SpooledContext
 from builder.server.errors import (
@@ -198,13 +198,12 @@ async def stream_logs(request: web.Request) -> web.StreamResponse:
 def _log_response(request: web.Request, query: LogQuery) -> LogStreamResponse:
     """SSE for EventSource and SDKs; plain text for `curl -N` (Accept: */*) or `?format=text`."""
     fmt = query.format
-    turns = request.app[STREAM_TURNS]
     if fmt == "text" or (fmt is None and "text/event-stream" not in request.headers.get("Accept", "")):
-        return PlainLogResponse(turns=turns)
+        return PlainLogResponse()
     settings = request.app[SETTINGS]
     # Batched frames for clients that ask (ours): one frame and one JSON parse per batch.
     kind = BatchedEventStreamResponse if query.batch else EventStreamResponse
-    return kind(retry_ms=settings.sse_retry_ms, ping_interval=settings.sse_ping_interval, turns=turns)
+    return kind(retry_ms=settings.sse_retry_ms, ping_interval=settings.sse_ping_interval)
 
 
 def _accepted_body(record: BuildRecord, request: web.Request) -> Accepted:

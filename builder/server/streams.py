@@ -19,7 +19,6 @@ from aiohttp import web
 
 from builder import plainlog
 from builder.server.records import Event
-from builder.server.turnstile import Turnstile
 
 # Most bytes a follower has in flight beyond what its socket took.
 WRITE_SLICE = 16 * 1024
@@ -33,7 +32,7 @@ _RENDERED_KEEP = 64
 class LogStreamResponse(web.StreamResponse):
     """A chunked response fed batch by batch from a build's event log."""
 
-    def __init__(self, *, content_type: str, turns: Turnstile) -> None:
+    def __init__(self, *, content_type: str) -> None:
         super().__init__(
             status=200,
             headers={
@@ -44,8 +43,6 @@ class LogStreamResponse(web.StreamResponse):
             },
         )
         self._lock = asyncio.Lock()
-        # Shared by every follower: a group of them writes a batch each per turn of the loop.
-        self._turns = turns
         self.handler_task: asyncio.Task[object] | None = None
 
     format = "text"
@@ -67,9 +64,6 @@ class LogStreamResponse(web.StreamResponse):
             data = _RENDERED[key] = self.render(events)
             if len(_RENDERED) > _RENDERED_KEEP:
                 _RENDERED.popitem(last=False)
-        # A turn per batch: thousands of followers whose sockets take all they are given would
-        # otherwise write their catch-up in one turn of the loop.
-        await self._turns.take_turn()
         view = memoryview(data)
         for start in range(0, len(view), WRITE_SLICE):
             await self._write(view[start : start + WRITE_SLICE])
@@ -100,8 +94,8 @@ class EventStreamResponse(LogStreamResponse):
 
     format = "sse"
 
-    def __init__(self, *, retry_ms: int, ping_interval: float, turns: Turnstile) -> None:
-        super().__init__(content_type="text/event-stream", turns=turns)
+    def __init__(self, *, retry_ms: int, ping_interval: float) -> None:
+        super().__init__(content_type="text/event-stream")
         self._retry_ms = retry_ms
         self._ping_interval = ping_interval
         self._ping_task: asyncio.Task[None] | None = None
@@ -161,8 +155,8 @@ def _batch_frame(events: Sequence[Event]) -> bytes:
 class PlainLogResponse(LogStreamResponse):
     """The build's output as `docker build --progress=plain` prints it, then one line with the outcome."""
 
-    def __init__(self, *, turns: Turnstile) -> None:
-        super().__init__(content_type="text/plain", turns=turns)
+    def __init__(self) -> None:
+        super().__init__(content_type="text/plain")
         self.charset = "utf-8"
 
     def render(self, events: Sequence[Event]) -> bytes:

@@ -1,8 +1,9 @@
 """A turnstile: lets waiters through a group per turn of the event loop.
 
-Thousands of log followers woken, or writing, in one turn of the loop would hold it (and every
-other request, and a build's own reading) for as long as all their work takes; let through a
-group at a time, they leave the loop free to poll its sockets between groups.
+Thousands of log followers woken in one turn of the loop would hold it (and every other request,
+and a build's own reading) for as long as all their writes take; let through a group at a time,
+they leave the loop free to poll its sockets between groups. (Writes are not turned the same
+way: a turn per batch written halved a 1,000-follower burst's throughput.)
 """
 
 from __future__ import annotations
@@ -23,12 +24,6 @@ class Turnstile:
     async def wait(self) -> None:
         """Return once a `let_through` after this call lets this waiter through."""
         await self._pass(self._queue())
-
-    async def take_turn(self) -> None:
-        """Wait for a place in the next group to pass."""
-        waiter = self._queue()
-        self.let_through()
-        await self._pass(waiter)
 
     def _queue(self) -> asyncio.Future[None]:
         waiter = asyncio.get_running_loop().create_future()
