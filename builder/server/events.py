@@ -29,6 +29,12 @@ UNCOMMITTED_LIMIT = 1 << 16
 BACKLOG_LIMIT = UNCOMMITTED_LIMIT
 
 
+def batch_end(after: int, size: int) -> int:
+    """The last id of the batch after `after`: batches of followers end at multiples of `size`, so
+    followers at different places soon read (and render) the same ones."""
+    return (after // size + 1) * size
+
+
 class EventLog:
     """Live log of one build that has not finished and been fully persisted."""
 
@@ -43,7 +49,7 @@ class EventLog:
         # Followers waiting for events: woken a group per turn of the loop, not thousands at once.
         self._arrivals = Turnstile()
         self._stored = asyncio.Event()  # set by each commit, and when the build is stopping
-        self.stopping = False
+        self._stopping = False
 
     @property
     def first_id(self) -> int:
@@ -119,7 +125,7 @@ class EventLog:
         first = self.first_id
         if after + 1 < first:
             return None
-        last = min((after // limit + 1) * limit, self.visible_id)
+        last = min(batch_end(after, limit), self.visible_id)
         return self._events[after + 1 - first : last + 1 - first]
 
     def uncommitted(self) -> list[Event]:
@@ -142,12 +148,12 @@ class EventLog:
     async def wait_for_store(self) -> None:
         """Return once at most BACKLOG_LIMIT events wait for the store, or the build is stopping
         (then a store that cannot write must not hold its reader up)."""
-        while self.last_id - self.committed_id > BACKLOG_LIMIT and not self.stopping:
+        while self.last_id - self.committed_id > BACKLOG_LIMIT and not self._stopping:
             self._stored.clear()
             await self._stored.wait()
 
     def stop_waiting(self) -> None:
-        self.stopping = True
+        self._stopping = True
         self._stored.set()
 
     @property

@@ -18,7 +18,7 @@ import structlog
 
 from builder.server.cluster import LogTail
 from builder.server.errors import TenantQuotaExceeded
-from builder.server.events import EventLog
+from builder.server.events import EventLog, batch_end
 from builder.server.records import Event
 from builder.server.store import BuildStore, StoreUnavailable
 
@@ -202,7 +202,7 @@ class LogHub:
     async def _read(self, build_id: str, *, after: int, upto: int | None) -> builtins.list[Event]:
         """Events after `after` from the store, up to the next multiple of the batch size (as
         `EventLog.events_after`): followers at the same place share one read and its events."""
-        end = (after // _FOLLOW_BATCH + 1) * _FOLLOW_BATCH
+        end = batch_end(after, _FOLLOW_BATCH)
         if upto is not None:
             end = min(end, upto)
         key = (build_id, after, end)

@@ -23,14 +23,8 @@ class Turnstile:
 
     async def wait(self) -> None:
         """Return once a `let_through` after this call lets this waiter through."""
-        await self._pass(self._queue())
-
-    def _queue(self) -> asyncio.Future[None]:
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.append(waiter)
-        return waiter
-
-    async def _pass(self, waiter: asyncio.Future[None]) -> None:
         try:
             await waiter
         except asyncio.CancelledError:
