@@ -324,3 +324,17 @@ async def test_a_data_dir_from_before_event_batches_keeps_its_logs(tmp_path: Pat
         assert await store.last_event_id("b1") == 2
     finally:
         await store.close()
+
+
+def test_event_rows_hold_a_thousand_events_or_a_mebibyte() -> None:
+    from builder.server.store import _event_rows
+
+    short = [Event(i, f'{{"type":"log","line":"{i}"}}', False) for i in range(1, 2501)]
+    assert [(first, last) for _, first, last, _ in _event_rows([("b", short)])] == [(1, 1000), (1001, 2000), (2001, 2500)]
+    rows = _event_rows([("b", short[:3])])
+    assert rows == [("b", 1, 3, "\n".join(e.data for e in short[:3]))]
+    # Long lines: as many as fit in a row, and a line over the limit alone in its own.
+    big, huge = "x" * (600 << 10), "y" * (3 << 20)
+    long = [Event(i, data, False) for i, data in enumerate([big, big, "a", huge, "b"], start=1)]
+    assert [(first, last) for _, first, last, _ in _event_rows([("b", long)])] == [(1, 1), (2, 3), (4, 4), (5, 5)]
+    assert [len(data) for *_, data in _event_rows([("b", long)])] == [len(big), len(big) + 2, len(huge), 1]

@@ -10,6 +10,7 @@ event loop, nothing can slip between the two.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from builder import protocol
@@ -38,7 +39,15 @@ def batch_end(after: int, size: int) -> int:
 class EventLog:
     """Live log of one build that has not finished and been fully persisted."""
 
-    def __init__(self, build_id: str, *, last_id: int = 0, window: int = 20_000, coalesce: float = 0.0) -> None:
+    def __init__(
+        self,
+        build_id: str,
+        *,
+        last_id: int = 0,
+        window: int = 20_000,
+        coalesce: float = 0.0,
+        flush_soon: Callable[[], None] = lambda: None,
+    ) -> None:
         self.build_id = build_id
         self.last_id = last_id
         self.committed_id = last_id
@@ -49,6 +58,8 @@ class EventLog:
         # Followers waiting for events: woken a group per turn of the loop, not thousands at once.
         self._arrivals = Turnstile()
         self._stored = asyncio.Event()  # set by each commit, and when the build is stopping
+        # Asks the flusher to commit now rather than at its next tick: the reader is waiting.
+        self._flush_soon = flush_soon
         self._stopping = False
 
     @property
@@ -150,6 +161,7 @@ class EventLog:
         (then a store that cannot write must not hold its reader up)."""
         while self.last_id - self.committed_id > BACKLOG_LIMIT and not self._stopping:
             self._stored.clear()
+            self._flush_soon()
             await self._stored.wait()
 
     def stop_waiting(self) -> None:

@@ -147,6 +147,7 @@ class BuildService:
         self._spooled: collections.Counter[str] = collections.Counter()
         self._running: set[ActiveBuild] = set()
         self._flush_lock = asyncio.Lock()
+        self._flush_wanted = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
         self._draining = False
@@ -453,7 +454,12 @@ class BuildService:
         )
         build = ActiveBuild(
             record=record,
-            log=EventLog(record.build_id, window=self._settings.log_window, coalesce=self._settings.follower_coalesce),
+            log=EventLog(
+                record.build_id,
+                window=self._settings.log_window,
+                coalesce=self._settings.follower_coalesce,
+                flush_soon=self._flush_wanted.set,
+            ),
             engine=self._engines.for_tenant(namespace),
             secrets=secrets,
         )
@@ -811,10 +817,18 @@ class BuildService:
                 task.add_done_callback(self._stoppers.discard)
 
     async def _flush_forever(self) -> None:
-        """The flusher: every commit interval, or less often (up to 5 s) while the store cannot write."""
+        """The flusher: every commit interval, at once when a build's engine reader waits for the
+        store (a chatty build commits back to back), and less often (up to 5 s) while the store
+        cannot write."""
         interval = self._settings.commit_interval
         while True:
-            await asyncio.sleep(interval)
+            if interval == self._settings.commit_interval:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(interval):
+                        await self._flush_wanted.wait()
+            else:
+                await asyncio.sleep(interval)
+            self._flush_wanted.clear()
             try:
                 await self._flush()
             except StoreUnavailable:

@@ -343,14 +343,25 @@ def _event_rows(logs: Sequence[tuple[str, Sequence[Event]]]) -> list[tuple[str, 
     """(build, first id, last id, lines) rows of at most _BATCH_EVENTS events and about _BATCH_BYTES."""
     rows = []
     for build_id, group in logs:
-        batch: list[Event] = []
-        size = 0
-        for event in group:
-            if batch and (len(batch) == _BATCH_EVENTS or size + len(event.data) > _BATCH_BYTES):
-                rows.append((build_id, batch[0].id, batch[-1].id, "\n".join(e.data for e in batch)))
-                batch, size = [], 0
-            batch.append(event)
-            size += len(event.data)
-        if batch:
-            rows.append((build_id, batch[0].id, batch[-1].id, "\n".join(e.data for e in batch)))
+        start = 0
+        while start < len(group):
+            # A row's worth joined at once (a chatty build commits 10^5 events at a time, on the
+            # thread the event loop shares its lock with); cut shorter only when lines are long.
+            chunk = group[start : start + _BATCH_EVENTS]
+            data = "\n".join([event.data for event in chunk])
+            if len(data) > _BATCH_BYTES and len(chunk) > 1:
+                chunk = chunk[: _fitting(chunk)]
+                data = "\n".join([event.data for event in chunk])
+            rows.append((build_id, chunk[0].id, chunk[-1].id, data))
+            start += len(chunk)
     return rows
+
+
+def _fitting(events: Sequence[Event]) -> int:
+    """How many of `events`, from the first, one row takes: those within _BATCH_BYTES, at least one."""
+    size = 0
+    for count, event in enumerate(events):
+        size += len(event.data)
+        if size > _BATCH_BYTES:
+            return max(count, 1)
+    return len(events)
