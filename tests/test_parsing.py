@@ -15,8 +15,14 @@ from builder.server.events import BACKLOG_LIMIT, EventLog
 from builder.server.hosts import is_loopback
 from builder.server.imageref import parse_image_name, validate_reference
 from builder.server.models import BuildSpec, Shape, normalise_context_path
-from builder.server.records import Event
+from builder.server.records import EventRun
 from builder.server.turnstile import GROUP, Turnstile
+
+
+def ids(run: EventRun | None) -> list[int]:
+    assert run is not None
+    return [event.id for event in run.events()]
+
 
 pytestmark = pytest.mark.unit
 
@@ -165,28 +171,29 @@ def test_event_log_numbers_from_one_and_escapes_control_text() -> None:
 
 async def test_event_log_window_keeps_uncommitted_events_and_says_when_to_read_the_store() -> None:
     log = EventLog("b", window=4)
-    log.extend([{"type": "log", "line": str(n)} for n in range(1, 21)])
+    log.extend_data([f'{{"type":"log","line":"{n}"}}' for n in range(1, 21)])
     # Nothing is committed yet: nothing may leave memory.
-    assert [e.id for e in log.events_after(0, 100)] == list(range(1, 21))
-    assert [e.id for e in log.uncommitted()] == list(range(1, 21))
+    assert ids(log.events_after(0, 100)) == list(range(1, 21))
+    assert ids(log.uncommitted()) == list(range(1, 21))
+    assert json.loads(log.uncommitted().datas[4]) == {"type": "log", "line": "5"}
     log.committed(18)
-    assert [e.id for e in log.uncommitted()] == [19, 20]
+    assert ids(log.uncommitted()) == [19, 20]
     assert log.first_id <= 19 and log.events_after(0, 100) is None
-    assert [e.id for e in log.events_after(18, 100)] == [19, 20]
-    assert log.events_after(20, 100) == []
-    assert [e.id for e in log.events_after(18, 1)] == [19]
+    assert ids(log.events_after(18, 100)) == [19, 20]
+    assert log.events_after(20, 100) == EventRun(21, [])
+    assert ids(log.events_after(18, 1)) == [19]
 
 
 async def test_event_log_of_a_build_elsewhere_keeps_the_store_ids_and_restarts_after_a_gap() -> None:
     log = EventLog("b", last_id=10, window=100)
     waiter = asyncio.create_task(log.wait_for_events(10))
-    log.extend_committed([Event.of(n, f'{{"type":"log","line":"{n}"}}') for n in (11, 12)])
+    log.extend_committed(EventRun(11, [f'{{"type":"log","line":"{n}"}}' for n in (11, 12)]))
     await asyncio.wait_for(waiter, 1)
-    assert [e.id for e in log.events_after(10, 100)] == [11, 12] and log.fully_committed is False
+    assert ids(log.events_after(10, 100)) == [11, 12] and log.fully_committed is False
     # A lost replica's terminal frame comes after the ids its followers may have been shown.
-    log.extend_committed([Event.of(12 + 65537, '{"type":"error","status":"failed","error":"replica r1 lost"}')])
+    log.extend_committed(EventRun(12 + 65537, ['{"type":"error","status":"failed","error":"replica r1 lost"}']))
     assert log.first_id == 12 + 65537 and log.events_after(12, 100) is None
-    assert [e.id for e in log.events_after(12 + 65536, 100)] == [12 + 65537]
+    assert ids(log.events_after(12 + 65536, 100)) == [12 + 65537]
     assert log.terminated and log.complete and log.fully_committed
 
 
@@ -320,7 +327,7 @@ async def test_a_data_dir_from_before_event_batches_keeps_its_logs(tmp_path: Pat
     store = SqliteBuildStore(path)
     await store.open()
     try:
-        assert [json.loads(e.data)["line"] for e in await store.read_events("b1", after=0)] == ["a", "b"]
+        assert [json.loads(data)["line"] for data in (await store.read_events("b1", after=0)).datas] == ["a", "b"]
         assert await store.last_event_id("b1") == 2
     finally:
         await store.close()
@@ -329,12 +336,35 @@ async def test_a_data_dir_from_before_event_batches_keeps_its_logs(tmp_path: Pat
 def test_event_rows_hold_a_thousand_events_or_a_mebibyte() -> None:
     from builder.server.store import _event_rows
 
-    short = [Event(i, f'{{"type":"log","line":"{i}"}}', False) for i in range(1, 2501)]
-    assert [(first, last) for _, first, last, _ in _event_rows([("b", short)])] == [(1, 1000), (1001, 2000), (2001, 2500)]
-    rows = _event_rows([("b", short[:3])])
-    assert rows == [("b", 1, 3, "\n".join(e.data for e in short[:3]))]
+    short = EventRun(1, [f'{{"type":"log","line":"{i}"}}' for i in range(1, 2501)])
+    assert [(first, last) for _, first, last, _ in _event_rows([("b", short)])] == [
+        (1, 1000),
+        (1001, 2000),
+        (2001, 2500),
+    ]
+    assert _event_rows([("b", EventRun(7, short.datas[:3]))]) == [("b", 7, 9, "\n".join(short.datas[:3]))]
     # Long lines: as many as fit in a row, and a line over the limit alone in its own.
     big, huge = "x" * (600 << 10), "y" * (3 << 20)
-    long = [Event(i, data, False) for i, data in enumerate([big, big, "a", huge, "b"], start=1)]
+    long = EventRun(1, [big, big, "a", huge, "b"])
     assert [(first, last) for _, first, last, _ in _event_rows([("b", long)])] == [(1, 1), (2, 3), (4, 4), (5, 5)]
     assert [len(data) for *_, data in _event_rows([("b", long)])] == [len(big), len(big) + 2, len(huge), 1]
+
+
+async def test_a_store_read_ends_where_ids_skip_and_the_next_goes_on_past_the_gap(tmp_path: Path) -> None:
+    from builder.server.store import SqliteBuildStore
+
+    store = SqliteBuildStore(tmp_path / "builds.sqlite3")
+    await store.open()
+    try:
+        lines = [f'{{"type":"log","line":"{n}"}}' for n in range(13)]
+        # Ids 4..9 were shown before a crash and never committed: the log goes on at 10.
+        await store.append_events([("b", EventRun(1, lines[1:4])), ("b", EventRun(10, lines[10:13]))])
+        assert await store.read_events("b", after=0) == EventRun(1, lines[1:4])
+        assert await store.read_events("b", after=3) == EventRun(10, lines[10:13])
+        assert await store.read_events("b", after=0, limit=2) == EventRun(1, lines[1:3])
+        assert await store.read_events("b", after=1, upto=2) == EventRun(2, lines[2:3])
+        assert await store.read_events("b", after=10, upto=11) == EventRun(11, lines[11:12])
+        assert not await store.read_events("b", after=12)
+        assert not await store.read_events("other", after=0)
+    finally:
+        await store.close()

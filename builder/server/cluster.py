@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from builder.server.records import Event
+from builder.server.records import EventRun
 from builder.server.store import BuildStore
 
 
@@ -55,8 +55,9 @@ class ControlChannel(Protocol):
 class LogTail(Protocol):
     """Events of a build whose owner is another replica, as they are committed."""
 
-    async def wait(self, build_id: str, *, after: int, timeout: float, limit: int) -> builtins.list[Event]:
-        """Up to `limit` events with id > `after`; waits up to `timeout` seconds for the first."""
+    async def wait(self, build_id: str, *, after: int, timeout: float, limit: int) -> EventRun:
+        """Up to `limit` events with id > `after`, consecutive from the first (as the store's
+        `read_events`); waits up to `timeout` seconds for the first."""
         ...
 
 
@@ -94,9 +95,9 @@ class LocalControl:
 class LocalTail:
     """One daemon: a build that is not live here has ended, and its log is all in the store."""
 
-    async def wait(self, build_id: str, *, after: int, timeout: float, limit: int) -> builtins.list[Event]:
+    async def wait(self, build_id: str, *, after: int, timeout: float, limit: int) -> EventRun:
         await asyncio.sleep(timeout)
-        return []
+        return EventRun(after + 1)
 
 
 @dataclasses.dataclass(frozen=True)

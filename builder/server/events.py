@@ -14,8 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from builder import protocol
-from builder.protocol import BuildStatus
-from builder.server.records import Event
+from builder.protocol import BuildStatus, is_terminal_data
+from builder.server.records import Event, EventRun
 from builder.server.turnstile import Turnstile
 
 # Followers see at most this many events beyond what the store has committed (and the terminal
@@ -54,7 +54,7 @@ class EventLog:
         self.terminated = False
         self._window = window
         self._coalesce = coalesce
-        self._events: list[Event] = []  # ids committed_id-ish .. last_id, contiguous
+        self._datas: list[str] = []  # of events first_id .. last_id
         # Followers waiting for events: woken a group per turn of the loop, not thousands at once.
         self._arrivals = Turnstile()
         self._stored = asyncio.Event()  # set by each commit, and when the build is stopping
@@ -65,45 +65,37 @@ class EventLog:
     @property
     def first_id(self) -> int:
         """Oldest id still in memory (last_id + 1 when none is)."""
-        return self._events[0].id if self._events else self.last_id + 1
+        return self.last_id + 1 - len(self._datas)
 
     def append(self, payload: dict[str, Any]) -> Event:
-        return self.extend([payload])[-1]
+        data = protocol.dump_event(payload)
+        self.extend_data([data])
+        return Event.of(self.last_id, data)
 
-    def extend(self, payloads: list[dict[str, Any]]) -> list[Event]:
-        """Number and buffer a batch of events, then wake the followers once."""
-        return self.extend_data([protocol.dump_event(payload) for payload in payloads])
-
-    def extend_data(self, datas: list[str]) -> list[Event]:
+    def extend_data(self, datas: list[str]) -> None:
         """Number and buffer a batch of events already dumped (`protocol.dump_*`), then wake the
         followers once: a chatty build's engine read is one wake-up, not one per line."""
-        if self.terminated and datas:
+        if not datas:
+            return
+        if self.terminated:
             raise RuntimeError(f"event log of {self.build_id} is terminated")
-        first = self.last_id + 1
-        # Only the last can be the terminal event (nothing follows one): the others are made as
-        # plain tuples, twice as fast as through Event.of on a chatty build's path.
-        new = tuple.__new__
-        events = [new(Event, (event_id, data, False)) for event_id, data in enumerate(datas, start=first)]
-        if events:
-            events[-1] = Event.of(events[-1].id, datas[-1])
-            self.last_id = events[-1].id
-            self.terminated = events[-1].terminal
-            self._events.extend(events)
-            self._wake()
-        return events
+        self._datas.extend(datas)
+        self.last_id += len(datas)
+        self.terminated = is_terminal_data(datas[-1])  # only the last can be: nothing follows one
+        self._wake()
 
-    def extend_committed(self, events: list[Event]) -> None:
+    def extend_committed(self, run: EventRun) -> None:
         """Add events read back from the store (another replica wrote them), ids as given: a gap
         (ids a lost replica's log skipped) restarts the window after it."""
-        for event in events:
-            if event.id != self.last_id + 1:
-                self._events.clear()
-            self._events.append(event)
-            self.last_id = event.id
-            self.terminated = event.terminal
-        if events:
-            self.committed(self.last_id)
-            self._wake()
+        if not run:
+            return
+        if run.first_id != self.last_id + 1:
+            self._datas.clear()
+        self._datas.extend(run.datas)
+        self.last_id = run.last_id
+        self.terminated = run.terminal
+        self.committed(self.last_id)
+        self._wake()
 
     def _wake(self) -> None:
         self._arrivals.let_through()
@@ -120,7 +112,7 @@ class EventLog:
         then comes right after what followers saw."""
         if self.terminated or self.visible_id == self.last_id:
             return
-        del self._events[self.visible_id + 1 - self.first_id :]
+        del self._datas[self.visible_id + 1 - self.first_id :]
         self.last_id = self.visible_id
 
     @property
@@ -128,7 +120,7 @@ class EventLog:
         """The terminal event is in, and followers may be shown it: nothing more will come."""
         return self.terminated and self.visible_id == self.last_id
 
-    def events_after(self, after: int, limit: int) -> list[Event] | None:
+    def events_after(self, after: int, limit: int) -> EventRun | None:
         """Up to `limit` visible events with id > `after` from memory, or None if the next is only
         in the store. A batch never crosses a multiple of `limit`: followers at different places
         soon ask for the same batches, whose rendered bytes they then share (streams.py), and a
@@ -137,10 +129,11 @@ class EventLog:
         if after + 1 < first:
             return None
         last = min(batch_end(after, limit), self.visible_id)
-        return self._events[after + 1 - first : last + 1 - first]
+        return EventRun(after + 1, self._datas[after + 1 - first : last + 1 - first])
 
-    def uncommitted(self) -> list[Event]:
-        return self._events[self.committed_id + 1 - self.first_id :] if self._events else []
+    def uncommitted(self) -> EventRun:
+        start = self.committed_id + 1
+        return EventRun(start, self._datas[start - self.first_id :])
 
     def committed(self, upto: int) -> None:
         """Events up to `upto` are in the store: the window may let them go."""
@@ -149,12 +142,12 @@ class EventLog:
         self._stored.set()
         if held_back:
             self._wake()
-        excess = len(self._events) - self._window
+        excess = len(self._datas) - self._window
         # Trim in bulk, and never past what the store has.
         if excess > self._window // 4:
             drop = min(excess, upto + 1 - self.first_id)
             if drop > 0:
-                del self._events[:drop]
+                del self._datas[:drop]
 
     async def wait_for_store(self) -> None:
         """Return once at most BACKLOG_LIMIT events wait for the store, or the build is stopping

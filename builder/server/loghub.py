@@ -8,7 +8,6 @@ of its log per replica whose window every follower here shares.
 from __future__ import annotations
 
 import asyncio
-import builtins
 import collections
 import contextlib
 import dataclasses
@@ -19,7 +18,7 @@ import structlog
 from builder.server.cluster import LogTail
 from builder.server.errors import TenantQuotaExceeded
 from builder.server.events import EventLog, batch_end
-from builder.server.records import Event
+from builder.server.records import EventRun
 from builder.server.store import BuildStore, StoreUnavailable
 
 log = structlog.get_logger(__name__)
@@ -72,14 +71,14 @@ class RemoteLogs:
     async def _read(self, remote: EventLog) -> None:
         while not remote.terminated:
             try:
-                events = await self._tail.wait(
+                run = await self._tail.wait(
                     remote.build_id, after=remote.last_id, timeout=_WAIT_SECONDS, limit=_READ_BATCH
                 )
             except StoreUnavailable as exc:
                 log.warning("remote_log_read_failed", build_id=remote.build_id, error=exc.message)
                 await asyncio.sleep(_RETRY_SECONDS)
                 continue
-            remote.extend_committed(events)
+            remote.extend_committed(run)
 
     async def close(self) -> None:
         tasks = [reader.task for reader in self._readers.values()]
@@ -106,9 +105,7 @@ class LogHub:
         self._followers: collections.Counter[str] = collections.Counter()  # open streams per tenant
         self.follower_count = 0  # open log streams
         self.lagged_followers = 0  # times a follower fell behind the window and read the store
-        self._reads: collections.OrderedDict[tuple[str, int, int], asyncio.Future[builtins.list[Event]]] = (
-            collections.OrderedDict()
-        )
+        self._reads: collections.OrderedDict[tuple[str, int, int], asyncio.Future[EventRun]] = collections.OrderedDict()
 
     def check_follower(self, namespace: str) -> None:
         """Raise if the tenant has as many log streams open as it may."""
@@ -117,7 +114,7 @@ class LogHub:
 
     async def follow(
         self, build_id: str, *, after: int, follow: bool, namespace: str
-    ) -> AsyncGenerator[builtins.list[Event], None]:
+    ) -> AsyncGenerator[EventRun, None]:
         """Batches of every event with id > `after`, then live ones until the terminal event.
 
         With `follow=False`, only what exists now. A follower that falls behind the in-memory
@@ -135,7 +132,7 @@ class LogHub:
             if not self._followers[namespace]:
                 del self._followers[namespace]
 
-    async def _follow(self, build_id: str, *, after: int, follow: bool) -> AsyncGenerator[builtins.list[Event], None]:
+    async def _follow(self, build_id: str, *, after: int, follow: bool) -> AsyncGenerator[EventRun, None]:
         if self._live(build_id) is not None:
             async with contextlib.aclosing(self._tail(build_id, self._live, after=after, follow=follow)) as batches:
                 async for batch in batches:
@@ -157,7 +154,7 @@ class LogHub:
 
     async def _tail(
         self, build_id: str, live: Callable[[str], EventLog | None], *, after: int, follow: bool
-    ) -> AsyncGenerator[builtins.list[Event], None]:
+    ) -> AsyncGenerator[EventRun, None]:
         """Events after `after` from a live log's shared window, or from the store for what the
         window has let go; `live` gives the log, or None once the build has left memory."""
         last = after
@@ -168,20 +165,20 @@ class LogHub:
                     async for batch in batches:
                         yield batch
                 return
-            events = log.events_after(last, _FOLLOW_BATCH)
-            if events is None:
+            run = log.events_after(last, _FOLLOW_BATCH)
+            if run is None:
                 # Everything older than the window is committed: read it from the store.
                 self.lagged_followers += 1
                 async with contextlib.aclosing(self._replay(build_id, after=last, upto=log.first_id - 1)) as batches:
                     async for batch in batches:
-                        last = batch[-1].id
+                        last = batch.last_id
                         yield batch
                 last = max(last, log.first_id - 1)  # ids skipped after a crash are in no store
                 continue
-            if events:
-                last = events[-1].id
-                yield events
-                if events[-1].terminal:
+            if run:
+                last = run.last_id
+                yield run
+                if run.terminal:
                     return
                 continue
             if not follow or log.complete:
@@ -189,19 +186,18 @@ class LogHub:
                 return
             await log.wait_for_events(last)
 
-    async def _replay(
-        self, build_id: str, *, after: int, upto: int | None
-    ) -> AsyncGenerator[builtins.list[Event], None]:
+    async def _replay(self, build_id: str, *, after: int, upto: int | None) -> AsyncGenerator[EventRun, None]:
         while upto is None or after < upto:
-            events = await self._read(build_id, after=after, upto=upto)
-            if not events:
+            run = await self._read(build_id, after=after, upto=upto)
+            if not run:
                 return
-            yield events
-            after = events[-1].id
+            yield run
+            after = run.last_id
 
-    async def _read(self, build_id: str, *, after: int, upto: int | None) -> builtins.list[Event]:
+    async def _read(self, build_id: str, *, after: int, upto: int | None) -> EventRun:
         """Events after `after` from the store, up to the next multiple of the batch size (as
-        `EventLog.events_after`): followers at the same place share one read and its events."""
+        `EventLog.events_after`), or to where their ids skip: followers at the same place share one
+        read and its events."""
         end = batch_end(after, _FOLLOW_BATCH)
         if upto is not None:
             end = min(end, upto)
@@ -214,13 +210,13 @@ class LogHub:
             if len(self._reads) > _SHARED_READS:
                 self._reads.popitem(last=False)
         # Shielded: one follower hanging up must not end a read others wait for.
-        events = await asyncio.shield(read)
-        if not events and end != upto:
+        run = await asyncio.shield(read)
+        if not run and end != upto:
             # Nothing in the range: the log ends here, or its ids skip past it (after a crash).
-            events = await self._store.read_events(build_id, after=after, upto=upto, limit=_FOLLOW_BATCH)
-        return events
+            run = await self._store.read_events(build_id, after=after, upto=upto, limit=_FOLLOW_BATCH)
+        return run
 
-    def _forget_short_read(self, key: tuple[str, int, int], read: asyncio.Future[builtins.list[Event]]) -> None:
+    def _forget_short_read(self, key: tuple[str, int, int], read: asyncio.Future[EventRun]) -> None:
         # A failed read, or one that found less than its range (the rest was not stored yet), is not kept.
         _, after, end = key
         short = read.cancelled() or read.exception() is not None or len(read.result()) < end - after

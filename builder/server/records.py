@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any, NamedTuple, overload
 
 from builder.protocol import BuildStatus, is_terminal_data
@@ -31,13 +32,7 @@ def _parse_time(value: str | None) -> dt.datetime | None:
 
 
 class Event(NamedTuple):
-    """One log event: its per-build id and the JSON line sent as SSE `data`.
-
-    A tuple of plain values, made by `Event.of`: a chatty build keeps a hundred thousand
-    of these alive, and CPython's garbage collector stops tracking such tuples, where it
-    would scan as many class instances over and over. Its SSE frame is not kept: a batch's
-    frames are rendered once, when a follower first sends that batch (streams.py).
-    """
+    """One log event: its per-build id and the JSON line sent as SSE `data`."""
 
     id: int
     data: str
@@ -46,6 +41,35 @@ class Event(NamedTuple):
     @classmethod
     def of(cls, id: int, data: str) -> Event:
         return cls(id, data, is_terminal_data(data))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EventRun:
+    """Events with consecutive ids from `first_id`: the JSON line (SSE `data`) of each, in order.
+
+    The form events take through the daemon, from the engine reader to the window, the store and
+    the followers: a chatty build logs a hundred thousand lines a second, and an object per run
+    of them, not one per event, is what lets its reader keep up with the engine (and leaves the
+    garbage collector nothing to scan). Empty (falsy) when nothing follows `first_id - 1`.
+    """
+
+    first_id: int
+    datas: Sequence[str] = ()
+
+    def __len__(self) -> int:
+        return len(self.datas)
+
+    @property
+    def last_id(self) -> int:
+        return self.first_id + len(self.datas) - 1
+
+    @property
+    def terminal(self) -> bool:
+        """Whether it ends with the build's terminal event (nothing follows one)."""
+        return bool(self.datas) and is_terminal_data(self.datas[-1])
+
+    def events(self) -> list[Event]:
+        return [Event.of(event_id, data) for event_id, data in enumerate(self.datas, start=self.first_id)]
 
 
 @dataclasses.dataclass

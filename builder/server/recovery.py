@@ -12,7 +12,7 @@ from builder.protocol import BuildStatus
 from builder.server.cluster import Lease
 from builder.server.engines.pool import EnginePool
 from builder.server.events import UNCOMMITTED_LIMIT, EventLog, terminal_payload
-from builder.server.records import BuildRecord, utcnow
+from builder.server.records import BuildRecord, EventRun, utcnow
 from builder.server.store import BuildStore
 
 log = structlog.get_logger(__name__)
@@ -58,20 +58,20 @@ class Recovery:
         """End a build whose daemon died: from its log's last word if it had one, else failed."""
         last_id = await self._store.last_event_id(record.build_id)
         stored = await self._store.read_events(record.build_id, after=last_id - 1, limit=1)
-        if stored and stored[-1].terminal:
+        if stored.terminal:
             # Its outcome was decided and logged, but the record was not saved after it (the
             # store failed, or the daemon died in between): the log has the last word.
-            outcome = json.loads(stored[-1].data)
+            outcome = json.loads(stored.datas[-1])
             record.status = BuildStatus(outcome["status"])
             record.error = outcome.get("error")
             record.image_ref, record.image_id = outcome.get("image_ref"), outcome.get("image_id")
-            record.last_event_id = stored[-1].id
+            record.last_event_id = stored.last_id
         else:
             # Followers may have been shown ids past the last committed one: skip them all.
             terminal = EventLog(record.build_id, last_id=last_id + UNCOMMITTED_LIMIT + 1).append(
                 terminal_payload(BuildStatus.FAILED, error=error)
             )
-            await self._store.append_events([(record.build_id, [terminal])])
+            await self._store.append_events([(record.build_id, EventRun(terminal.id, [terminal.data]))])
             record.status = BuildStatus.FAILED
             record.error = error
             record.last_event_id = terminal.id

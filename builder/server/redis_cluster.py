@@ -55,7 +55,7 @@ from redis.typing import EncodableT, FieldT
 
 from builder.protocol import BuildStatus
 from builder.server.cluster import Cluster
-from builder.server.records import BuildRecord, Event
+from builder.server.records import BuildRecord, EventRun
 from builder.server.store import StoreUnavailable
 
 log = structlog.get_logger(__name__)
@@ -194,9 +194,19 @@ def _texts(values: Iterable[Any]) -> list[str]:
     return [_text(value) for value in values]
 
 
-def _events(entries: Any) -> list[Event]:
-    """XRANGE entries, as events."""
-    return [Event.of(_event_id(_text(entry_id)), _text(fields["data"])) for entry_id, fields in entries]
+def _run(entries: Any, after: int) -> EventRun:
+    """Stream entries after `after`, as the run of those consecutive from the first: where ids
+    skip (a lost replica's), the run ends and the next read goes on past it."""
+    datas: list[str] = []
+    first = after + 1
+    for entry_id, fields in entries:
+        event_id = _event_id(_text(entry_id))
+        if not datas:
+            first = event_id
+        elif event_id != first + len(datas):
+            break
+        datas.append(_text(fields["data"]))
+    return EventRun(first, datas)
 
 
 def _read_entries(reply: Any) -> Iterator[tuple[str, dict[str, str]]]:
@@ -345,27 +355,25 @@ class RedisBuildStore:
         mine = [r for r in records if r is not None and r.owner == owner]
         return sorted(mine, key=lambda r: r.created_at)
 
-    async def append_events(self, logs: Sequence[tuple[str, Sequence[Event]]]) -> None:
-        logs = [(build_id, group) for build_id, group in logs if group]
+    async def append_events(self, logs: Sequence[tuple[str, EventRun]]) -> None:
+        logs = [(build_id, run) for build_id, run in logs if run]
         if not logs:
             return
         args: builtins.list[str | int] = []
-        for _, group in logs:
-            args.append(len(group))
-            for event in group:
-                args += (event.id, event.data)
-        with _unavailable(f"appending {sum(len(group) for _, group in logs)} events"):
+        for _, run in logs:
+            args.append(len(run))
+            for event_id, data in enumerate(run.datas, start=run.first_id):
+                args += (event_id, data)
+        with _unavailable(f"appending {sum(len(run) for _, run in logs)} events"):
             await self._append(keys=[_events_key(build_id) for build_id, _ in logs], args=args)
 
-    async def read_events(
-        self, build_id: str, *, after: int, upto: int | None = None, limit: int = 1000
-    ) -> builtins.list[Event]:
-        if limit <= 0:
-            return []
+    async def read_events(self, build_id: str, *, after: int, upto: int | None = None, limit: int = 1000) -> EventRun:
+        if limit <= 0 or (upto is not None and upto <= after):
+            return EventRun(after + 1)
         upper = "+" if upto is None else f"{upto}-0"
         with _unavailable(f"reading the events of {build_id}"):
             entries = await self._redis.xrange(_events_key(build_id), f"{after + 1}-0", upper, count=limit)
-        return _events(entries)
+        return _run(entries, after)
 
     async def last_event_id(self, build_id: str) -> int:
         with _unavailable(f"reading the events of {build_id}"):
@@ -589,14 +597,14 @@ class RedisTail:
     def __init__(self, blocking: Redis) -> None:
         self._blocking = blocking
 
-    async def wait(self, build_id: str, *, after: int, timeout: float, limit: int) -> builtins.list[Event]:
+    async def wait(self, build_id: str, *, after: int, timeout: float, limit: int) -> EventRun:
         # BLOCK 0 would wait for ever; without BLOCK, XREAD answers at once.
         block = _ms(timeout) if timeout > 0 else None
         with _unavailable(f"following the events of {build_id}"):
             async with asyncio.timeout(max(timeout, 0) + _BLOCKING_MARGIN):
                 reply = await self._blocking.xread({_events_key(build_id): f"{after}-0"}, count=limit, block=block)
         _cancelled_anyway()
-        return [Event.of(_event_id(entry_id), _text(fields["data"])) for entry_id, fields in _read_entries(reply)]
+        return _run(_read_entries(reply), after)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,7 +65,7 @@ from builder.server.publish import Publisher
 from builder.server.records import (
     NYDUS_NOT_PERFORMED,
     BuildRecord,
-    Event,
+    EventRun,
     rfc3339,
     utcnow,
 )
@@ -786,12 +786,12 @@ class BuildService:
         async with self._flush_lock:
             try:
                 batches = [(b, b.log.uncommitted()) for b in self._active.values()]
-                logs = [(b.record.build_id, events) for b, events in batches if events]
+                logs = [(b.record.build_id, run) for b, run in batches if run]
                 if logs:
                     await self._store.append_events(logs)
-                for build, events in batches:
-                    if events:
-                        build.log.committed(events[-1].id)
+                for build, run in batches:
+                    if run:
+                        build.log.committed(run.last_id)
                     if build.log.fully_committed and build.record.status.terminal:
                         await self._store.save(build.record)
                         del self._active[build.record.build_id]
@@ -845,7 +845,7 @@ class BuildService:
 
     def follow(
         self, build_id: str, *, after: int = 0, follow: bool = True, namespace: str = ""
-    ) -> AsyncGenerator[builtins.list[Event], None]:
+    ) -> AsyncGenerator[EventRun, None]:
         return self.logs.follow(build_id, after=after, follow=follow, namespace=namespace)
 
     @property

@@ -21,7 +21,7 @@ from typing import Protocol, TypeVar
 
 from builder.protocol import BuildStatus
 from builder.server.errors import StoreFailing
-from builder.server.records import BuildRecord, Event, rfc3339, utcnow
+from builder.server.records import BuildRecord, EventRun, rfc3339, utcnow
 
 T = TypeVar("T")
 
@@ -95,10 +95,12 @@ class BuildStore(Protocol):
         another replica ended for it (it was lost) while their `containers` still name leftovers."""
         ...
 
-    async def append_events(self, logs: Sequence[tuple[str, Sequence[Event]]]) -> None: ...
-    async def read_events(
-        self, build_id: str, *, after: int, upto: int | None = None, limit: int = 1000
-    ) -> builtins.list[Event]: ...
+    async def append_events(self, logs: Sequence[tuple[str, EventRun]]) -> None: ...
+    async def read_events(self, build_id: str, *, after: int, upto: int | None = None, limit: int = 1000) -> EventRun:
+        """Up to `limit` events after `after` (and at most `upto`), consecutive from the first one
+        stored: where ids skip (after a crash), the run ends, and the next read goes on past it."""
+        ...
+
     async def last_event_id(self, build_id: str) -> int: ...
     async def expire(self, *, finished_before: str, keep: int, exclude: Set[str]) -> builtins.list[str]: ...
     async def is_expired(self, build_id: str, namespace: str) -> bool: ...
@@ -213,7 +215,7 @@ class SqliteBuildStore:
         )
         return [BuildRecord.from_storage(json.loads(r[0])) for r in rows]
 
-    async def append_events(self, logs: Sequence[tuple[str, Sequence[Event]]]) -> None:
+    async def append_events(self, logs: Sequence[tuple[str, EventRun]]) -> None:
         # Grouped on the writer's thread: tens of thousands of events must not hold the event loop.
         await self._write(
             lambda c: c.executemany(
@@ -222,25 +224,28 @@ class SqliteBuildStore:
             )
         )
 
-    async def read_events(
-        self, build_id: str, *, after: int, upto: int | None = None, limit: int = 1000
-    ) -> builtins.list[Event]:
+    async def read_events(self, build_id: str, *, after: int, upto: int | None = None, limit: int = 1000) -> EventRun:
         upper = upto if upto is not None else 2**62
 
-        def read(c: sqlite3.Connection) -> list[Event]:
-            events: list[Event] = []
+        def read(c: sqlite3.Connection) -> EventRun:
+            datas: list[str] = []
+            first = after + 1
             rows = c.execute(
                 "SELECT first_id, data FROM event_batches WHERE build_id = ? AND last_id > ? AND first_id <= ? "
                 "ORDER BY first_id",
                 (build_id, after, upper),
             )
             for first_id, data in rows:  # row by row: only as many as `limit` needs are read
-                for event_id, line in enumerate(data.split("\n"), start=first_id):
-                    if after < event_id <= upper:
-                        events.append(Event.of(event_id, line))
-                        if len(events) == limit:
-                            return events
-            return events
+                start = max(first_id, after + 1)
+                if not datas:
+                    first = start
+                elif start != first + len(datas):
+                    break  # ids skip here
+                lines = data.split("\n")[start - first_id : upper + 1 - first_id]
+                datas += lines[: limit - len(datas)]
+                if len(datas) >= limit:
+                    break
+            return EventRun(first, datas)
 
         return await self._read(read)
 
@@ -339,29 +344,30 @@ def _in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection],
     return result
 
 
-def _event_rows(logs: Sequence[tuple[str, Sequence[Event]]]) -> list[tuple[str, int, int, str]]:
+def _event_rows(logs: Sequence[tuple[str, EventRun]]) -> list[tuple[str, int, int, str]]:
     """(build, first id, last id, lines) rows of at most _BATCH_EVENTS events and about _BATCH_BYTES."""
     rows = []
-    for build_id, group in logs:
+    for build_id, run in logs:
+        datas = run.datas
         start = 0
-        while start < len(group):
+        while start < len(datas):
             # A row's worth joined at once (a chatty build commits 10^5 events at a time, on the
             # thread the event loop shares its lock with); cut shorter only when lines are long.
-            chunk = group[start : start + _BATCH_EVENTS]
-            data = "\n".join([event.data for event in chunk])
+            chunk = datas[start : start + _BATCH_EVENTS]
+            data = "\n".join(chunk)
             if len(data) > _BATCH_BYTES and len(chunk) > 1:
                 chunk = chunk[: _fitting(chunk)]
-                data = "\n".join([event.data for event in chunk])
-            rows.append((build_id, chunk[0].id, chunk[-1].id, data))
+                data = "\n".join(chunk)
+            rows.append((build_id, run.first_id + start, run.first_id + start + len(chunk) - 1, data))
             start += len(chunk)
     return rows
 
 
-def _fitting(events: Sequence[Event]) -> int:
-    """How many of `events`, from the first, one row takes: those within _BATCH_BYTES, at least one."""
+def _fitting(datas: Sequence[str]) -> int:
+    """How many of `datas`, from the first, one row takes: those within _BATCH_BYTES, at least one."""
     size = 0
-    for count, event in enumerate(events):
-        size += len(event.data)
+    for count, data in enumerate(datas):
+        size += len(data)
         if size > _BATCH_BYTES:
             return max(count, 1)
-    return len(events)
+    return len(datas)

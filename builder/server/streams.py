@@ -10,15 +10,16 @@ at most a slice of the daemon's memory, and catches up later from the window or 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
+import itertools
 import json
-from collections.abc import Sequence
 
 from aiohttp import web
 
 from builder import plainlog
-from builder.server.records import Event
+from builder.server.records import EventRun
 
 # Most bytes a follower has in flight beyond what its socket took.
 WRITE_SLICE = 16 * 1024
@@ -55,20 +56,20 @@ class LogStreamResponse(web.StreamResponse):
             # not read is skipped until its socket takes more.
             request.transport.set_write_buffer_limits(high=0)
 
-    async def send_events(self, build_id: str, events: Sequence[Event]) -> None:
+    async def send_events(self, build_id: str, run: EventRun) -> None:
         """One batch: rendered once for every follower that sends it, written in slices."""
-        if not events:
+        if not run:
             return
-        key = (self.format, build_id, events[0].id, events[-1].id)
+        key = (self.format, build_id, run.first_id, run.last_id)
         if (data := _RENDERED.get(key)) is None:
-            data = _RENDERED[key] = self.render(events)
+            data = _RENDERED[key] = self.render(run)
             if len(_RENDERED) > _RENDERED_KEEP:
                 _RENDERED.popitem(last=False)
         view = memoryview(data)
         for start in range(0, len(view), WRITE_SLICE):
             await self._write(view[start : start + WRITE_SLICE])
 
-    def render(self, events: Sequence[Event]) -> bytes:
+    def render(self, run: EventRun) -> bytes:
         raise NotImplementedError
 
     async def _write(self, data: bytes | memoryview) -> None:
@@ -106,8 +107,8 @@ class EventStreamResponse(LogStreamResponse):
         await self._write(f"retry: {self._retry_ms}\n\n".encode())
         self._ping_task = asyncio.create_task(self._ping())
 
-    def render(self, events: Sequence[Event]) -> bytes:
-        return "".join([f"id: {e.id}\ndata: {e.data}\n\n" for e in events]).encode()
+    def render(self, run: EventRun) -> bytes:
+        return "".join([f"id: {i}\ndata: {d}\n\n" for i, d in enumerate(run.datas, start=run.first_id)]).encode()
 
     async def _ping(self) -> None:
         # Keeps idle proxies from cutting the stream, and reveals a client that is gone.
@@ -131,25 +132,21 @@ class BatchedEventStreamResponse(EventStreamResponse):
 
     format = "batch"
 
-    def render(self, events: Sequence[Event]) -> bytes:
+    def render(self, run: EventRun) -> bytes:
+        # A new frame every few KiB: a proxy that cuts connections often must still let whole
+        # frames through, or a client never gets on. A frame ends with the event that takes it
+        # past BATCH_FRAME_BYTES, found by bisecting the running total of the events' sizes.
+        datas, first_id = run.datas, run.first_id
+        ends = list(itertools.accumulate(map(len, datas)))
         frames = []
-        run: list[Event] = []
-        size = 0
-        for event in events:
-            # A new frame where ids skip (after a crash), and every few KiB: a proxy that cuts
-            # connections often must still let whole frames through, or a client never gets on.
-            if run and (event.id != run[-1].id + 1 or size > BATCH_FRAME_BYTES):
-                frames.append(_batch_frame(run))
-                run, size = [], 0
-            run.append(event)
-            size += len(event.data)
-        frames.append(_batch_frame(run))
-        return b"".join(frames)
-
-
-def _batch_frame(events: Sequence[Event]) -> bytes:
-    body = ",".join(event.data for event in events)
-    return f"id: {events[-1].id}\ndata: {events[0].id} [{body}]\n\n".encode()
+        start = 0
+        while start < len(datas):
+            before = ends[start - 1] if start else 0
+            stop = min(bisect.bisect_right(ends, before + BATCH_FRAME_BYTES, lo=start) + 1, len(datas))
+            body = ",".join(datas[start:stop])
+            frames.append(f"id: {first_id + stop - 1}\ndata: {first_id + start} [{body}]\n\n")
+            start = stop
+        return "".join(frames).encode()
 
 
 class PlainLogResponse(LogStreamResponse):
@@ -159,10 +156,10 @@ class PlainLogResponse(LogStreamResponse):
         super().__init__(content_type="text/plain")
         self.charset = "utf-8"
 
-    def render(self, events: Sequence[Event]) -> bytes:
+    def render(self, run: EventRun) -> bytes:
         # A line over the daemon's limit came in pieces ("cont"): each piece prints as a line.
         lines: list[str] = []
-        for event in events:
-            payload = json.loads(event.data)
+        for data in run.datas:
+            payload = json.loads(data)
             lines.extend(plainlog.event_lines(payload) or plainlog.terminal_lines(payload))
         return "".join(line + "\n" for line in lines).encode()
