@@ -99,7 +99,11 @@ def plain_text(payloads: Iterable[Mapping[str, Any]]) -> str:
     last_elapsed: object = None
     prefix = ""
     for payload in payloads:
-        if payload.get("type") == EVENT_LOG and (step := payload.get("step")) is not None:
+        if payload.get("type") == EVENT_LOG:
+            step = payload.get("step")
+            if step is None:  # the legacy builder's lines: as they are
+                out.append(payload["line"] + "\n")
+                continue
             elapsed = payload.get("elapsed")
             if step != last_step or elapsed != last_elapsed:
                 last_step, last_elapsed, prefix = step, elapsed, output_line(step, "", elapsed)

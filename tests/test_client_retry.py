@@ -144,6 +144,28 @@ async def test_events_delivered_reset_the_failure_clock(aiohttp_server: Any) -> 
     assert rounds * failures_per_round * FAST["first"] / 2 > 2 * budget
 
 
+async def test_a_batch_frame_overlapping_what_came_gives_only_the_new_events(aiohttp_server: Any) -> None:
+    lines = [{"type": "log", "line": f"line {n}"} for n in range(1, 6)]
+
+    def batch(first: int, payloads: list[dict[str, Any]]) -> bytes:
+        return f"id: {first + len(payloads) - 1}\ndata: {first} {json.dumps(payloads)}\n\n".encode()
+
+    async def logs(request: web.Request) -> web.StreamResponse:
+        if "Last-Event-ID" not in request.headers:
+            return await sse(request, batch(1, lines[:3]))  # then the stream ends early
+        # A replica that replays from an older place: ids 2..5, then the terminal frame.
+        assert request.headers["Last-Event-ID"] == "3"
+        done = {"type": "done", "status": "succeeded", "image_ref": "x:1"}
+        return await sse(request, batch(2, lines[1:]) + frame(6, done))
+
+    server = await serve(aiohttp_server, {"/builds/{id}/logs": logs, "/builds/{id}": running})
+    async with BuilderClient(str(server.make_url("/")), retry=RetryPolicy(**FAST)) as client:
+        seen = [event async for event in client.logs("b1")]
+    assert [event.id for event in seen] == [1, 2, 3, 4, 5, 6]
+    assert [event.line for event in seen if isinstance(event, LogEvent)] == [p["line"] for p in lines]
+    assert isinstance(seen[-1], DoneEvent)
+
+
 async def test_requests_after_close_raise(aiohttp_server: Any) -> None:
     server = await serve(aiohttp_server, {"/builds/{id}": running})
     sdk = BuilderClient(str(server.make_url("/")))

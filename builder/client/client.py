@@ -389,7 +389,9 @@ class BuilderClient:
                                 # Our frames carry decimal ids; anything else is no event of ours.
                                 if not (sse.id.isascii() and sse.id.isdigit()) or int(sse.id) <= last:
                                     continue
-                                events = [e for e in decode_frame(int(sse.id), sse.data) if e.id > last]
+                                events = decode_frame(int(sse.id), sse.data)
+                                if events[0].id <= last:  # a batch frame that overlaps what came before
+                                    events = events[last + 1 - events[0].id :]
                                 last = events[-1].id
                                 batch.extend(events)
                                 if events[-1].terminal:
