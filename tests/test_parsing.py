@@ -368,3 +368,22 @@ async def test_a_store_read_ends_where_ids_skip_and_the_next_goes_on_past_the_ga
         assert not await store.read_events("other", after=0)
     finally:
         await store.close()
+
+
+def test_batched_frames_are_cut_every_few_kib_at_an_event_and_hold_every_event_once() -> None:
+    from builder.client.models import decode_frame
+    from builder.client.sse import SSEDecoder
+    from builder.server.streams import BATCH_FRAME_BYTES, BatchedEventStreamResponse
+
+    sizes = [1, 10, 100, 5000, 3, 4000, 90, 9000, 2, 2] + [70] * 200
+    datas = [json.dumps({"type": "log", "line": "x" * size}, separators=(",", ":")) for size in sizes]
+    rendered = BatchedEventStreamResponse.render(None, EventRun(41, datas))  # type: ignore[arg-type]
+    frames = SSEDecoder().feed(rendered)
+    decoded = [decode_frame(int(frame.id), frame.data) for frame in frames]
+    assert [event.id for events in decoded for event in events] == list(range(41, 41 + len(datas)))
+    assert [event.data["line"] for events in decoded for event in events] == ["x" * size for size in sizes]
+    for events in decoded:
+        # A frame ends with the event that takes it past the limit, and no sooner.
+        sizes_in_frame = [len(datas[event.id - 41]) for event in events]
+        assert sum(sizes_in_frame[:-1]) <= BATCH_FRAME_BYTES
+    assert all(sum(len(datas[e.id - 41]) for e in events) > BATCH_FRAME_BYTES for events in decoded[:-1])
