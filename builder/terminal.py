@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from builder.client import (
@@ -21,12 +21,12 @@ from builder.client import (
     BuilderClient,
     BuilderConnectionError,
     BuilderHTTPError,
-    BuildEvent,
     BuildFailed,
     BuildResult,
     ContextError,
     DoneEvent,
     ErrorEvent,
+    EventBatch,
 )
 from builder.plainlog import plain_text
 
@@ -157,10 +157,10 @@ class Printer:
     def __init__(self, stream: Any) -> None:
         self._stream = stream
 
-    def __call__(self, events: Iterable[BuildEvent]) -> None:
+    def __call__(self, events: EventBatch) -> None:
         """A batch that arrived together: one write, then a flush, so a closed pipe (`| head`) is
         noticed at the next batch, as with docker, without a write and a syscall per line."""
-        if text := plain_text(event.data for event in events):
+        if text := plain_text(events.payloads):
             self._stream.write(text)
             self._stream.flush()
 

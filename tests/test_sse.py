@@ -212,3 +212,47 @@ def test_our_frames_on_the_fast_path_match_the_general_path() -> None:
     lf = "".join(f"id: {i}\ndata: {p}\n\n" for i, p in enumerate(payloads, 1)).encode()
     crlf = lf.replace(b"\n", b"\r\n")
     assert decode(lf) == decode(crlf) == [ServerSentEvent(p, str(i)) for i, p in enumerate(payloads, 1)]
+
+
+# --- our frames, one event or a batch -----------------------------------------------
+
+
+def test_a_batch_frame_decodes_to_typed_events_made_when_looked_at() -> None:
+    from builder.client import DoneEvent, EventBatch, LogEvent, StatusEvent
+    from builder.client.models import BuildEvent, decode_frame
+
+    payloads = [
+        {"type": "status", "status": "running"},
+        {"type": "log", "line": "a", "step": 5},
+        {"type": "log", "line": "b"},
+        {"type": "something new", "x": 1},
+        {"type": "done", "done": True, "status": "succeeded", "image_ref": "x:1", "image_id": None},
+    ]
+    batch = decode_frame(14, f"10 {json.dumps(payloads)}")
+    assert (batch.first_id, batch.last_id, len(batch)) == (10, 14, 5)
+    assert batch.payloads == payloads
+    assert [type(e) for e in batch] == [StatusEvent, LogEvent, LogEvent, BuildEvent, DoneEvent]
+    assert [e.id for e in batch] == [10, 11, 12, 13, 14]
+    assert batch[1] == LogEvent(11, payloads[1]) and batch[-1] == DoneEvent(14, payloads[4])
+    assert batch[-1].terminal and isinstance(batch[-1], DoneEvent) and batch[-1].image_ref == "x:1"
+    # Slices are batches of their own ids; a batch equals any sequence of the same events.
+    assert batch[1:3] == EventBatch(11, payloads[1:3]) == [LogEvent(11, payloads[1]), LogEvent(12, payloads[2])]
+    assert batch[:-1].last_id == 13 and batch[5:] == [] and not batch[5:]
+    with pytest.raises(IndexError):
+        batch[5]
+    with pytest.raises(ValueError, match="step 1"):
+        batch[::2]
+    single = decode_frame(7, '{"type":"log","line":"x"}')
+    assert list(single) == [LogEvent(7, {"type": "log", "line": "x"})]
+
+
+@pytest.mark.parametrize(
+    ("frame_id", "data"),
+    [(3, '1 [{"type":"log","line":"a"}]'), (1, '1 [{"type":"log"}, 2]'), (1, "1 []"), (1, "1 {}"), (1, "[1]")],
+    ids=["ids-do-not-add-up", "not-an-object", "empty", "not-a-list", "not-an-event"],
+)
+def test_a_malformed_frame_is_a_value_error(frame_id: int, data: str) -> None:
+    from builder.client.models import decode_frame
+
+    with pytest.raises(ValueError):
+        decode_frame(frame_id, data)

@@ -20,6 +20,7 @@ from builder.client.models import (
     BuildResult,
     DoneEvent,
     ErrorEvent,
+    EventBatch,
     LogEvent,
     StatusEvent,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "ContextError",
     "DoneEvent",
     "ErrorEvent",
+    "EventBatch",
     "LogEvent",
     "RetryPolicy",
     "StatusEvent",

@@ -38,6 +38,7 @@ from builder.client.models import (
     BuildResult,
     DoneEvent,
     ErrorEvent,
+    EventBatch,
     LogEvent,
     decode_frame,
     terminal_event_from_status,
@@ -279,7 +280,7 @@ class BuilderClient:
         build_id: str,
         *,
         on_log: LogCallback | None = None,
-        on_events: Callable[[builtins.list[BuildEvent]], object] | None = None,
+        on_events: Callable[[EventBatch], object] | None = None,
         started: float | None = None,
     ) -> BuildResult:
         """Follow a build to its terminal frame, calling `on_log` per output line, and `on_events`
@@ -356,9 +357,7 @@ class BuilderClient:
             for event in batch:
                 yield event
 
-    async def log_batches(
-        self, build_id: str, *, after: int = 0, follow: bool = True
-    ) -> AsyncIterator[builtins.list[BuildEvent]]:
+    async def log_batches(self, build_id: str, *, after: int = 0, follow: bool = True) -> AsyncIterator[EventBatch]:
         """`logs`, as the events of each network read: lets a printer flush once per batch."""
         last = after
         attempt = 0
@@ -384,25 +383,34 @@ class BuilderClient:
                         failed = False
                         decoder = SSEDecoder()
                         async for chunk in response.content.iter_any():
-                            batch: builtins.list[BuildEvent] = []
+                            # The events of this read, one batch per stretch of consecutive ids.
+                            first = last + 1
+                            payloads: builtins.list[dict[str, Any]] = []
                             for sse in decoder.feed(chunk):
                                 # Our frames carry decimal ids; anything else is no event of ours.
                                 if not (sse.id.isascii() and sse.id.isdigit()) or int(sse.id) <= last:
                                     continue
-                                events = decode_frame(int(sse.id), sse.data)
-                                if events[0].id <= last:  # a batch frame that overlaps what came before
-                                    events = events[last + 1 - events[0].id :]
-                                last = events[-1].id
-                                batch.extend(events)
-                                if events[-1].terminal:
-                                    yield batch
+                                frame = decode_frame(int(sse.id), sse.data)
+                                if frame.first_id <= last:  # a batch frame that overlaps what came before
+                                    frame = frame[last + 1 - frame.first_id :]
+                                if payloads and frame.first_id != last + 1:  # ids skip (after a daemon crash)
+                                    attempt, failing_since = 0, None
+                                    yield EventBatch(first, payloads)
+                                    payloads = []
+                                if not payloads:
+                                    first = frame.first_id
+                                payloads += frame.payloads
+                                last = frame.last_id
+                                if p.is_terminal_event(payloads[-1]):
+                                    yield EventBatch(first, payloads)
                                     return
-                            if batch:
+                            if payloads:
                                 attempt, failing_since = 0, None
-                                yield batch
+                                yield EventBatch(first, payloads)
                         if finishing:
                             if follow:  # the status said terminal, yet no frame: trust the status
-                                yield [terminal_event_from_status(await self.status(build_id))]
+                                end = terminal_event_from_status(await self.status(build_id))
+                                yield EventBatch(end.id, [end.data])
                             return
                     elif response.status == 404 or response.status in RETRYABLE_STATUSES:
                         failure = await _http_error(response)

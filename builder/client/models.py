@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, overload
 
 import msgspec
 
@@ -70,6 +71,8 @@ _TYPES: dict[str, type[BuildEvent]] = {
 
 
 _decode_json = msgspec.json.Decoder().decode
+# A batch frame's events: a list of JSON objects, checked as it is decoded.
+_decode_payloads = msgspec.json.Decoder(list[dict[str, Any]]).decode
 
 # A chatty build's batch makes thousands of events: set through the slots' own descriptors,
 # which a frozen dataclass's __init__ (object.__setattr__ per field) takes twice as long to do.
@@ -78,34 +81,77 @@ _set_id = BuildEvent.__dict__["id"].__set__
 _set_data = BuildEvent.__dict__["data"].__set__
 
 
-def _make_event(cls: type[BuildEvent], event_id: int, payload: dict[str, Any]) -> BuildEvent:
-    event = _new_object(cls)
+def _make_event(event_id: int, payload: dict[str, Any]) -> BuildEvent:
+    event = _new_object(_TYPES.get(payload.get("type", ""), BuildEvent))
     _set_id(event, event_id)
     _set_data(event, payload)
     return event
 
 
-def decode_event(event_id: int, data: str) -> BuildEvent:
-    payload = _decode_json(data)
-    return _TYPES.get(payload.get("type"), BuildEvent)(event_id, payload)
+class EventBatch(Sequence[BuildEvent]):
+    """Events that arrived together, with consecutive ids from `first_id`.
+
+    Each is made into its typed event (`LogEvent`, `DoneEvent`, ...) only when looked at;
+    `payloads` are their decoded JSON objects, which a printer reads without an object per
+    event (a chatty build's batch holds thousands). Slices are batches too.
+    """
+
+    __slots__ = ("first_id", "payloads")
+
+    def __init__(self, first_id: int, payloads: list[dict[str, Any]]) -> None:
+        self.first_id = first_id
+        self.payloads = payloads
+
+    @property
+    def last_id(self) -> int:
+        return self.first_id + len(self.payloads) - 1
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    @overload
+    def __getitem__(self, index: int) -> BuildEvent: ...
+    @overload
+    def __getitem__(self, index: slice) -> EventBatch: ...
+    def __getitem__(self, index: int | slice) -> BuildEvent | EventBatch:
+        positions = range(len(self.payloads))[index]  # IndexError and negative indices as a list's
+        if isinstance(positions, int):
+            return _make_event(self.first_id + positions, self.payloads[positions])
+        if positions.step != 1 and len(positions) > 1:
+            raise ValueError("a batch of events is sliced with step 1: its ids are consecutive")
+        start = positions.start if positions else 0
+        return EventBatch(self.first_id + start, self.payloads[start : start + len(positions)])
+
+    def __iter__(self) -> Iterator[BuildEvent]:
+        for event_id, payload in enumerate(self.payloads, start=self.first_id):
+            yield _make_event(event_id, payload)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, EventBatch):
+            return (self.first_id, self.payloads) == (other.first_id, other.payloads) or not (self or other)
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"EventBatch(ids {self.first_id}..{self.last_id})"
 
 
-def decode_frame(frame_id: int, data: str) -> list[BuildEvent]:
+def decode_frame(frame_id: int, data: str) -> EventBatch:
     """The events of one SSE frame: a single event (`{...}`, the frame's id), or a batch frame
     of the daemon's `?batch=true` stream (`<first id> [{...},{...}]`, consecutive ids ending at
     the frame's id), decoded with one JSON parse."""
     if data.startswith("{"):
-        return [decode_event(frame_id, data)]
+        payload = _decode_json(data)
+        if not isinstance(payload, dict):
+            raise ValueError(f"frame {frame_id} holds no JSON object")
+        return EventBatch(frame_id, [payload])
     first, _, array = data.partition(" ")
-    payloads = _decode_json(array)
+    payloads = _decode_payloads(array)
     start = int(first)
-    if not isinstance(payloads, list) or start + len(payloads) - 1 != frame_id:
+    if start + len(payloads) - 1 != frame_id or not payloads:
         raise ValueError(f"batch frame {frame_id} does not hold ids {first}..{frame_id}")
-    types, make = _TYPES, _make_event
-    return [
-        make(types.get(payload.get("type"), BuildEvent), event_id, payload)
-        for event_id, payload in enumerate(payloads, start=start)
-    ]
+    return EventBatch(start, payloads)
 
 
 def terminal_event_from_status(status: dict[str, Any]) -> BuildEvent:
