@@ -166,6 +166,23 @@ async def test_a_batch_frame_overlapping_what_came_gives_only_the_new_events(aio
     assert isinstance(seen[-1], DoneEvent)
 
 
+async def test_ids_that_skip_within_a_read_start_a_new_batch(aiohttp_server: Any) -> None:
+    # After a daemon crash, ids skip past what followers may have been shown.
+    lines = [{"type": "log", "line": f"line {n}"} for n in range(1, 6)]
+    done = {"type": "done", "status": "succeeded", "image_ref": "x:1"}
+
+    async def logs(request: web.Request) -> web.StreamResponse:
+        body = f"id: 2\ndata: 1 {json.dumps(lines[:2])}\n\nid: 13\ndata: 11 {json.dumps(lines[2:])}\n\n"
+        return await sse(request, body.encode() + frame(14, done))
+
+    server = await serve(aiohttp_server, {"/builds/{id}/logs": logs, "/builds/{id}": running})
+    async with BuilderClient(str(server.make_url("/")), retry=RetryPolicy(**FAST)) as client:
+        batches = [batch async for batch in client.log_batches("b1")]
+    assert [(batch.first_id, batch.last_id) for batch in batches] == [(1, 2), (11, 14)]
+    assert [event.id for batch in batches for event in batch] == [1, 2, 11, 12, 13, 14]
+    assert isinstance(batches[-1][-1], DoneEvent)
+
+
 async def test_requests_after_close_raise(aiohttp_server: Any) -> None:
     server = await serve(aiohttp_server, {"/builds/{id}": running})
     sdk = BuilderClient(str(server.make_url("/")))
