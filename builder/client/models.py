@@ -70,8 +70,8 @@ _TYPES: dict[str, type[BuildEvent]] = {
 }
 
 
-_decode_json = msgspec.json.Decoder().decode
-# A batch frame's events: a list of JSON objects, checked as it is decoded.
+# An event is a JSON object, a batch frame's events a list of them: checked as they are decoded.
+_decode_payload = msgspec.json.Decoder(dict[str, Any]).decode
 _decode_payloads = msgspec.json.Decoder(list[dict[str, Any]]).decode
 
 # A chatty build's batch makes thousands of events: set through the slots' own descriptors,
@@ -141,13 +141,13 @@ def decode_frame(frame_id: int, data: str) -> EventBatch:
     """The events of one SSE frame: a single event (`{...}`, the frame's id), or a batch frame
     of the daemon's `?batch=true` stream (`<first id> [{...},{...}]`, consecutive ids ending at
     the frame's id), decoded with one JSON parse."""
-    if data.startswith("{"):
-        payload = _decode_json(data)
-        if not isinstance(payload, dict):
-            raise ValueError(f"frame {frame_id} holds no JSON object")
-        return EventBatch(frame_id, [payload])
-    first, _, array = data.partition(" ")
-    payloads = _decode_payloads(array)
+    try:
+        if data.startswith("{"):
+            return EventBatch(frame_id, [_decode_payload(data)])
+        first, _, array = data.partition(" ")
+        payloads = _decode_payloads(array)
+    except msgspec.DecodeError as exc:  # a ValueError too, but not in every msgspec version we allow
+        raise ValueError(f"frame {frame_id} is not JSON of events: {exc}") from exc
     start = int(first)
     if start + len(payloads) - 1 != frame_id or not payloads:
         raise ValueError(f"batch frame {frame_id} does not hold ids {first}..{frame_id}")
