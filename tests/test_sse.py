@@ -248,7 +248,14 @@ def test_a_batch_frame_decodes_to_typed_events_made_when_looked_at() -> None:
 
 @pytest.mark.parametrize(
     ("frame_id", "data"),
-    [(3, '1 [{"type":"log","line":"a"}]'), (1, '1 [{"type":"log"}, 2]'), (1, "1 []"), (1, "1 {}"), (1, "[1]"), (1, "{x")],
+    [
+        (3, '1 [{"type":"log","line":"a"}]'),
+        (1, '1 [{"type":"log"}, 2]'),
+        (1, "1 []"),
+        (1, "1 {}"),
+        (1, "[1]"),
+        (1, "{x"),
+    ],
     ids=["ids-do-not-add-up", "not-an-object", "empty", "not-a-list", "not-an-event", "broken-json"],
 )
 def test_a_malformed_frame_is_a_value_error(frame_id: int, data: str) -> None:
