@@ -68,9 +68,6 @@ class EventRun:
         """Whether it ends with the build's terminal event (nothing follows one)."""
         return bool(self.datas) and is_terminal_data(self.datas[-1])
 
-    def events(self) -> list[Event]:
-        return [Event.of(event_id, data) for event_id, data in enumerate(self.datas, start=self.first_id)]
-
 
 @dataclasses.dataclass
 class BuildRecord:
