@@ -387,3 +387,40 @@ def test_batched_frames_are_cut_every_few_kib_at_an_event_and_hold_every_event_o
         sizes_in_frame = [len(datas[event.id - 41]) for event in events]
         assert sum(sizes_in_frame[:-1]) <= BATCH_FRAME_BYTES
     assert all(sum(len(datas[e.id - 41]) for e in events) > BATCH_FRAME_BYTES for events in decoded[:-1])
+
+
+async def test_a_follower_replaying_the_store_while_the_window_moves_on_misses_nothing(tmp_path: Path) -> None:
+    import contextlib
+
+    from builder.protocol import BuildStatus
+    from builder.server.cluster import LocalTail
+    from builder.server.events import terminal_payload
+    from builder.server.loghub import LogHub
+    from builder.server.store import SqliteBuildStore
+
+    store = SqliteBuildStore(tmp_path / "builds.sqlite3")
+    await store.open()
+    log = EventLog("b", window=10)
+
+    async def logged(first: int, last: int) -> None:
+        log.extend_data([f'{{"type":"log","line":"{n}"}}' for n in range(first, last + 1)])
+        run = log.uncommitted()
+        await store.append_events([("b", run)])
+        log.committed(run.last_id)  # the window lets all but the last few go
+
+    try:
+        await logged(1, 3000)
+        hub = LogHub(store, LocalTail(), live=lambda build_id: log, window=10, max_followers_per_tenant=10)
+        seen: list[int] = []
+        async with contextlib.aclosing(hub.follow("b", after=0, follow=True, namespace="")) as runs:
+            async for run in runs:
+                seen += range(run.first_id, run.last_id + 1)
+                if run.last_id == 1000:  # mid-replay, the build goes on and the window with it
+                    await logged(3001, 6000)
+                    log.append(terminal_payload(BuildStatus.SUCCEEDED, error=None, image_ref="x:1"))
+                    await store.append_events([("b", log.uncommitted())])
+                    log.committed(log.last_id)
+        assert seen == list(range(1, 6002))
+        assert hub.lagged_followers == 2  # it went back to the store for what the window let go meanwhile
+    finally:
+        await store.close()

@@ -169,11 +169,14 @@ class LogHub:
             if run is None:
                 # Everything older than the window is committed: read it from the store.
                 self.lagged_followers += 1
-                async with contextlib.aclosing(self._replay(build_id, after=last, upto=log.first_id - 1)) as batches:
+                upto = log.first_id - 1
+                async with contextlib.aclosing(self._replay(build_id, after=last, upto=upto)) as batches:
                     async for batch in batches:
                         last = batch.last_id
                         yield batch
-                last = max(last, log.first_id - 1)  # ids skipped after a crash are in no store
+                # Ids skipped after a crash are in no store. Only up to where this replay was to
+                # end: the window may have moved on meanwhile, and what it let go is read next.
+                last = max(last, upto)
                 continue
             if run:
                 last = run.last_id
