@@ -24,11 +24,10 @@ from builder.client import (
     BuildFailed,
     BuildResult,
     ContextError,
-    DoneEvent,
     ErrorEvent,
     EventBatch,
 )
-from builder.plainlog import plain_text
+from builder.plainlog import plain_text, terminal_lines
 
 EXIT_OK = 0
 EXIT_BUILD_FAILED = 1
@@ -239,10 +238,9 @@ async def _logs(client: BuilderClient, session: Session) -> int:
     async for batch in client.log_batches(args.build_id, after=args.after, follow=args.follow):
         end = batch[-1]
         printer(batch[:-1] if end.terminal else batch)
-        if isinstance(end, DoneEvent):
-            print(f"--- succeeded: {end.image_ref}", file=sys.stderr)
-        elif isinstance(end, ErrorEvent):
-            print(f"--- {end.status}: {end.error}", file=sys.stderr)
+        for line in terminal_lines(end.data):  # `--- succeeded: <image>`, `--- failed: <error>`
+            print(line, file=sys.stderr)
+        if isinstance(end, ErrorEvent):
             return EXIT_BUILD_FAILED
     printer.close()
     return EXIT_OK

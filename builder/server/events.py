@@ -70,7 +70,7 @@ class EventLog:
     def append(self, payload: dict[str, Any]) -> Event:
         data = protocol.dump_event(payload)
         self.extend_data([data])
-        return Event.of(self.last_id, data)
+        return Event(self.last_id, data, self.terminated)
 
     def extend_data(self, datas: list[str]) -> None:
         """Number and buffer a batch of events already dumped (`protocol.dump_*`), then wake the
