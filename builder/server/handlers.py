@@ -180,9 +180,9 @@ async def stream_logs(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":
         # Headers only: a body would be read as the start of the next response on this connection.
         return web.Response(headers=response.headers)
-    await response.start(request)
     request.app[STREAMS].add(response)
     try:
+        await response.start(request)
         async with contextlib.aclosing(
             service.follow(build_id, after=after, follow=query.follow, namespace=request[NAMESPACE])
         ) as events:

@@ -2,9 +2,10 @@
 batches for our own clients), plain text for `curl -N`.
 
 A batch of events is rendered once per format and shared by every follower that sends the
-same batch (live followers mostly are at the same place). A follower writes a slice at a
-time and only once its socket has taken the previous one, so one that does not read holds
-at most a slice of the daemon's memory, and catches up later from the window or the store.
+same batch (live followers mostly are at the same place). A follower writes only once its socket
+has taken the previous write, and no more than the socket has room for, so one that does not
+read holds at most a few hundred bytes of the daemon's memory (what the transport keeps to learn
+when the socket takes more), and catches up later from the window or the store.
 """
 
 from __future__ import annotations
@@ -15,19 +16,117 @@ import collections
 import contextlib
 import itertools
 import json
+import socket
+import struct
+from collections.abc import Iterable
+from typing import Generic, TypeVar
 
 from aiohttp import web
 
 from builder import plainlog
 from builder.server.records import EventRun
 
-# Most bytes a follower has in flight beyond what its socket took.
+# Linux's SO_MEMINFO (since 4.6): a socket's buffer sizes and fill, nine u32s, among them the send
+# buffer's size and the bytes queued against it (the kernel's own overhead included).
+_SO_MEMINFO = 55
+_MEMINFO = struct.Struct("9I")
+_SNDBUF, _WMEM_QUEUED = 3, 5
+# A write to a socket with no room left: what the transport then keeps until the socket takes more
+# (and what tells the follower that it has).
+MIN_WRITE = 512
+# Most bytes in one write: sockets on loopback take megabytes, and the loop must go round.
+MAX_WRITE = 256 * 1024
+# Each write where the room of the socket cannot be read (not a TCP socket on Linux).
 WRITE_SLICE = 16 * 1024
 # About the most event bytes in one frame of the batched stream.
 BATCH_FRAME_BYTES = 4 * 1024
-# Batches rendered lately, by (format, build, first id, last id): followers share the bytes.
-_RENDERED: collections.OrderedDict[tuple[str, str, int, int], bytes] = collections.OrderedDict()
-_RENDERED_KEEP = 64
+# Events are rendered by block of RENDER_BLOCK ids (as the log hub's batches): a follower sends a
+# slice of its block's bytes, wherever in the block it is.
+RENDER_BLOCK = 1000
+# Rendered bytes kept for followers that come by later: a crowd spread over seconds of a chatty
+# log must not render its blocks again and again.
+RENDERED_KEEP_BYTES = 32 << 20
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class _Recent(Generic[_K, _V]):
+    """Values by key, least recently used first out once their sizes pass `budget` bytes."""
+
+    def __init__(self, budget: int) -> None:
+        self._budget = budget
+        self._items: collections.OrderedDict[_K, tuple[_V, int]] = collections.OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: _K) -> _V | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._bytes = 0
+
+    def put(self, key: _K, value: _V, size: int) -> None:
+        if (old := self._items.pop(key, None)) is not None:
+            self._bytes -= old[1]
+        self._items[key] = (value, size)
+        self._bytes += size
+        while self._bytes > self._budget and len(self._items) > 1:
+            self._bytes -= self._items.popitem(last=False)[1][1]
+
+
+class _Rendered:
+    """Consecutive events rendered in one format, from `first_id` on; `ends[i]` is where the bytes
+    of event `first_id + i` end."""
+
+    __slots__ = ("data", "ends", "first_id")
+
+    def __init__(self, first_id: int, parts: list[str]) -> None:
+        self.first_id = first_id
+        self.data = b""
+        self.ends: list[int] = []
+        self.extend(parts)
+
+    @property
+    def last_id(self) -> int:
+        return self.first_id + len(self.ends) - 1
+
+    def extend(self, parts: list[str]) -> None:
+        """The next events' parts. A new bytes object: slices of the old one stay as they were."""
+        added = "".join(parts).encode()
+        sizes: Iterable[int] = map(len, parts)
+        if len(added) != sum(map(len, parts)):  # not all ASCII
+            sizes = (len(part.encode()) for part in parts)
+        self.ends += itertools.islice(itertools.accumulate(sizes, initial=len(self.data)), 1, None)
+        self.data += added
+
+    def slice(self, first_id: int, last_id: int) -> memoryview:
+        start = self.ends[first_id - self.first_id - 1] if first_id > self.first_id else 0
+        return memoryview(self.data)[start : self.ends[last_id - self.first_id]]
+
+
+# By (format, build, block); batched frames by (build, first id, last id), as their frames depend
+# on where they start.
+_RENDERED: _Recent[tuple[str, str, int], _Rendered] = _Recent(RENDERED_KEEP_BYTES)
+_BATCHES: _Recent[tuple[str, int, int], bytes] = _Recent(RENDERED_KEEP_BYTES // 4)
+# Streams started and not yet closed: with none left, nobody will come by for what is kept.
+_open_streams = 0
+
+
+def _with_meminfo(sock: socket.socket | None) -> socket.socket | None:
+    """The socket, if it tells its send buffer's room (TCP on Linux)."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size)
+    except OSError:
+        return None
+    return sock
 
 
 class LogStreamResponse(web.StreamResponse):
@@ -45,40 +144,78 @@ class LogStreamResponse(web.StreamResponse):
         )
         self._lock = asyncio.Lock()
         self.handler_task: asyncio.Task[object] | None = None
+        self._started = False
+        self._transport: asyncio.BaseTransport | None = None
+        self._socket: socket.socket | None = None
 
     format = "text"
 
     async def start(self, request: web.BaseRequest) -> None:
+        """Send the headers. Ends with close_stream, whether it got through or not."""
+        global _open_streams
+        _open_streams += 1
+        self._started = True
         self.handler_task = asyncio.current_task()
         await self.prepare(request)
-        if request.transport is not None:
+        self._transport = transport = request.transport
+        if transport is not None:
             # Paused (so `drain` waits) as soon as anything is left unsent: a follower that does
             # not read is skipped until its socket takes more.
-            request.transport.set_write_buffer_limits(high=0)
+            transport.set_write_buffer_limits(high=0)
+            self._socket = _with_meminfo(transport.get_extra_info("socket"))
+
+    @property
+    def unsent_bytes(self) -> int:
+        """What the transport holds because the socket would not take it (yet)."""
+        transport = self._transport
+        return transport.get_write_buffer_size() if isinstance(transport, asyncio.WriteTransport) else 0
 
     async def send_events(self, build_id: str, run: EventRun) -> None:
-        """One batch: rendered once for every follower that sends it, written in slices."""
-        if not run:
-            return
-        key = (self.format, build_id, run.first_id, run.last_id)
-        if (data := _RENDERED.get(key)) is None:
-            data = _RENDERED[key] = self.render(run)
-            if len(_RENDERED) > _RENDERED_KEEP:
-                _RENDERED.popitem(last=False)
-        view = memoryview(data)
-        for start in range(0, len(view), WRITE_SLICE):
-            await self._write(view[start : start + WRITE_SLICE])
+        """One batch: each event rendered once for every follower that sends it."""
+        if run:
+            await self._write(self.encoded(build_id, run))
 
-    def render(self, run: EventRun) -> bytes:
+    def encoded(self, build_id: str, run: EventRun) -> bytes | memoryview:
+        key = (self.format, build_id, (run.first_id - 1) // RENDER_BLOCK)
+        rendered = _RENDERED.get(key)
+        if rendered is None or not rendered.first_id <= run.first_id <= rendered.last_id + 1:
+            rendered = _Rendered(run.first_id, self.render_events(run))
+        elif run.last_id > rendered.last_id:
+            skip = rendered.last_id + 1 - run.first_id
+            rendered.extend(self.render_events(EventRun(rendered.last_id + 1, run.datas[skip:])))
+        else:
+            return rendered.slice(run.first_id, run.last_id)
+        _RENDERED.put(key, rendered, len(rendered.data))
+        return rendered.slice(run.first_id, run.last_id)
+
+    def render_events(self, run: EventRun) -> list[str]:
+        """Each event of the run as this stream sends it."""
         raise NotImplementedError
 
     async def _write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
         async with self._lock:
-            if self._payload_writer is not None:
-                # Until the socket has taken what was written before (StreamResponse.drain() is
-                # deprecated for write(), which waits only past 64 KiB: too late here).
-                await self._payload_writer.drain()
-            await self.write(data)
+            while view:
+                if self._payload_writer is not None:
+                    # Until the socket has taken what was written before (StreamResponse.drain() is
+                    # deprecated for write(), which waits only past 64 KiB: too late here).
+                    await self._payload_writer.drain()
+                size = self._write_size(len(view))
+                await self.write(view[:size])
+                view = view[size:]
+
+    def _write_size(self, wanted: int) -> int:
+        """How much to write now: half the room left in the socket's send buffer (the kernel also
+        counts its overhead against that room, up to about as much again for small segments), so
+        the socket takes it all; MIN_WRITE once it has none."""
+        if self._socket is None:
+            return min(wanted, WRITE_SLICE)
+        try:
+            info = _MEMINFO.unpack(self._socket.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size))
+        except OSError:  # closed: the write says so
+            return min(wanted, WRITE_SLICE)
+        room: int = (info[_SNDBUF] - info[_WMEM_QUEUED]) // 2
+        return min(wanted, max(room, MIN_WRITE), MAX_WRITE)
 
     def stop(self) -> None:
         """Daemon shutdown: end the handler that feeds this stream."""
@@ -86,6 +223,13 @@ class LogStreamResponse(web.StreamResponse):
             self.handler_task.cancel()
 
     async def close_stream(self) -> None:
+        global _open_streams
+        if self._started:
+            self._started = False
+            _open_streams -= 1
+            if not _open_streams:
+                _RENDERED.clear()
+                _BATCHES.clear()
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.write_eof()
 
@@ -107,8 +251,8 @@ class EventStreamResponse(LogStreamResponse):
         await self._write(f"retry: {self._retry_ms}\n\n".encode())
         self._ping_task = asyncio.create_task(self._ping())
 
-    def render(self, run: EventRun) -> bytes:
-        return "".join([f"id: {i}\ndata: {d}\n\n" for i, d in enumerate(run.datas, start=run.first_id)]).encode()
+    def render_events(self, run: EventRun) -> list[str]:
+        return [f"id: {i}\ndata: {d}\n\n" for i, d in enumerate(run.datas, start=run.first_id)]
 
     async def _ping(self) -> None:
         # Keeps idle proxies from cutting the stream, and reveals a client that is gone.
@@ -131,6 +275,13 @@ class BatchedEventStreamResponse(EventStreamResponse):
     client decodes a batch with one JSON parse and resumes by `Last-Event-ID` as ever."""
 
     format = "batch"
+
+    def encoded(self, build_id: str, run: EventRun) -> bytes:
+        key = (build_id, run.first_id, run.last_id)
+        if (data := _BATCHES.get(key)) is None:
+            data = self.render(run)
+            _BATCHES.put(key, data, len(data))
+        return data
 
     def render(self, run: EventRun) -> bytes:
         # A new frame every few KiB: a proxy that cuts connections often must still let whole
@@ -156,10 +307,12 @@ class PlainLogResponse(LogStreamResponse):
         super().__init__(content_type="text/plain")
         self.charset = "utf-8"
 
-    def render(self, run: EventRun) -> bytes:
+    def render_events(self, run: EventRun) -> list[str]:
         # A line over the daemon's limit came in pieces ("cont"): each piece prints as a line.
-        lines: list[str] = []
+        parts = []
         for data in run.datas:
             payload = json.loads(data)
-            lines.extend(plainlog.event_lines(payload) or plainlog.terminal_lines(payload))
-        return "".join(line + "\n" for line in lines).encode()
+            parts.append(
+                "".join(line + "\n" for line in plainlog.event_lines(payload) or plainlog.terminal_lines(payload))
+            )
+        return parts
