@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from builder.client.models import BuildEvent, decode_frame
 from builder.client.sse import SSEDecoder
+from builder.server import streams
 from builder.server.app import create_app
 from builder.server.appkeys import SERVICE
 from builder.server.config import Settings
@@ -112,6 +113,51 @@ async def test_slow_follower_catches_up_from_store_without_loss(aiohttp_client: 
     assert [int(line) for line in log_lines(frames) if line.isdigit()] == list(range(1, 200001))
     assert frames[-1][1]["status"] == "succeeded"
     assert client.app[SERVICE].logs.lagged_followers >= 1
+
+
+async def test_a_thousand_followers_that_never_read_hold_almost_nothing_and_slow_no_one(
+    aiohttp_client: Any, settings: Settings
+) -> None:
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, max_followers_per_tenant=1100)))
+    accepted = await submit(client, {"Dockerfile": dockerfile("RUN seq 1 200000")})
+    build_id = accepted["build_id"]
+    loop = asyncio.get_running_loop()
+    request = (
+        f"GET /builds/{build_id}/logs HTTP/1.1\r\nHost: 127.0.0.1:{client.port}\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    stalled = []
+    try:
+        for _ in range(1000):
+            # Tiny receive buffers, never read: the daemon's side fills after a few KiB.
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            stalled.append(sock)
+            await loop.sock_connect(sock, ("127.0.0.1", client.port))
+            await loop.sock_sendall(sock, request.encode())
+        # One that reads gets the whole log (15 MiB a follower), and the build is not held up.
+        frames = await read_log(client, build_id)
+        assert [int(line) for line in log_lines(frames) if line.isdigit()] == list(range(1, 200001))
+        assert (await wait_for(client, build_id, {"succeeded", "failed"}))["status"] == "succeeded"
+        metrics = await (await client.get("/metrics")).text()
+        assert _gauge(metrics, "builder_log_streams") == 1000
+        # Each holds at most the last write its socket did not take: MIN_WRITE and its chunk framing.
+        unsent = _gauge(metrics, "builder_log_stream_unsent_bytes")
+        assert 0 < unsent <= 1000 * (streams.MIN_WRITE + 16)
+    finally:
+        for sock in stalled:
+            sock.close()
+    service = client.app[SERVICE]
+    deadline = time.monotonic() + 10
+    while service.follower_count and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert service.follower_count == 0
+
+
+def _gauge(metrics: str, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", metrics, re.MULTILINE)
+    assert match, f"{name} missing"
+    return float(match.group(1))
 
 
 async def test_abandoned_streams_release_their_subscriptions(client: TestClient) -> None:

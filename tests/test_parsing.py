@@ -389,6 +389,57 @@ def test_batched_frames_are_cut_every_few_kib_at_an_event_and_hold_every_event_o
     assert all(sum(len(datas[e.id - 41]) for e in events) > BATCH_FRAME_BYTES for events in decoded[:-1])
 
 
+def test_followers_anywhere_in_a_block_send_slices_of_one_rendering_of_each_event() -> None:
+    from builder.server.streams import EventStreamResponse, PlainLogResponse
+
+    rendered: list[int] = []
+
+    class Counting(EventStreamResponse):
+        def render_events(self, run: EventRun) -> list[str]:
+            rendered.extend(range(run.first_id, run.last_id + 1))
+            return super().render_events(run)
+
+    stream = Counting(retry_ms=1000, ping_interval=15)
+    datas = [json.dumps({"type": "log", "line": f"línea {i} ✓" if i % 7 == 0 else str(i)}) for i in range(1, 2501)]
+
+    def run(first: int, last: int) -> EventRun:
+        return EventRun(first, datas[first - 1 : last])
+
+    def expected(first: int, last: int) -> bytes:
+        return "".join(f"id: {i}\ndata: {datas[i - 1]}\n\n" for i in range(first, last + 1)).encode()
+
+    # Followers at different places in block 1..1000 while it grows, then past its start, then the next block.
+    for first, last in [(1, 300), (120, 300), (301, 650), (1, 650), (200, 1000), (650, 700), (1001, 1500)]:
+        assert bytes(stream.encoded("slices", run(first, last))) == expected(first, last)
+    assert sorted(rendered) == list(range(1, 1501))  # every event once
+    # One that starts before what is kept renders its run afresh, and is right too.
+    rendered.clear()
+    assert bytes(stream.encoded("slices", run(1800, 1900))) == expected(1800, 1900)
+    assert bytes(stream.encoded("slices", run(1700, 1850))) == expected(1700, 1850)
+    assert bytes(stream.encoded("slices", run(1850, 1900))) == expected(1850, 1900)
+    assert rendered == [*range(1800, 1901), *range(1700, 1851), *range(1851, 1901)]
+    # Plain text keeps its own renderings of the same block.
+    plain = bytes(PlainLogResponse().encoded("slices", run(7, 8)))
+    assert plain == "línea 7 ✓\n8\n".encode()
+
+
+def test_rendered_bytes_are_kept_by_size_least_recently_used_first_out() -> None:
+    from builder.server.streams import _Recent
+
+    kept: _Recent[str, bytes] = _Recent(budget=100)
+    kept.put("a", b"a" * 40, 40)
+    kept.put("b", b"b" * 40, 40)
+    assert kept.get("a") == b"a" * 40  # now the most recent
+    kept.put("c", b"c" * 40, 40)  # 120 bytes: the least recently used goes
+    assert (kept.get("a"), kept.get("b"), kept.get("c")) == (b"a" * 40, None, b"c" * 40)
+    kept.put("a", b"A" * 90, 90)  # a grown value counts anew; only it fits
+    assert (kept.get("a"), kept.get("c")) == (b"A" * 90, None)
+    kept.put("big", b"x" * 500, 500)  # one value over the budget is still kept, alone
+    assert (kept.get("big"), kept.get("a")) == (b"x" * 500, None)
+    kept.clear()
+    assert kept.get("big") is None
+
+
 async def test_a_follower_replaying_the_store_while_the_window_moves_on_misses_nothing(tmp_path: Path) -> None:
     import contextlib
 

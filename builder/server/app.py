@@ -291,6 +291,7 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
         registry_logins=app[REGISTRY_LOGINS].for_tenant,
     )
     await service.start()
+    service.metrics.observe_unsent(lambda: sum(stream.unsent_bytes for stream in app[STREAMS]))
     app[SERVICE] = service
     yield
     await service.stop()

@@ -36,6 +36,11 @@ class Metrics:
         self._queue = Gauge("builder_queue_depth", "Builds waiting to start", registry=self.registry)
         self._running = Gauge("builder_builds_running", "Builds running now", registry=self.registry)
         self._streams = Gauge("builder_log_streams", "Open log streams", registry=self.registry)
+        self._unsent = Gauge(
+            "builder_log_stream_unsent_bytes",
+            "Bytes open log streams hold because their clients' sockets have not taken them",
+            registry=self.registry,
+        )
 
     def observe(
         self, *, queued: Callable[[], float], running: Callable[[], float], streams: Callable[[], float]
@@ -44,6 +49,9 @@ class Metrics:
         self._queue.set_function(queued)
         self._running.set_function(running)
         self._streams.set_function(streams)
+
+    def observe_unsent(self, unsent: Callable[[], float]) -> None:
+        self._unsent.set_function(unsent)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

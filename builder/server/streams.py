@@ -4,8 +4,8 @@ batches for our own clients), plain text for `curl -N`.
 A batch of events is rendered once per format and shared by every follower that sends the
 same batch (live followers mostly are at the same place). A follower writes only once its socket
 has taken the previous write, and no more than the socket has room for, so one that does not
-read holds at most a few hundred bytes of the daemon's memory (what the transport keeps to learn
-when the socket takes more), and catches up later from the window or the store.
+read holds at most MIN_WRITE bytes of the daemon's memory (what the transport keeps to learn when
+the socket takes more), and catches up later from the window or the store.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import fcntl
 import itertools
 import json
 import socket
@@ -26,16 +27,22 @@ from aiohttp import web
 from builder import plainlog
 from builder.server.records import EventRun
 
+# Bytes a follower's socket may hold unsent (TCP_NOTSENT_LOWAT): the kernel takes no more, so a
+# client that does not read ties up this much kernel memory, not a send buffer of megabytes.
+SOCKET_UNSENT_LIMIT = 512 * 1024
 # Linux's SO_MEMINFO (since 4.6): a socket's buffer sizes and fill, nine u32s, among them the send
 # buffer's size and the bytes queued against it (the kernel's own overhead included).
 _SO_MEMINFO = 55
 _MEMINFO = struct.Struct("9I")
 _SNDBUF, _WMEM_QUEUED = 3, 5
-# A write to a socket with no room left: what the transport then keeps until the socket takes more
-# (and what tells the follower that it has).
-MIN_WRITE = 512
-# Most bytes in one write: sockets on loopback take megabytes, and the loop must go round.
-MAX_WRITE = 256 * 1024
+# Linux's SIOCOUTQNSD: the bytes in a TCP socket's send queue not sent yet.
+_SIOCOUTQNSD = 0x894B
+_UNSENT = struct.Struct("i")
+# A write to a socket with no room left. The kernel may still fit it into its last segment; if not,
+# the transport keeps it until the socket takes more, which tells the follower that it has. So a
+# follower that does not read holds at most this much, and a segment fills in a few writes, not
+# in hundreds.
+MIN_WRITE = 4096
 # Each write where the room of the socket cannot be read (not a TCP socket on Linux).
 WRITE_SLICE = 16 * 1024
 # About the most event bytes in one frame of the batched stream.
@@ -118,15 +125,25 @@ _BATCHES: _Recent[tuple[str, int, int], bytes] = _Recent(RENDERED_KEEP_BYTES // 
 _open_streams = 0
 
 
-def _with_meminfo(sock: socket.socket | None) -> socket.socket | None:
-    """The socket, if it tells its send buffer's room (TCP on Linux)."""
+def _measured(sock: socket.socket | None) -> socket.socket | None:
+    """The socket, limited to SOCKET_UNSENT_LIMIT, if it tells how much more it takes (TCP on Linux)."""
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None
     try:
-        sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size)
-    except OSError:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, SOCKET_UNSENT_LIMIT)
+        _room(sock)
+    except (OSError, AttributeError):
         return None
     return sock
+
+
+def _room(sock: socket.socket) -> int:
+    """Bytes the socket surely takes now: what is left of its unsent limit, and half of what is left
+    of its send buffer (the kernel counts its overhead against that, up to about as much again for
+    small segments)."""
+    info = _MEMINFO.unpack(sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size))
+    (unsent,) = _UNSENT.unpack(fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, bytes(_UNSENT.size)))
+    return min((info[_SNDBUF] - info[_WMEM_QUEUED]) // 2, SOCKET_UNSENT_LIMIT - unsent)  # type: ignore[no-any-return]
 
 
 class LogStreamResponse(web.StreamResponse):
@@ -162,7 +179,7 @@ class LogStreamResponse(web.StreamResponse):
             # Paused (so `drain` waits) as soon as anything is left unsent: a follower that does
             # not read is skipped until its socket takes more.
             transport.set_write_buffer_limits(high=0)
-            self._socket = _with_meminfo(transport.get_extra_info("socket"))
+            self._socket = _measured(transport.get_extra_info("socket"))
 
     @property
     def unsent_bytes(self) -> int:
@@ -205,17 +222,14 @@ class LogStreamResponse(web.StreamResponse):
                 view = view[size:]
 
     def _write_size(self, wanted: int) -> int:
-        """How much to write now: half the room left in the socket's send buffer (the kernel also
-        counts its overhead against that room, up to about as much again for small segments), so
-        the socket takes it all; MIN_WRITE once it has none."""
+        """How much to write now: what the socket surely takes, or MIN_WRITE once it has no room."""
         if self._socket is None:
             return min(wanted, WRITE_SLICE)
         try:
-            info = _MEMINFO.unpack(self._socket.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size))
+            room = _room(self._socket)
         except OSError:  # closed: the write says so
             return min(wanted, WRITE_SLICE)
-        room: int = (info[_SNDBUF] - info[_WMEM_QUEUED]) // 2
-        return min(wanted, max(room, MIN_WRITE), MAX_WRITE)
+        return min(wanted, max(room, MIN_WRITE))
 
     def stop(self) -> None:
         """Daemon shutdown: end the handler that feeds this stream."""
