@@ -14,7 +14,9 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import ctypes
 import fcntl
+import gc
 import itertools
 import json
 import socket
@@ -121,8 +123,43 @@ class _Rendered:
 # on where they start.
 _RENDERED: _Recent[tuple[str, str, int], _Rendered] = _Recent(RENDERED_KEEP_BYTES)
 _BATCHES: _Recent[tuple[str, int, int], bytes] = _Recent(RENDERED_KEEP_BYTES // 4)
-# Streams started and not yet closed: with none left, nobody will come by for what is kept.
-_open_streams = 0
+# After this many log streams have closed, the reference cycles their connections left are
+# collected (with the daemon's rare full collections, cli.py, they could wait for hours), and the
+# memory freed is handed back to the system.
+RECLAIM_AFTER_CLOSED = 1000
+# Once the crowd has gone, rather than halfway through its going.
+_RECLAIM_DELAY = 1.0
+
+
+class _StreamCount:
+    """The log streams of this process: what is kept for them, and what they leave behind."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self._closed = 0
+        self._reclaim: asyncio.TimerHandle | None = None
+
+    def opened(self) -> None:
+        self.open += 1
+
+    def closed(self) -> None:
+        self.open -= 1
+        if not self.open:  # nobody will come by for what is kept
+            _RENDERED.clear()
+            _BATCHES.clear()
+        self._closed += 1
+        if self._closed >= RECLAIM_AFTER_CLOSED and self._reclaim is None:
+            self._reclaim = asyncio.get_running_loop().call_later(_RECLAIM_DELAY, self._reclaim_memory)
+
+    def _reclaim_memory(self) -> None:
+        self._reclaim = None
+        self._closed = 0
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):  # glibc only
+            ctypes.CDLL(None).malloc_trim(0)
+
+
+_STREAMS = _StreamCount()
 
 
 def _measured(sock: socket.socket | None) -> socket.socket | None:
@@ -169,8 +206,7 @@ class LogStreamResponse(web.StreamResponse):
 
     async def start(self, request: web.BaseRequest) -> None:
         """Send the headers. Ends with close_stream, whether it got through or not."""
-        global _open_streams
-        _open_streams += 1
+        _STREAMS.opened()
         self._started = True
         self.handler_task = asyncio.current_task()
         await self.prepare(request)
@@ -237,13 +273,9 @@ class LogStreamResponse(web.StreamResponse):
             self.handler_task.cancel()
 
     async def close_stream(self) -> None:
-        global _open_streams
         if self._started:
             self._started = False
-            _open_streams -= 1
-            if not _open_streams:
-                _RENDERED.clear()
-                _BATCHES.clear()
+            _STREAMS.closed()
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.write_eof()
 
