@@ -45,6 +45,8 @@ _UNSENT = struct.Struct("i")
 # follower that does not read holds at most this much, and a segment fills in a few writes, not
 # in hundreds.
 MIN_WRITE = 4096
+# What HTTP's chunked encoding adds to a write, at most (the size in hex and two CRLFs).
+CHUNK_FRAMING = 16
 # Each write where the room of the socket cannot be read (not a TCP socket on Linux).
 WRITE_SLICE = 16 * 1024
 # About the most event bytes in one frame of the batched stream.
@@ -201,6 +203,7 @@ class LogStreamResponse(web.StreamResponse):
         self._started = False
         self._transport: asyncio.BaseTransport | None = None
         self._socket: socket.socket | None = None
+        self._room = 0  # what the socket surely takes, as last measured less what was written since
 
     format = "text"
 
@@ -258,14 +261,19 @@ class LogStreamResponse(web.StreamResponse):
                 view = view[size:]
 
     def _write_size(self, wanted: int) -> int:
-        """How much to write now: what the socket surely takes, or MIN_WRITE once it has no room."""
+        """How much to write now: what the socket surely takes, or MIN_WRITE once it has no room.
+        The room only grows until it is measured again, so a write that fits what is left of it
+        needs no look at the socket."""
         if self._socket is None:
             return min(wanted, WRITE_SLICE)
-        try:
-            room = _room(self._socket)
-        except OSError:  # closed: the write says so
-            return min(wanted, WRITE_SLICE)
-        return min(wanted, max(room, MIN_WRITE))
+        if wanted + CHUNK_FRAMING > self._room:
+            try:
+                self._room = _room(self._socket)
+            except OSError:  # closed: the write says so
+                return min(wanted, WRITE_SLICE)
+        size = min(wanted, max(self._room - CHUNK_FRAMING, MIN_WRITE))
+        self._room -= size + CHUNK_FRAMING
+        return size
 
     def stop(self) -> None:
         """Daemon shutdown: end the handler that feeds this stream."""
