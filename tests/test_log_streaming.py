@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import re
@@ -152,6 +153,22 @@ async def test_a_thousand_followers_that_never_read_hold_almost_nothing_and_slow
     while service.follower_count and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert service.follower_count == 0
+
+
+async def test_an_idle_sse_stream_gets_a_ping_each_interval(aiohttp_client: Any, settings: Settings) -> None:
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, sse_ping_interval=0.2)))
+    accepted = await submit(client, {"Dockerfile": dockerfile("RUN echo started && sleep 300")})
+    build_id = accepted["build_id"]
+    await wait_for_line(client, build_id, "started")
+    response = await client.get(f"/builds/{build_id}/logs", headers=SSE)
+    received = b""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1.5):
+            async for chunk in response.content.iter_any():
+                received += chunk
+    assert 4 <= received.count(b": ping\n\n") <= 8, received
+    response.close()
+    assert (await client.delete(f"/builds/{build_id}")).status == 200
 
 
 def _gauge(metrics: str, name: str) -> float:

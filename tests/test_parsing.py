@@ -390,7 +390,7 @@ def test_batched_frames_are_cut_every_few_kib_at_an_event_and_hold_every_event_o
 
 
 def test_followers_anywhere_in_a_block_send_slices_of_one_rendering_of_each_event() -> None:
-    from builder.server.streams import EventStreamResponse, PlainLogResponse
+    from builder.server.streams import EventStreamResponse, PlainLogResponse, StreamPinger
 
     rendered: list[int] = []
 
@@ -399,7 +399,7 @@ def test_followers_anywhere_in_a_block_send_slices_of_one_rendering_of_each_even
             rendered.extend(range(run.first_id, run.last_id + 1))
             return super().render_events(run)
 
-    stream = Counting(retry_ms=1000, ping_interval=15)
+    stream = Counting(retry_ms=1000, pinger=StreamPinger(15))
     datas = [json.dumps({"type": "log", "line": f"línea {i} ✓" if i % 7 == 0 else str(i)}) for i in range(1, 2501)]
 
     def run(first: int, last: int) -> EventRun:

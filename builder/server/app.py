@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import secrets
 import signal
@@ -19,6 +20,7 @@ from builder.server.appkeys import (
     CLUSTER,
     ENGINES,
     NAMESPACE,
+    PINGER,
     REGISTRY_LOGINS,
     SERVICE,
     SETTINGS,
@@ -38,6 +40,7 @@ from builder.server.hosts import is_loopback, open_mode_refusal
 from builder.server.registry_auth import RegistryLogins
 from builder.server.service import BuildService
 from builder.server.store import SqliteBuildStore
+from builder.server.streams import StreamPinger
 
 log = structlog.get_logger(__name__)
 
@@ -151,7 +154,7 @@ def create_app(settings: Settings) -> web.Application:
     app[REGISTRY_LOGINS] = registry_logins(settings)
     app[STREAMS] = weakref.WeakSet()
     app.add_routes(routes)
-    app.cleanup_ctx.extend([_engine_ctx, _cluster_ctx, _service_ctx])
+    app.cleanup_ctx.extend([_engine_ctx, _cluster_ctx, _service_ctx, _pinger_ctx])
     app.on_response_prepare.append(_name_replica)
     app.on_shutdown.append(_close_streams)
     return app
@@ -295,6 +298,15 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SERVICE] = service
     yield
     await service.stop()
+
+
+async def _pinger_ctx(app: web.Application) -> AsyncIterator[None]:
+    pinger = app[PINGER] = StreamPinger(app[SETTINGS].sse_ping_interval)
+    task = asyncio.create_task(pinger.run(), name="sse-pinger")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _close_streams(app: web.Application) -> None:

@@ -12,7 +12,7 @@ from builder.server.config import Settings
 from builder.server.engines.pool import EnginePool
 from builder.server.registry_auth import RegistryLogins
 from builder.server.service import BuildService
-from builder.server.streams import LogStreamResponse
+from builder.server.streams import LogStreamResponse, StreamPinger
 
 SETTINGS = web.AppKey("settings", Settings)
 TOKENS = web.AppKey("tokens", TokenTable)
@@ -25,3 +25,4 @@ CLUSTER = web.AppKey("cluster", Cluster)
 SERVICE = web.AppKey("service", BuildService)
 # Open log streams, ended on shutdown so it does not wait on them.
 STREAMS = web.AppKey("streams", weakref.WeakSet[LogStreamResponse])
+PINGER = web.AppKey("pinger", StreamPinger)

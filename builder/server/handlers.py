@@ -12,7 +12,7 @@ from aiohttp import BodyPartReader, web
 
 from builder import protocol as p
 from builder.protocol import BuildStatus
-from builder.server.appkeys import ENGINES, NAMESPACE, SERVICE, SETTINGS, STREAMS
+from builder.server.appkeys import ENGINES, NAMESPACE, PINGER, SERVICE, SETTINGS, STREAMS
 from builder.server.build_secrets import MAX_SECRET_BYTES, MAX_SECRETS_BYTES, add_secret, secrets_from_json
 from builder.server.contexts import SpooledContext
 from builder.server.errors import (
@@ -203,7 +203,7 @@ def _log_response(request: web.Request, query: LogQuery) -> LogStreamResponse:
     settings = request.app[SETTINGS]
     # Batched frames for clients that ask (ours): one frame and one JSON parse per batch.
     kind = BatchedEventStreamResponse if query.batch else EventStreamResponse
-    return kind(retry_ms=settings.sse_retry_ms, ping_interval=settings.sse_ping_interval)
+    return kind(retry_ms=settings.sse_retry_ms, pinger=request.app[PINGER])
 
 
 def _accepted_body(record: BuildRecord, request: web.Request) -> Accepted:

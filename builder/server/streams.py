@@ -293,34 +293,53 @@ class EventStreamResponse(LogStreamResponse):
 
     format = "sse"
 
-    def __init__(self, *, retry_ms: int, ping_interval: float) -> None:
+    def __init__(self, *, retry_ms: int, pinger: StreamPinger) -> None:
         super().__init__(content_type="text/event-stream")
         self._retry_ms = retry_ms
-        self._ping_interval = ping_interval
-        self._ping_task: asyncio.Task[None] | None = None
+        self._pinger = pinger
 
     async def start(self, request: web.BaseRequest) -> None:
         await super().start(request)
         # Makes EventSource clients reconnect promptly after a cut.
         await self._write(f"retry: {self._retry_ms}\n\n".encode())
-        self._ping_task = asyncio.create_task(self._ping())
+        self._pinger.add(self)
 
     def render_events(self, run: EventRun) -> list[str]:
         return [f"id: {i}\ndata: {d}\n\n" for i, d in enumerate(run.datas, start=run.first_id)]
 
-    async def _ping(self) -> None:
-        # Keeps idle proxies from cutting the stream, and reveals a client that is gone.
+    async def ping(self) -> None:
+        """A comment frame, unless events are being written or the socket is full (then a ping
+        would tell nothing more)."""
+        if self._lock.locked() or self.unsent_bytes:
+            return
         with contextlib.suppress(ConnectionError, RuntimeError):
-            while True:
-                await asyncio.sleep(self._ping_interval)
-                await self._write(b": ping\n\n")
+            await self._write(b": ping\n\n")
 
     async def close_stream(self) -> None:
-        if self._ping_task is not None:
-            self._ping_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ping_task
+        self._pinger.discard(self)
         await super().close_stream()
+
+
+class StreamPinger:
+    """Pings every open SSE stream each `interval` seconds, which keeps idle proxies from cutting
+    them and reveals clients that are gone. One task for all: a task per stream cost each of
+    thousands of idle followers a task, a timer, a future and a coroutine."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._streams: set[EventStreamResponse] = set()
+
+    def add(self, stream: EventStreamResponse) -> None:
+        self._streams.add(stream)
+
+    def discard(self, stream: EventStreamResponse) -> None:
+        self._streams.discard(stream)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            for stream in list(self._streams):
+                await stream.ping()
 
 
 class BatchedEventStreamResponse(EventStreamResponse):
