@@ -390,7 +390,8 @@ def test_batched_frames_are_cut_every_few_kib_at_an_event_and_hold_every_event_o
 
 
 def test_followers_anywhere_in_a_block_send_slices_of_one_rendering_of_each_event() -> None:
-    from builder.server.streams import EventStreamResponse, PlainLogResponse, StreamPinger
+    from builder.server.events import FOLLOW_BATCH
+    from builder.server.streams import EventStreamResponse, LogStreamResponse, PlainLogResponse, StreamPinger
 
     rendered: list[int] = []
 
@@ -400,27 +401,31 @@ def test_followers_anywhere_in_a_block_send_slices_of_one_rendering_of_each_even
             return super().render_events(run)
 
     stream = Counting(retry_ms=1000, pinger=StreamPinger(15))
-    datas = [json.dumps({"type": "log", "line": f"línea {i} ✓" if i % 7 == 0 else str(i)}) for i in range(1, 2501)]
+    b = FOLLOW_BATCH  # a block
+    datas = [json.dumps({"type": "log", "line": f"línea {i} ✓" if i % 7 == 0 else str(i)}) for i in range(1, 3 * b)]
 
     def run(first: int, last: int) -> EventRun:
         return EventRun(first, datas[first - 1 : last])
 
+    def sent(stream: LogStreamResponse, first: int, last: int) -> bytes:
+        source, start, end = stream.encoded("slices", run(first, last))
+        return (source if isinstance(source, bytes) else source.data)[start:end]
+
     def expected(first: int, last: int) -> bytes:
         return "".join(f"id: {i}\ndata: {datas[i - 1]}\n\n" for i in range(first, last + 1)).encode()
 
-    # Followers at different places in block 1..1000 while it grows, then past its start, then the next block.
-    for first, last in [(1, 300), (120, 300), (301, 650), (1, 650), (200, 1000), (650, 700), (1001, 1500)]:
-        assert bytes(stream.encoded("slices", run(first, last))) == expected(first, last)
-    assert sorted(rendered) == list(range(1, 1501))  # every event once
+    # Followers at different places in the first block while it grows, then past its start, then in the next.
+    for first, last in [(1, 300), (120, 300), (301, 650), (1, 650), (200, b), (650, 700), (b + 1, b + 500)]:
+        assert sent(stream, first, last) == expected(first, last)
+    assert sorted(rendered) == list(range(1, b + 501))  # every event once
     # One that starts before what is kept renders its run afresh, and is right too.
     rendered.clear()
-    assert bytes(stream.encoded("slices", run(1800, 1900))) == expected(1800, 1900)
-    assert bytes(stream.encoded("slices", run(1700, 1850))) == expected(1700, 1850)
-    assert bytes(stream.encoded("slices", run(1850, 1900))) == expected(1850, 1900)
-    assert rendered == [*range(1800, 1901), *range(1700, 1851), *range(1851, 1901)]
+    assert sent(stream, b + 800, b + 900) == expected(b + 800, b + 900)
+    assert sent(stream, b + 700, b + 850) == expected(b + 700, b + 850)
+    assert sent(stream, b + 850, b + 900) == expected(b + 850, b + 900)
+    assert rendered == [*range(b + 800, b + 901), *range(b + 700, b + 851), *range(b + 851, b + 901)]
     # Plain text keeps its own renderings of the same block.
-    plain = bytes(PlainLogResponse().encoded("slices", run(7, 8)))
-    assert plain == "línea 7 ✓\n8\n".encode()
+    assert sent(PlainLogResponse(), 7, 8) == "línea 7 ✓\n8\n".encode()
 
 
 def test_rendered_bytes_are_kept_by_size_least_recently_used_first_out() -> None:
@@ -445,7 +450,7 @@ async def test_a_follower_replaying_the_store_while_the_window_moves_on_misses_n
 
     from builder.protocol import BuildStatus
     from builder.server.cluster import LocalTail
-    from builder.server.events import terminal_payload
+    from builder.server.events import FOLLOW_BATCH, terminal_payload
     from builder.server.loghub import LogHub
     from builder.server.store import SqliteBuildStore
 
@@ -460,18 +465,18 @@ async def test_a_follower_replaying_the_store_while_the_window_moves_on_misses_n
         log.committed(run.last_id)  # the window lets all but the last few go
 
     try:
-        await logged(1, 3000)
+        await logged(1, 3 * FOLLOW_BATCH)
         hub = LogHub(store, LocalTail(), live=lambda build_id: log, window=10, max_followers_per_tenant=10)
         seen: list[int] = []
         async with contextlib.aclosing(hub.follow("b", after=0, follow=True, namespace="")) as runs:
             async for run in runs:
                 seen += range(run.first_id, run.last_id + 1)
-                if run.last_id == 1000:  # mid-replay, the build goes on and the window with it
-                    await logged(3001, 6000)
+                if run.last_id == FOLLOW_BATCH:  # mid-replay, the build goes on and the window with it
+                    await logged(3 * FOLLOW_BATCH + 1, 6 * FOLLOW_BATCH)
                     log.append(terminal_payload(BuildStatus.SUCCEEDED, error=None, image_ref="x:1"))
                     await store.append_events([("b", log.uncommitted())])
                     log.committed(log.last_id)
-        assert seen == list(range(1, 6002))
+        assert seen == list(range(1, 6 * FOLLOW_BATCH + 2))
         assert hub.lagged_followers == 2  # it went back to the store for what the window let go meanwhile
     finally:
         await store.close()

@@ -30,6 +30,12 @@ UNCOMMITTED_LIMIT = 1 << 16
 BACKLOG_LIMIT = UNCOMMITTED_LIMIT
 
 
+# Most events handed to a follower at once, in batches that end at multiples of it: the unit in
+# which followers read the store and share rendered bytes (streams.py). Large, so one that is behind
+# catches up in few writes.
+FOLLOW_BATCH = 4000
+
+
 def batch_end(after: int, size: int) -> int:
     """The last id of the batch after `after`: batches of followers end at multiples of `size`, so
     followers at different places soon read (and render) the same ones."""

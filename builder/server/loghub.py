@@ -17,15 +17,12 @@ import structlog
 
 from builder.server.cluster import LogTail
 from builder.server.errors import TenantQuotaExceeded
-from builder.server.events import EventLog, batch_end
+from builder.server.events import FOLLOW_BATCH, EventLog, batch_end
 from builder.server.records import EventRun
 from builder.server.store import BuildStore, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
-# Most events handed to one follower at a time (and read from the store per query):
-# a follower far behind must not build one huge write.
-_FOLLOW_BATCH = 1000
 # One blocking read waits this long for new events before it looks again.
 _WAIT_SECONDS = 5.0
 _READ_BATCH = 1000
@@ -165,7 +162,7 @@ class LogHub:
                     async for batch in batches:
                         yield batch
                 return
-            run = log.events_after(last, _FOLLOW_BATCH)
+            run = log.events_after(last, FOLLOW_BATCH)
             if run is None:
                 # Everything older than the window is committed: read it from the store.
                 self.lagged_followers += 1
@@ -201,13 +198,13 @@ class LogHub:
         """Events after `after` from the store, up to the next multiple of the batch size (as
         `EventLog.events_after`), or to where their ids skip: followers at the same place share one
         read and its events."""
-        end = batch_end(after, _FOLLOW_BATCH)
+        end = batch_end(after, FOLLOW_BATCH)
         if upto is not None:
             end = min(end, upto)
         key = (build_id, after, end)
         if (read := self._reads.get(key)) is None:
             read = self._reads[key] = asyncio.ensure_future(
-                self._store.read_events(build_id, after=after, upto=end, limit=_FOLLOW_BATCH)
+                self._store.read_events(build_id, after=after, upto=end, limit=FOLLOW_BATCH)
             )
             read.add_done_callback(lambda done: self._forget_short_read(key, done))
             if len(self._reads) > _SHARED_READS:
@@ -216,7 +213,7 @@ class LogHub:
         run = await asyncio.shield(read)
         if not run and end != upto:
             # Nothing in the range: the log ends here, or its ids skip past it (after a crash).
-            run = await self._store.read_events(build_id, after=after, upto=upto, limit=_FOLLOW_BATCH)
+            run = await self._store.read_events(build_id, after=after, upto=upto, limit=FOLLOW_BATCH)
         return run
 
     def _forget_short_read(self, key: tuple[str, int, int], read: asyncio.Future[EventRun]) -> None:

@@ -27,6 +27,7 @@ from typing import Generic, TypeVar
 from aiohttp import web
 
 from builder import plainlog
+from builder.server.events import FOLLOW_BATCH
 from builder.server.records import EventRun
 
 # Bytes a follower's socket may hold unsent (TCP_NOTSENT_LOWAT): the kernel takes no more, so a
@@ -51,9 +52,6 @@ CHUNK_FRAMING = 16
 WRITE_SLICE = 16 * 1024
 # About the most event bytes in one frame of the batched stream.
 BATCH_FRAME_BYTES = 4 * 1024
-# Events are rendered by block of RENDER_BLOCK ids (as the log hub's batches): a follower sends a
-# slice of its block's bytes, wherever in the block it is.
-RENDER_BLOCK = 1000
 # Rendered bytes kept for followers that come by later: a crowd spread over seconds of a chatty
 # log must not render its blocks again and again.
 RENDERED_KEEP_BYTES = 32 << 20
@@ -116,12 +114,14 @@ class _Rendered:
         self.ends += itertools.islice(itertools.accumulate(sizes, initial=len(self.data)), 1, None)
         self.data += added
 
-    def slice(self, first_id: int, last_id: int) -> memoryview:
+    def span(self, first_id: int, last_id: int) -> tuple[int, int]:
+        """Where the bytes of events first_id..last_id start and end in `data`."""
         start = self.ends[first_id - self.first_id - 1] if first_id > self.first_id else 0
-        return memoryview(self.data)[start : self.ends[last_id - self.first_id]]
+        return start, self.ends[last_id - self.first_id]
 
 
-# By (format, build, block); batched frames by (build, first id, last id), as their frames depend
+# Events by (format, build, block of FOLLOW_BATCH ids): a follower sends a slice of its block's
+# bytes, wherever in the block it is. Batched frames by (build, first id, last id), as their frames depend
 # on where they start.
 _RENDERED: _Recent[tuple[str, str, int], _Rendered] = _Recent(RENDERED_KEEP_BYTES)
 _BATCHES: _Recent[tuple[str, int, int], bytes] = _Recent(RENDERED_KEEP_BYTES // 4)
@@ -229,10 +229,11 @@ class LogStreamResponse(web.StreamResponse):
     async def send_events(self, build_id: str, run: EventRun) -> None:
         """One batch: each event rendered once for every follower that sends it."""
         if run:
-            await self._write(self.encoded(build_id, run))
+            await self._write(*self.encoded(build_id, run))
 
-    def encoded(self, build_id: str, run: EventRun) -> bytes | memoryview:
-        key = (self.format, build_id, (run.first_id - 1) // RENDER_BLOCK)
+    def encoded(self, build_id: str, run: EventRun) -> tuple[_Rendered | bytes, int, int]:
+        """The run's bytes, as where they are in what holds them."""
+        key = (self.format, build_id, (run.first_id - 1) // FOLLOW_BATCH)
         rendered = _RENDERED.get(key)
         if rendered is None or not rendered.first_id <= run.first_id <= rendered.last_id + 1:
             rendered = _Rendered(run.first_id, self.render_events(run))
@@ -240,25 +241,29 @@ class LogStreamResponse(web.StreamResponse):
             skip = rendered.last_id + 1 - run.first_id
             rendered.extend(self.render_events(EventRun(rendered.last_id + 1, run.datas[skip:])))
         else:
-            return rendered.slice(run.first_id, run.last_id)
+            return rendered, *rendered.span(run.first_id, run.last_id)
         _RENDERED.put(key, rendered, len(rendered.data))
-        return rendered.slice(run.first_id, run.last_id)
+        return rendered, *rendered.span(run.first_id, run.last_id)
 
     def render_events(self, run: EventRun) -> list[str]:
         """Each event of the run as this stream sends it."""
         raise NotImplementedError
 
-    async def _write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
+    async def _write(self, source: _Rendered | bytes, start: int = 0, end: int | None = None) -> None:
+        """Bytes start..end of `source`. A rendering's bytes are looked up afresh after each wait
+        for the socket: a follower that waits keeps no copy of them that the others have left."""
         async with self._lock:
-            while view:
+            if end is None:
+                end = len(source.data if isinstance(source, _Rendered) else source)
+            while start < end:
                 if self._payload_writer is not None:
                     # Until the socket has taken what was written before (StreamResponse.drain() is
                     # deprecated for write(), which waits only past 64 KiB: too late here).
                     await self._payload_writer.drain()
-                size = self._write_size(len(view))
-                await self.write(view[:size])
-                view = view[size:]
+                data = source.data if isinstance(source, _Rendered) else source
+                size = self._write_size(end - start)
+                await self.write(memoryview(data)[start : start + size])
+                start += size
 
     def _write_size(self, wanted: int) -> int:
         """How much to write now: what the socket surely takes, or MIN_WRITE once it has no room.
@@ -349,12 +354,12 @@ class BatchedEventStreamResponse(EventStreamResponse):
 
     format = "batch"
 
-    def encoded(self, build_id: str, run: EventRun) -> bytes:
+    def encoded(self, build_id: str, run: EventRun) -> tuple[_Rendered | bytes, int, int]:
         key = (build_id, run.first_id, run.last_id)
         if (data := _BATCHES.get(key)) is None:
             data = self.render(run)
             _BATCHES.put(key, data, len(data))
-        return data
+        return data, 0, len(data)
 
     def render(self, run: EventRun) -> bytes:
         # A new frame every few KiB: a proxy that cuts connections often must still let whole
