@@ -1,11 +1,11 @@
 """Log stream responses: Server-Sent Events for SDKs and browsers (one frame per event, or in
 batches for our own clients), plain text for `curl -N`.
 
-A batch of events is rendered once per format and shared by every follower that sends the
-same batch (live followers mostly are at the same place). A follower writes only once its socket
-has taken the previous write, and no more than the socket has room for, so one that does not
-read holds at most MIN_WRITE bytes of the daemon's memory (what the transport keeps to learn when
-the socket takes more), and catches up later from the window or the store.
+Each event is rendered once per format, into blocks that followers anywhere in them send slices
+of. A follower writes only once its socket has taken the previous write, and no more than the
+socket has room for, so one that does not read holds at most MIN_WRITE bytes of the daemon's
+memory (what the transport keeps to learn when the socket takes more), and catches up later from
+the window or the store.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class _Rendered:
         return self.first_id + len(self.ends) - 1
 
     def extend(self, parts: list[str]) -> None:
-        """The next events' parts. A new bytes object: slices of the old one stay as they were."""
+        """The next events' parts, in a new bytes object: a write is never changed under it."""
         added = "".join(parts).encode()
         sizes: Iterable[int] = map(len, parts)
         if len(added) != sum(map(len, parts)):  # not all ASCII
