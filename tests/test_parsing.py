@@ -428,6 +428,14 @@ def test_followers_anywhere_in_a_block_send_slices_of_one_rendering_of_each_even
     assert sent(PlainLogResponse(), 7, 8) == "línea 7 ✓\n8\n".encode()
 
 
+def test_build_ids_never_start_with_a_dash_which_a_command_line_reads_as_an_option() -> None:
+    from builder.server.service import new_build_id
+
+    ids = [new_build_id() for _ in range(5000)]  # a leading "-" comes once in 64 from token_urlsafe
+    assert not [build_id for build_id in ids if build_id.startswith("-")]
+    assert len(set(ids)) == 5000 and all(len(build_id) == 22 for build_id in ids)
+
+
 def test_rendered_bytes_are_kept_by_size_least_recently_used_first_out() -> None:
     from builder.server.streams import _Recent
 

@@ -446,7 +446,7 @@ class BuildService:
         digest: bool,
     ) -> tuple[ActiveBuild, CheckedContext]:
         record = BuildRecord(
-            build_id=token_urlsafe(16),
+            build_id=new_build_id(),
             spec=spec,
             namespace=namespace,
             nydus_status=self._nydus_plan(spec),
@@ -851,6 +851,14 @@ class BuildService:
     @property
     def follower_count(self) -> int:
         return self.logs.follower_count
+
+
+def new_build_id() -> str:
+    """128 random bits, URL-safe, never starting with "-": such an id reads as an option on a
+    command line (`builder status -v11j…` was a usage error, once in 64 builds)."""
+    while (build_id := token_urlsafe(16)).startswith("-"):
+        pass
+    return build_id
 
 
 def _fingerprint(spec: BuildSpec, digest: str | None, secrets: Mapping[str, bytes]) -> str:
