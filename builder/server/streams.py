@@ -95,11 +95,10 @@ class _Rendered:
 
     __slots__ = ("data", "ends", "first_id")
 
-    def __init__(self, first_id: int, parts: list[str]) -> None:
+    def __init__(self, first_id: int) -> None:
         self.first_id = first_id
         self.data = b""
         self.ends: list[int] = []
-        self.extend(parts)
 
     @property
     def last_id(self) -> int:
@@ -236,13 +235,11 @@ class LogStreamResponse(web.StreamResponse):
         key = (self.format, build_id, (run.first_id - 1) // FOLLOW_BATCH)
         rendered = _RENDERED.get(key)
         if rendered is None or not rendered.first_id <= run.first_id <= rendered.last_id + 1:
-            rendered = _Rendered(run.first_id, self.render_events(run))
-        elif run.last_id > rendered.last_id:
+            rendered = _Rendered(run.first_id)  # what is kept does not reach this run: start anew
+        if run.last_id > rendered.last_id:
             skip = rendered.last_id + 1 - run.first_id
             rendered.extend(self.render_events(EventRun(rendered.last_id + 1, run.datas[skip:])))
-        else:
-            return rendered, *rendered.span(run.first_id, run.last_id)
-        _RENDERED.put(key, rendered, len(rendered.data))
+            _RENDERED.put(key, rendered, len(rendered.data))
         return rendered, *rendered.span(run.first_id, run.last_id)
 
     def render_events(self, run: EventRun) -> list[str]:
