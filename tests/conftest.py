@@ -127,6 +127,13 @@ def log_lines(frames: list[tuple[int, dict[str, Any]]]) -> list[str]:
     return [data["line"] for _, data in frames if data["type"] == "log"]
 
 
+def metric_sample(text: str, name: str, labels: str = "") -> float:
+    """The value of one sample in /metrics' Prometheus text."""
+    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name}{labels} missing"
+    return float(match.group(1))
+
+
 def plain_output(text: str) -> list[str]:
     """The lines of a plain-text log without BuildKit's `#N 0.123 ` prefix on output lines."""
     return [re.sub(r"^#\d+ \d+\.\d+ ", "", line) for line in text.splitlines()]

@@ -24,6 +24,7 @@ from tests.conftest import (
     SSE,
     dockerfile,
     log_lines,
+    metric_sample,
     our_frame,
     parse_sse,
     plain_output,
@@ -141,9 +142,9 @@ async def test_a_thousand_followers_that_never_read_hold_almost_nothing_and_slow
         assert [int(line) for line in log_lines(frames) if line.isdigit()] == list(range(1, 200001))
         assert (await wait_for(client, build_id, {"succeeded", "failed"}))["status"] == "succeeded"
         metrics = await (await client.get("/metrics")).text()
-        assert _gauge(metrics, "builder_log_streams") == 1000
+        assert metric_sample(metrics, "builder_log_streams") == 1000
         # Each holds at most the last write its socket did not take: MIN_WRITE and its chunk framing.
-        unsent = _gauge(metrics, "builder_log_stream_unsent_bytes")
+        unsent = metric_sample(metrics, "builder_log_stream_unsent_bytes")
         assert 0 < unsent <= 1000 * (streams.MIN_WRITE + streams.CHUNK_FRAMING)
     finally:
         for sock in stalled:
@@ -169,12 +170,6 @@ async def test_an_idle_sse_stream_gets_a_ping_each_interval(aiohttp_client: Any,
     assert 4 <= received.count(b": ping\n\n") <= 8, received
     response.close()
     assert (await client.delete(f"/builds/{build_id}")).status == 200
-
-
-def _gauge(metrics: str, name: str) -> float:
-    match = re.search(rf"^{name} (\S+)$", metrics, re.MULTILINE)
-    assert match, f"{name} missing"
-    return float(match.group(1))
 
 
 async def test_abandoned_streams_release_their_subscriptions(client: TestClient) -> None:
