@@ -854,8 +854,8 @@ class BuildService:
 
 
 def new_build_id() -> str:
-    """128 random bits, URL-safe, never starting with "-": such an id reads as an option on a
-    command line (`builder status -v11j…` was a usage error, once in 64 builds)."""
+    """16 random bytes, URL-safe base64, drawn again when they would start with "-": such an id
+    reads as an option on a command line (`builder status -v11j…` was a usage error, once in 64 builds)."""
     while (build_id := token_urlsafe(16)).startswith("-"):
         pass
     return build_id
