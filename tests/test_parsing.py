@@ -11,7 +11,7 @@ import pytest
 from builder.server.engines.base import EngineFailure, ImageBuilt
 from builder.server.engines.legacy import BuildOutputParser, LinePiece, StepContainer, StepLayer
 from builder.server.errors import InvalidField, InvalidImageReference
-from builder.server.events import BACKLOG_LIMIT, EventLog
+from builder.server.events import BACKLOG_LIMIT, SHARED_RUNS, EventLog
 from builder.server.hosts import is_loopback
 from builder.server.imageref import parse_image_name, validate_reference
 from builder.server.models import BuildSpec, Shape, normalise_context_path
@@ -182,6 +182,21 @@ async def test_event_log_window_keeps_uncommitted_events_and_says_when_to_read_t
     assert ids(log.events_after(18, 100)) == [19, 20]
     assert log.events_after(20, 100) == EventRun(21, [])
     assert ids(log.events_after(18, 1)) == [19]
+
+
+def test_followers_at_the_same_place_share_one_run_of_events() -> None:
+    log = EventLog("b")
+    log.extend_data([f'{{"type":"log","line":"{n}"}}' for n in range(1, 11)])
+    first = log.events_after(2, 100)
+    assert first is not None and ids(first) == list(range(3, 11))
+    # A second follower there holds the same list, not a copy of its own.
+    assert log.events_after(2, 100) is first
+    log.extend_data(['{"type":"log","line":"11"}'])
+    assert ids(log.events_after(2, 100)) == list(range(3, 12))  # more has come: a new run
+    for after in range(SHARED_RUNS + 1):
+        log.events_after(after, 100)
+    assert log.events_after(SHARED_RUNS, 100) is log.events_after(SHARED_RUNS, 100)
+    assert len(log._runs) == SHARED_RUNS
 
 
 async def test_event_log_of_a_build_elsewhere_keeps_the_store_ids_and_restarts_after_a_gap() -> None:

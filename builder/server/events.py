@@ -36,6 +36,10 @@ BACKLOG_LIMIT = UNCOMMITTED_LIMIT
 FOLLOW_BATCH = 4000
 
 
+# Runs an EventLog keeps to hand to followers that ask for the same events.
+SHARED_RUNS = 16
+
+
 def batch_end(after: int, size: int) -> int:
     """The last id of the batch after `after`: batches of followers end at multiples of `size`, so
     followers at different places soon read (and render) the same ones."""
@@ -67,6 +71,10 @@ class EventLog:
         # Asks the flusher to commit now rather than at its next tick: the reader is waiting.
         self._flush_soon = flush_soon
         self._stopping = False
+        # The runs last handed out, by (after, last id): followers at the same place share one
+        # list of the events rather than each holding a copy (32 KiB for a whole batch) while
+        # their sockets are full.
+        self._runs: dict[tuple[int, int], EventRun] = {}
 
     @property
     def first_id(self) -> int:
@@ -135,7 +143,11 @@ class EventLog:
         if after + 1 < first:
             return None
         last = min(batch_end(after, limit), self.visible_id)
-        return EventRun(after + 1, self._datas[after + 1 - first : last + 1 - first])
+        if (run := self._runs.get((after, last))) is None:
+            run = self._runs[after, last] = EventRun(after + 1, self._datas[after + 1 - first : last + 1 - first])
+            if len(self._runs) > SHARED_RUNS:
+                del self._runs[next(iter(self._runs))]
+        return run
 
     def uncommitted(self) -> EventRun:
         start = self.committed_id + 1
